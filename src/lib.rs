@@ -1,0 +1,16 @@
+//! Hall: a local policy router for AI agents.
+//!
+//! The crate is a pure decision core wrapped in a thin shell:
+//! - [`engine`]: the pure core. `decide(&Snapshot, &Request)`; no I/O, no clock.
+//! - [`load`]: files on disk -> validated [`engine::Snapshot`], with `file:line:col` errors.
+//! - [`store`]: sled-backed state: the audit log, tokens, secrets.
+//! - [`server`]: the actix-web daemon (`hall serve`).
+//! - [`cli`]: the `hall` command line (offline commands and thin HTTP clients).
+//! - [`config`]: `hall.toml`, `HALL_*` variables and flags, merged.
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod load;
+pub mod server;
+pub mod store;
