@@ -1,1 +1,378 @@
-//! (filled in by the engine/daemon work)
+//! Configuration: `hall.toml`, then `HALL_*` environment variables, then flags (SPEC 8).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// When a route response may be sent relative to its audit record reaching disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// The response waits for the record's flush (group commit). The default.
+    #[default]
+    Durable,
+    /// The response goes at once; the writer flushes at least every 50 ms.
+    Batched,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "durable" => Ok(Durability::Durable),
+            "batched" => Ok(Durability::Batched),
+            other => Err(format!(
+                "audit durability must be \"durable\" or \"batched\", got {other:?}"
+            )),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pretty" => Ok(LogFormat::Pretty),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "log format must be \"json\" or \"pretty\", got {other:?}"
+            )),
+        }
+    }
+}
+
+/// The merged configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub registry_dir: PathBuf,
+    pub policies_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub allowed_origins: Vec<String>,
+    pub audit_durability: Durability,
+    pub audit_retention_days: Option<u32>,
+    pub release_ttl_secs: u64,
+    pub log_format: LogFormat,
+    /// The config file that was read, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+/// Values given on the command line; `None` leaves the lower layers in force.
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    pub config: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub registry_dir: Option<PathBuf>,
+    pub policies_dir: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub allowed_origins: Vec<String>,
+    pub audit_durability: Option<String>,
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    registry_dir: Option<PathBuf>,
+    policies_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    allowed_origins: Option<Vec<String>>,
+    log_format: Option<String>,
+    #[serde(default)]
+    audit: FileAudit,
+    #[serde(default)]
+    secrets: FileSecrets,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAudit {
+    durability: Option<String>,
+    retention_days: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSecrets {
+    release_ttl: Option<u64>,
+}
+
+/// A configuration error, phrased for the person at the terminal.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Resolve from the process environment.
+    pub fn resolve(flags: &Flags) -> Result<Config, ConfigError> {
+        Self::resolve_with(flags, &|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Resolve with an injected environment (for tests).
+    pub fn resolve_with(
+        flags: &Flags,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let config_file = flags
+            .config
+            .clone()
+            .or_else(|| env("HALL_CONFIG").map(PathBuf::from));
+        let (file, base) = match &config_file {
+            None => (FileConfig::default(), PathBuf::from(".")),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError(format!("cannot read config {}: {e}", p.display())))?;
+                let fc: FileConfig = toml::from_str(&text).map_err(|e| {
+                    ConfigError(format!("config {}: {}", p.display(), e.message().trim()))
+                })?;
+                let base = p
+                    .parent()
+                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+                (fc, base)
+            }
+        };
+        let rel = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+
+        let listen_s = flags
+            .listen
+            .clone()
+            .or_else(|| env("HALL_LISTEN"))
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:8765".into());
+        let listen: SocketAddr = listen_s.parse().map_err(|_| {
+            ConfigError(format!(
+                "listen {listen_s:?} is not an address:port (for example 127.0.0.1:8765)"
+            ))
+        })?;
+
+        let pick_dir = |flag: &Option<PathBuf>, var: &str, filev: Option<PathBuf>, name: &str| {
+            flag.clone()
+                .or_else(|| env(var).map(PathBuf::from))
+                .or(filev.map(rel))
+                .unwrap_or_else(|| default_config_subdir(name, env))
+        };
+        let registry_dir = pick_dir(
+            &flags.registry_dir,
+            "HALL_REGISTRY_DIR",
+            file.registry_dir,
+            "registry",
+        );
+        let policies_dir = pick_dir(
+            &flags.policies_dir,
+            "HALL_POLICIES_DIR",
+            file.policies_dir,
+            "policies",
+        );
+        let state_dir = flags
+            .state_dir
+            .clone()
+            .or_else(|| env("HALL_STATE_DIR").map(PathBuf::from))
+            .or(file.state_dir.map(rel))
+            .unwrap_or_else(|| default_state_dir(env));
+
+        let allowed_origins = if !flags.allowed_origins.is_empty() {
+            flags.allowed_origins.clone()
+        } else if let Some(v) = env("HALL_ALLOWED_ORIGINS") {
+            v.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        } else {
+            file.allowed_origins.unwrap_or_default()
+        };
+
+        let audit_durability = flags
+            .audit_durability
+            .clone()
+            .or_else(|| env("HALL_AUDIT_DURABILITY"))
+            .or(file.audit.durability)
+            .map_or(Ok(Durability::default()), |s| s.parse())
+            .map_err(ConfigError)?;
+        let audit_retention_days = match env("HALL_AUDIT_RETENTION_DAYS") {
+            Some(v) => Some(v.parse().map_err(|_| {
+                ConfigError(format!(
+                    "HALL_AUDIT_RETENTION_DAYS must be a whole number of days, got {v:?}"
+                ))
+            })?),
+            None => file.audit.retention_days,
+        };
+        let release_ttl_secs = match env("HALL_SECRETS_RELEASE_TTL") {
+            Some(v) => v.parse().map_err(|_| {
+                ConfigError(format!(
+                    "HALL_SECRETS_RELEASE_TTL must be a number of seconds, got {v:?}"
+                ))
+            })?,
+            None => file.secrets.release_ttl.unwrap_or(300),
+        };
+        let log_format = flags
+            .log_format
+            .clone()
+            .or_else(|| env("HALL_LOG_FORMAT"))
+            .or(file.log_format)
+            .map_or(Ok(LogFormat::default()), |s| s.parse())
+            .map_err(ConfigError)?;
+
+        Ok(Config {
+            listen,
+            registry_dir,
+            policies_dir,
+            state_dir,
+            allowed_origins,
+            audit_durability,
+            audit_retention_days,
+            release_ttl_secs,
+            log_format,
+            config_file,
+        })
+    }
+}
+
+/// `./registry` when present, else the service's or user's config dir, else `/etc/hall`.
+fn default_config_subdir(name: &str, env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    let local = PathBuf::from(name);
+    if local.is_dir() {
+        return local;
+    }
+    let mut candidates = Vec::new();
+    if let Some(d) = env("CONFIGURATION_DIRECTORY") {
+        candidates.push(PathBuf::from(d).join(name));
+    }
+    if let Some(d) = env("XDG_CONFIG_HOME") {
+        candidates.push(PathBuf::from(d).join("hall").join(name));
+    } else if let Some(h) = env("HOME") {
+        candidates.push(PathBuf::from(h).join(".config/hall").join(name));
+    }
+    candidates.push(PathBuf::from("/etc/hall").join(name));
+    candidates
+        .iter()
+        .find(|p| p.is_dir())
+        .cloned()
+        .unwrap_or(local)
+}
+
+/// `$STATE_DIRECTORY` under systemd, else `$XDG_DATA_HOME/hall`, else `~/.local/share/hall`.
+fn default_state_dir(env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    if let Some(d) = env("STATE_DIRECTORY") {
+        // systemd may pass several, colon-separated; ours is the first.
+        return PathBuf::from(d.split(':').next().unwrap_or(&d));
+    }
+    if let Some(d) = env("XDG_DATA_HOME") {
+        return PathBuf::from(d).join("hall");
+    }
+    if let Some(h) = env("HOME") {
+        return PathBuf::from(h).join(".local/share/hall");
+    }
+    PathBuf::from("/var/lib/hall")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn precedence_file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("hall.toml");
+        std::fs::write(
+            &cfg,
+            "listen = \"127.0.0.1:9000\"\nstate_dir = \"st\"\n[audit]\ndurability = \"batched\"\n[secrets]\nrelease_ttl = 60\n",
+        )
+        .unwrap();
+        let flags = Flags {
+            config: Some(cfg.clone()),
+            ..Default::default()
+        };
+        let c = Config::resolve_with(&flags, &env_of(&[])).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(
+            c.state_dir,
+            dir.path().join("st"),
+            "relative to the config file"
+        );
+        assert_eq!(c.audit_durability, Durability::Batched);
+        assert_eq!(c.release_ttl_secs, 60);
+
+        let c = Config::resolve_with(
+            &flags,
+            &env_of(&[
+                ("HALL_LISTEN", "127.0.0.1:9001"),
+                ("HALL_AUDIT_DURABILITY", "durable"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9001);
+        assert_eq!(c.audit_durability, Durability::Durable);
+
+        let flags = Flags {
+            listen: Some("127.0.0.1:9002".into()),
+            ..flags
+        };
+        let c =
+            Config::resolve_with(&flags, &env_of(&[("HALL_LISTEN", "127.0.0.1:9001")])).unwrap();
+        assert_eq!(c.listen.port(), 9002);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = Config::resolve_with(
+            &Flags {
+                listen: Some("nope".into()),
+                ..Default::default()
+            },
+            &env_of(&[]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("\"nope\""), "{e}");
+        let e = Config::resolve_with(
+            &Flags::default(),
+            &env_of(&[("HALL_AUDIT_DURABILITY", "sometimes")]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("durable"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("hall.toml");
+        std::fs::write(&cfg, "lisen = \"x\"\n").unwrap();
+        let e = Config::resolve_with(
+            &Flags {
+                config: Some(cfg),
+                ..Default::default()
+            },
+            &env_of(&[]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn state_dir_defaults() {
+        let c = Config::resolve_with(&Flags::default(), &env_of(&[("HOME", "/home/u")])).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/home/u/.local/share/hall"));
+        let c =
+            Config::resolve_with(&Flags::default(), &env_of(&[("XDG_DATA_HOME", "/x")])).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/x/hall"));
+        let c = Config::resolve_with(
+            &Flags::default(),
+            &env_of(&[("STATE_DIRECTORY", "/var/lib/hall"), ("HOME", "/h")]),
+        )
+        .unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/hall"));
+    }
+}

@@ -1,1 +1,699 @@
-//! (filled in by the engine/daemon work)
+//! Files on disk -> a validated, compiled [`Snapshot`].
+//!
+//! Three stages, each with its own errors: parse (TOML syntax and shape, with
+//! `file:line:col`), validate (references, ids, settings: SPEC 2.3), compile
+//! ([`Snapshot::compile`]) and lint ([`crate::engine::lint`]).
+
+pub mod watch;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::engine::{
+    lint, valid_id, Capability, Diagnostic, Effect, Location, Pattern, Rule, Settings, Severity,
+    Snapshot, Worker, DENIED_BY_POLICY,
+};
+
+/// One file's name (as shown in messages) and contents.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub text: String,
+}
+
+/// A snapshot that loaded, with the warnings found on the way.
+#[derive(Debug)]
+pub struct Loaded {
+    pub snapshot: Snapshot,
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// A load that failed: every error found (not just the first), plus any warnings.
+#[derive(Debug, Clone)]
+pub struct LoadError {
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl LoadError {
+    pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+    }
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.errors().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// Read every `*.toml` in both directories (lexical order) and load them.
+pub fn load_dirs(registry_dir: &Path, policies_dir: &Path) -> Result<Loaded, LoadError> {
+    let mut diags = Vec::new();
+    let registry = read_dir_sources(registry_dir, &mut diags);
+    let policies = read_dir_sources(policies_dir, &mut diags);
+    if !diags.is_empty() {
+        return Err(LoadError { diagnostics: diags });
+    }
+    load_sources(&registry, &policies)
+}
+
+fn read_dir_sources(dir: &Path, diags: &mut Vec<Diagnostic>) -> Vec<Source> {
+    let io_err = |file: String, msg: String| Diagnostic {
+        severity: Severity::Error,
+        location: Location {
+            file,
+            line: 0,
+            col: 0,
+        },
+        key: String::new(),
+        message: msg,
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) => {
+            diags.push(io_err(
+                dir.display().to_string(),
+                format!("cannot read directory: {e}"),
+            ));
+            return Vec::new();
+        }
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".toml") && !n.starts_with('.'))
+        .collect();
+    names.sort();
+    let mut out = Vec::new();
+    for n in names {
+        let path = dir.join(&n);
+        let shown = path.display().to_string();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => out.push(Source { name: shown, text }),
+            // A file removed between listing and reading is an edit in progress: skip it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => diags.push(io_err(shown, format!("cannot read file: {e}"))),
+        }
+    }
+    out
+}
+
+/// The policy version: blake3 over each file's name, length and contents, in load order.
+pub fn policy_version(registry: &[Source], policies: &[Source]) -> String {
+    let mut h = blake3::Hasher::new();
+    for s in registry.iter().chain(policies) {
+        let base = s.name.rsplit('/').next().unwrap_or(&s.name);
+        h.update(base.as_bytes());
+        h.update(&[0]);
+        h.update(&(s.text.len() as u64).to_le_bytes());
+        h.update(s.text.as_bytes());
+    }
+    format!("blake3:{}", h.finalize().to_hex())
+}
+
+// ---- raw file shapes -------------------------------------------------------------------
+
+type S = Spanned<String>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    #[serde(default)]
+    capability: Vec<RawCapability>,
+    #[serde(default)]
+    worker: Vec<RawWorker>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapability {
+    id: S,
+    description: Option<String>,
+    owner: Option<String>,
+    contact: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    id: S,
+    capabilities: Vec<S>,
+    environments: Vec<S>,
+    max_data_label: S,
+    #[serde(default)]
+    controls: Vec<S>,
+    blast_radius: Spanned<i64>,
+    #[serde(default)]
+    secrets: Vec<S>,
+    enabled: Option<bool>,
+    description: Option<String>,
+    owner: Option<String>,
+    contact: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    settings: Option<Spanned<RawSettings>>,
+    #[serde(default)]
+    rule: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    environments: Option<Vec<S>>,
+    data_labels: Option<Vec<S>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    id: S,
+    description: Option<String>,
+    capabilities: Option<Vec<S>>,
+    envs: Option<Vec<S>>,
+    data_labels: Option<Vec<S>>,
+    max_data_label: Option<S>,
+    tenants: Option<Vec<S>>,
+    effect: S,
+    workers: Option<Vec<S>>,
+    #[serde(default)]
+    require_controls: Vec<S>,
+    max_blast_radius: Option<Spanned<i64>>,
+    reason: Option<S>,
+}
+
+// ---- validation --------------------------------------------------------------------------
+
+/// Collects diagnostics against the file currently being validated.
+struct Checker<'a> {
+    file: &'a Source,
+    line_starts: Vec<usize>,
+    diags: &'a mut Vec<Diagnostic>,
+}
+
+impl<'a> Checker<'a> {
+    fn new(file: &'a Source, diags: &'a mut Vec<Diagnostic>) -> Self {
+        let mut line_starts = vec![0];
+        line_starts.extend(
+            file.text
+                .bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(i, _)| i + 1),
+        );
+        Checker {
+            file,
+            line_starts,
+            diags,
+        }
+    }
+
+    fn loc(&self, offset: usize) -> Location {
+        let line = self.line_starts.partition_point(|&s| s <= offset);
+        let start = self.line_starts[line - 1];
+        let col = self.file.text[start..offset.min(self.file.text.len())]
+            .chars()
+            .count()
+            + 1;
+        Location {
+            file: self.file.name.clone(),
+            line,
+            col,
+        }
+    }
+
+    fn push(&mut self, sev: Severity, offset: usize, key: String, message: String) {
+        let location = self.loc(offset);
+        self.diags.push(Diagnostic {
+            severity: sev,
+            location,
+            key,
+            message,
+        });
+    }
+
+    fn error(&mut self, offset: usize, key: String, message: String) {
+        self.push(Severity::Error, offset, key, message);
+    }
+
+    fn warn(&mut self, offset: usize, key: String, message: String) {
+        self.push(Severity::Warning, offset, key, message);
+    }
+
+    fn parse<T: for<'de> Deserialize<'de>>(&mut self) -> Option<T> {
+        match toml::from_str::<T>(&self.file.text) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let offset = e.span().map_or(0, |s| s.start);
+                let msg = e.message().trim().to_string();
+                let key = msg
+                    .strip_prefix("unknown field `")
+                    .and_then(|r| r.split('`').next())
+                    .unwrap_or("")
+                    .to_string();
+                let msg = if msg.starts_with("unknown field") {
+                    msg.replacen("unknown field", "unknown key", 1)
+                } else {
+                    msg
+                };
+                self.error(offset, key, msg);
+                None
+            }
+        }
+    }
+
+    fn id(&mut self, s: &S, key: &str, what: &str) -> bool {
+        if valid_id(s.get_ref()) {
+            return true;
+        }
+        self.error(
+            s.span().start,
+            key.to_string(),
+            format!(
+                "{what} {:?} is not a valid id: use 1-128 characters from letters, digits and . _ : @ / -, starting with a letter or digit",
+                s.get_ref()
+            ),
+        );
+        false
+    }
+
+    fn pattern(&mut self, s: &S, key: &str) -> Option<Pattern> {
+        let p = Pattern::parse(s.get_ref());
+        if p.is_none() {
+            self.error(
+                s.span().start,
+                key.to_string(),
+                format!(
+                    "{:?} is not a valid pattern: use an exact id, a prefix glob ending in \".*\", or \"*\"",
+                    s.get_ref()
+                ),
+            );
+        }
+        p
+    }
+
+    fn member(&mut self, s: &S, known: &[String], key: &str, what: &str) -> bool {
+        if known.iter().any(|k| k == s.get_ref()) {
+            return true;
+        }
+        self.error(
+            s.span().start,
+            key.to_string(),
+            format!(
+                "unknown {what} {:?}: [settings] defines {}",
+                s.get_ref(),
+                known.join(", ")
+            ),
+        );
+        false
+    }
+}
+
+/// Load from in-memory sources: registry files then policy files, each in the order given.
+pub fn load_sources(registry: &[Source], policies: &[Source]) -> Result<Loaded, LoadError> {
+    let mut diags: Vec<Diagnostic> = Vec::new();
+
+    // Stage 1: parse every file, so one bad file does not hide another's errors.
+    let reg_files: Vec<(&Source, Option<RegistryFile>)> = registry
+        .iter()
+        .map(|s| (s, Checker::new(s, &mut diags).parse()))
+        .collect();
+    let pol_files: Vec<(&Source, Option<PolicyFile>)> = policies
+        .iter()
+        .map(|s| (s, Checker::new(s, &mut diags).parse()))
+        .collect();
+
+    // Stage 2a: settings, at most one file.
+    let mut settings = Settings::default();
+    let mut settings_at: Option<Location> = None;
+    for (src, file) in &pol_files {
+        let Some(Some(raw)) = file.as_ref().map(|f| f.settings.as_ref()) else {
+            continue;
+        };
+        let mut ck = Checker::new(src, &mut diags);
+        if let Some(first) = &settings_at {
+            ck.error(
+                raw.span().start,
+                "settings".into(),
+                format!("[settings] is already defined at {first}; at most one file may hold it"),
+            );
+            continue;
+        }
+        settings_at = Some(ck.loc(raw.span().start));
+        let raw = raw.get_ref();
+        for (list, key, target) in [
+            (
+                &raw.environments,
+                "settings.environments",
+                &mut settings.environments,
+            ),
+            (
+                &raw.data_labels,
+                "settings.data_labels",
+                &mut settings.data_labels,
+            ),
+        ] {
+            let Some(list) = list else { continue };
+            let mut vals: Vec<String> = Vec::new();
+            for v in list {
+                if ck.id(v, key, "value") {
+                    if vals.contains(v.get_ref()) {
+                        ck.error(
+                            v.span().start,
+                            key.into(),
+                            format!("{:?} is listed twice", v.get_ref()),
+                        );
+                    }
+                    vals.push(v.get_ref().clone());
+                }
+            }
+            if vals.is_empty() || vals.len() > 64 {
+                ck.error(
+                    raw_start(list),
+                    key.into(),
+                    "must list between 1 and 64 values".into(),
+                );
+            }
+            *target = vals;
+        }
+    }
+
+    // Stage 2b: registry.
+    let mut capabilities: Vec<Capability> = Vec::new();
+    let mut cap_locations: Vec<Location> = Vec::new();
+    let mut cap_seen: HashMap<String, Location> = HashMap::new();
+    for (src, file) in &reg_files {
+        let Some(file) = file else { continue };
+        let mut ck = Checker::new(src, &mut diags);
+        for c in &file.capability {
+            let key = format!("capability[{}]", c.id.get_ref());
+            if !ck.id(&c.id, &format!("{key}.id"), "capability id") {
+                continue;
+            }
+            let here = ck.loc(c.id.span().start);
+            if let Some(first) = cap_seen.get(c.id.get_ref()) {
+                ck.error(
+                    c.id.span().start,
+                    format!("{key}.id"),
+                    format!("duplicate capability id (first defined at {first})"),
+                );
+                continue;
+            }
+            cap_seen.insert(c.id.get_ref().clone(), here.clone());
+            cap_locations.push(here);
+            capabilities.push(Capability {
+                id: c.id.get_ref().clone(),
+                description: c.description.clone(),
+                owner: c.owner.clone(),
+                contact: c.contact.clone(),
+            });
+        }
+    }
+    let mut workers: Vec<Worker> = Vec::new();
+    let mut worker_seen: HashMap<String, Location> = HashMap::new();
+    for (src, file) in &reg_files {
+        let Some(file) = file else { continue };
+        let mut ck = Checker::new(src, &mut diags);
+        for w in &file.worker {
+            let key = format!("worker[{}]", w.id.get_ref());
+            if !ck.id(&w.id, &format!("{key}.id"), "worker id") {
+                continue;
+            }
+            if let Some(first) = worker_seen.get(w.id.get_ref()) {
+                ck.error(
+                    w.id.span().start,
+                    format!("{key}.id"),
+                    format!("duplicate worker id (first defined at {first})"),
+                );
+                continue;
+            }
+            worker_seen.insert(w.id.get_ref().clone(), ck.loc(w.id.span().start));
+            for c in &w.capabilities {
+                if !cap_seen.contains_key(c.get_ref()) {
+                    ck.error(
+                        c.span().start,
+                        format!("{key}.capabilities"),
+                        format!(
+                            "unknown capability {:?}: no [[capability]] has this id",
+                            c.get_ref()
+                        ),
+                    );
+                }
+            }
+            for e in &w.environments {
+                ck.member(
+                    e,
+                    &settings.environments,
+                    &format!("{key}.environments"),
+                    "environment",
+                );
+            }
+            ck.member(
+                &w.max_data_label,
+                &settings.data_labels,
+                &format!("{key}.max_data_label"),
+                "data label",
+            );
+            for c in &w.controls {
+                ck.id(c, &format!("{key}.controls"), "control");
+            }
+            for s in &w.secrets {
+                ck.id(s, &format!("{key}.secrets"), "secret name");
+            }
+            let br = *w.blast_radius.get_ref();
+            if !(0..=10).contains(&br) {
+                ck.error(
+                    w.blast_radius.span().start,
+                    format!("{key}.blast_radius"),
+                    format!("blast_radius must be between 0 and 10, got {br}"),
+                );
+            }
+            workers.push(Worker {
+                id: w.id.get_ref().clone(),
+                capabilities: strings(&w.capabilities),
+                environments: strings(&w.environments),
+                max_data_label: w.max_data_label.get_ref().clone(),
+                controls: strings(&w.controls),
+                blast_radius: br.clamp(0, 10) as u8,
+                secrets: strings(&w.secrets),
+                enabled: w.enabled.unwrap_or(true),
+                description: w.description.clone(),
+                owner: w.owner.clone(),
+                contact: w.contact.clone(),
+                compiled: Default::default(),
+            });
+        }
+    }
+
+    // Stage 2c: rules, in file order.
+    let mut rules: Vec<Rule> = Vec::new();
+    let mut rule_seen: HashMap<String, Location> = HashMap::new();
+    for (src, file) in &pol_files {
+        let Some(file) = file else { continue };
+        let mut ck = Checker::new(src, &mut diags);
+        for r in &file.rule {
+            let key = format!("rule[{}]", r.id.get_ref());
+            if !ck.id(&r.id, &format!("{key}.id"), "rule id") {
+                continue;
+            }
+            let location = ck.loc(r.id.span().start);
+            if let Some(first) = rule_seen.get(r.id.get_ref()) {
+                ck.error(
+                    r.id.span().start,
+                    format!("{key}.id"),
+                    format!("duplicate rule id (first defined at {first})"),
+                );
+                continue;
+            }
+            rule_seen.insert(r.id.get_ref().clone(), location.clone());
+
+            let capabilities = match &r.capabilities {
+                None => vec![Pattern::Any],
+                Some(list) => list
+                    .iter()
+                    .filter_map(|p| ck.pattern(p, &format!("{key}.capabilities")))
+                    .collect(),
+            };
+            let tenants = r.tenants.as_ref().map(|list| {
+                list.iter()
+                    .filter_map(|p| ck.pattern(p, &format!("{key}.tenants")))
+                    .collect::<Vec<_>>()
+            });
+            if let Some(list) = &r.envs {
+                for e in list {
+                    ck.member(
+                        e,
+                        &settings.environments,
+                        &format!("{key}.envs"),
+                        "environment",
+                    );
+                }
+            }
+            if let Some(list) = &r.data_labels {
+                for l in list {
+                    ck.member(
+                        l,
+                        &settings.data_labels,
+                        &format!("{key}.data_labels"),
+                        "data label",
+                    );
+                }
+            }
+            if let Some(m) = &r.max_data_label {
+                ck.member(
+                    m,
+                    &settings.data_labels,
+                    &format!("{key}.max_data_label"),
+                    "data label",
+                );
+                if r.data_labels.is_some() {
+                    ck.error(
+                        m.span().start,
+                        format!("{key}.max_data_label"),
+                        "a rule may have data_labels or max_data_label, not both".into(),
+                    );
+                }
+            }
+            let effect = match r.effect.get_ref().as_str() {
+                "allow" => Some(Effect::Allow),
+                "deny" => Some(Effect::Deny),
+                "require_approval" => Some(Effect::RequireApproval),
+                other => {
+                    ck.error(
+                        r.effect.span().start,
+                        format!("{key}.effect"),
+                        format!("effect must be \"allow\", \"deny\" or \"require_approval\", got {other:?}"),
+                    );
+                    None
+                }
+            };
+            if let Some(ws) = &r.workers {
+                for w in ws {
+                    if !worker_seen.contains_key(w.get_ref()) {
+                        ck.error(
+                            w.span().start,
+                            format!("{key}.workers"),
+                            format!(
+                                "unknown worker {:?}: no [[worker]] has this id",
+                                w.get_ref()
+                            ),
+                        );
+                    }
+                }
+            }
+            for c in &r.require_controls {
+                ck.id(c, &format!("{key}.require_controls"), "control");
+            }
+            let mut max_blast_radius = None;
+            if let Some(m) = &r.max_blast_radius {
+                let v = *m.get_ref();
+                if (0..=10).contains(&v) {
+                    max_blast_radius = Some(v as u8);
+                } else {
+                    ck.error(
+                        m.span().start,
+                        format!("{key}.max_blast_radius"),
+                        format!("max_blast_radius must be between 0 and 10, got {v}"),
+                    );
+                }
+            }
+            let reason = match &r.reason {
+                None => DENIED_BY_POLICY.to_string(),
+                Some(reason) => {
+                    if !valid_reason(reason.get_ref()) {
+                        ck.error(
+                            reason.span().start,
+                            format!("{key}.reason"),
+                            format!(
+                                "reason {:?} is not a machine code: use 1-64 characters from a-z, 0-9 and _, starting with a letter",
+                                reason.get_ref()
+                            ),
+                        );
+                    }
+                    if effect != Some(Effect::Deny) {
+                        ck.warn(
+                            reason.span().start,
+                            format!("{key}.reason"),
+                            "reason is only used when effect = \"deny\"".into(),
+                        );
+                    }
+                    reason.get_ref().clone()
+                }
+            };
+            rules.push(Rule {
+                id: r.id.get_ref().clone(),
+                description: r.description.clone(),
+                capabilities,
+                envs: r.envs.as_ref().map(|v| strings(v)),
+                data_labels: r.data_labels.as_ref().map(|v| strings(v)),
+                max_data_label: r.max_data_label.as_ref().map(|m| m.get_ref().clone()),
+                tenants,
+                effect: effect.unwrap_or(Effect::Deny),
+                workers: r.workers.as_ref().map(|v| strings(v)),
+                require_controls: strings(&r.require_controls),
+                max_blast_radius,
+                reason,
+                location,
+                compiled: Default::default(),
+            });
+        }
+    }
+
+    if diags.iter().any(|d| d.severity == Severity::Error) {
+        return Err(LoadError { diagnostics: diags });
+    }
+
+    // Stage 3: compile and lint.
+    let files = registry
+        .iter()
+        .chain(policies)
+        .map(|s| s.name.clone())
+        .collect();
+    let snapshot = Snapshot::compile(
+        policy_version(registry, policies),
+        settings,
+        capabilities,
+        workers,
+        rules,
+        files,
+    );
+    diags.extend(lint(&snapshot, &cap_locations));
+    Ok(Loaded {
+        snapshot,
+        warnings: diags,
+    })
+}
+
+fn strings(v: &[S]) -> Vec<String> {
+    v.iter().map(|s| s.get_ref().clone()).collect()
+}
+
+fn raw_start(list: &[S]) -> usize {
+    list.first().map_or(0, |s| s.span().start)
+}
+
+/// Deny reasons are machine codes: `[a-z][a-z0-9_]{0,63}`.
+fn valid_reason(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+}

@@ -1,0 +1,109 @@
+//! Decision fixtures (`hall test`): `[[case]]` tables with a request and the expected outcome.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{decide, Request, Snapshot};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FixtureFile {
+    #[serde(default)]
+    case: Vec<Case>,
+}
+
+/// One fixture case.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    pub name: String,
+    pub request: CaseRequest,
+    pub expect: Expect,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaseRequest {
+    pub capability_id: String,
+    pub env: String,
+    pub data_label: String,
+    pub tenant_id: String,
+}
+
+/// What a case expects; fields left out are not checked.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deny_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule_id: Option<String>,
+}
+
+/// The result of running fixture files.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub passed: usize,
+    pub failed: usize,
+    /// One human-readable block per failing case.
+    pub failures: Vec<String>,
+}
+
+/// Read and parse a fixture file.
+pub fn read(path: &Path) -> Result<Vec<Case>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let f: FixtureFile = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map_or(0, |s| {
+            text[..s.start].bytes().filter(|&b| b == b'\n').count() + 1
+        });
+        format!("{}:{line}: {}", path.display(), e.message().trim())
+    })?;
+    if f.case.is_empty() {
+        return Err(format!("{}: no [[case]] tables", path.display()));
+    }
+    Ok(f.case)
+}
+
+/// Run cases against a snapshot, appending to `report`.
+pub fn run(snap: &Snapshot, file: &str, cases: &[Case], report: &mut Report) {
+    for c in cases {
+        let r = &c.request;
+        let req = Request {
+            capability_id: &r.capability_id,
+            env: &r.env,
+            data_label: &r.data_label,
+            tenant_id: &r.tenant_id,
+        };
+        let (ok, actual) = match decide(snap, &req, false) {
+            Ok(d) => {
+                let e = &c.expect;
+                let ok = e.allowed.is_none_or(|a| a == d.allowed)
+                    && e.worker_id
+                        .as_deref()
+                        .is_none_or(|w| Some(w) == d.worker_id)
+                    && e.deny_reason
+                        .as_deref()
+                        .is_none_or(|w| Some(w) == d.deny_reason)
+                    && e.rule_id.as_deref().is_none_or(|w| Some(w) == d.rule_id);
+                (ok, serde_json::to_string(&d).unwrap_or_default())
+            }
+            Err(e) => (false, format!("invalid request: {e}")),
+        };
+        if ok {
+            report.passed += 1;
+        } else {
+            report.failed += 1;
+            report.failures.push(format!(
+                "FAIL {file}: {}\n  request:  {}\n  expected: {}\n  actual:   {actual}",
+                c.name,
+                serde_json::to_string(r).unwrap_or_default(),
+                serde_json::to_string(&c.expect).unwrap_or_default(),
+            ));
+        }
+    }
+}

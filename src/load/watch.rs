@@ -1,0 +1,1 @@
+//! Hot reload (written with the daemon).
