@@ -1,0 +1,116 @@
+//! The operator's endpoints: health, readiness, status, metrics, registry, reload.
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use super::errors::ApiError;
+use super::state::AppState;
+
+fn json_ok(v: serde_json::Value) -> HttpResponse {
+    HttpResponse::Ok().json(v)
+}
+
+/// `GET /health`: the process lives.
+pub async fn health() -> HttpResponse {
+    json_ok(json!({"status": "ok"}))
+}
+
+/// `GET /ready`: 200 once a policy set is loaded.
+pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    match state.snapshot.load().as_ref() {
+        Some(s) => json_ok(json!({"status": "ready", "policy_version": s.version})),
+        None => HttpResponse::ServiceUnavailable()
+            .json(json!({"error": "no policy set is loaded yet", "code": "unavailable"})),
+    }
+}
+
+/// `GET /api/status`: which policy version is active, and whether the last reload failed.
+pub async fn status(state: web::Data<AppState>) -> HttpResponse {
+    let snap = state.snapshot.load_full();
+    let last = state
+        .last_reload
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let loaded_at = state
+        .loaded_at
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let audit_head = super::record::head(&state);
+    json_ok(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": state.started.elapsed().as_secs(),
+        "policy_version": snap.as_ref().map(|s| s.version.clone()),
+        "loaded_at": loaded_at,
+        "counts": {
+            "rules": snap.as_ref().map_or(0, |s| s.rules.len()),
+            "capabilities": snap.as_ref().map_or(0, |s| s.capabilities.len()),
+            "workers": snap.as_ref().map_or(0, |s| s.workers.len()),
+        },
+        "last_reload": last,
+        "audit": audit_head,
+        "decisions": {
+            "allowed": state.metrics.allowed_total(),
+            "denied": state.metrics.denied_total(),
+        },
+        "registry_dir": state.config.registry_dir,
+        "policies_dir": state.config.policies_dir,
+    }))
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let loaded = state.snapshot.load().is_some();
+    let failed = !state
+        .last_reload
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .ok;
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render(loaded, failed))
+}
+
+/// `POST /api/reload`: reload now; 422 with the errors if the files are broken.
+pub async fn reload(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let st = state.into_inner();
+    match st.reload("api").await {
+        Ok(version) => {
+            super::record::reload(&st, true, &version, &[]).await;
+            Ok(json_ok(json!({"ok": true, "policy_version": version})))
+        }
+        Err(errors) => {
+            super::record::reload(&st, false, "", &errors).await;
+            let current = st.snapshot.load().as_ref().map(|s| s.version.clone());
+            Ok(HttpResponse::UnprocessableEntity().json(json!({
+                "error": "the policy files do not load; the last good set stays in force",
+                "code": "invalid_policy",
+                "errors": errors,
+                "policy_version": current,
+            })))
+        }
+    }
+}
+
+/// `GET /api/registry/capabilities`.
+pub async fn capabilities(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let snap = state
+        .snapshot
+        .load_full()
+        .ok_or_else(|| ApiError::unavailable("no policy set is loaded yet"))?;
+    Ok(json_ok(
+        json!({"policy_version": snap.version, "capabilities": snap.capabilities}),
+    ))
+}
+
+/// `GET /api/registry/workers`.
+pub async fn workers(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let snap = state
+        .snapshot
+        .load_full()
+        .ok_or_else(|| ApiError::unavailable("no policy set is loaded yet"))?;
+    Ok(json_ok(
+        json!({"policy_version": snap.version, "workers": snap.workers}),
+    ))
+}

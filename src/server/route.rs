@@ -1,0 +1,298 @@
+//! `POST /api/route`: parse strictly, decide, record, answer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::errors::ApiError;
+use super::state::AppState;
+use crate::engine::{decide, valid_id, Explain, Request};
+
+/// Request bodies larger than this are refused with 413.
+pub const MAX_BODY: usize = 64 * 1024;
+/// The `context` object is recorded in the audit log; it may not exceed this.
+pub const MAX_CONTEXT: usize = 8 * 1024;
+
+/// The request body, exactly as SPEC 4 allows. Unknown fields are rejected.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteBody {
+    pub capability_id: String,
+    pub env: String,
+    pub data_label: String,
+    pub tenant_id: String,
+    pub correlation_id: Option<String>,
+    pub dry_run: Option<bool>,
+    pub approval_id: Option<String>,
+    pub context: Option<Box<RawValue>>,
+    pub tenant_risk: Option<String>,
+    pub qos_class: Option<String>,
+}
+
+const REQUIRED: [&str; 4] = ["capability_id", "env", "data_label", "tenant_id"];
+const OPTIONAL_STRINGS: [&str; 4] = ["correlation_id", "approval_id", "tenant_risk", "qos_class"];
+
+#[derive(Serialize)]
+struct RouteResponse<'a> {
+    decision_id: &'a str,
+    allowed: bool,
+    worker_id: Option<&'a str>,
+    deny_reason: Option<&'a str>,
+    rule_id: Option<&'a str>,
+    policy_version: &'a str,
+    approval_id: Option<&'a str>,
+    dry_run: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    explain: Option<&'a Explain<'a>>,
+}
+
+/// Read a JSON body: `application/json` (415 otherwise), at most `MAX_BODY` (413).
+pub async fn read_json_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+) -> Result<web::BytesMut, ApiError> {
+    use futures_util::StreamExt;
+    let ct = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::new(
+            415,
+            "unsupported_media_type",
+            format!("Content-Type must be application/json, got {:?}", ct),
+        ));
+    }
+    let too_large = || {
+        ApiError::new(
+            413,
+            "body_too_large",
+            format!("request body is larger than {} KiB", MAX_BODY / 1024),
+        )
+    };
+    if let Some(len) = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > MAX_BODY {
+            return Err(too_large());
+        }
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::invalid("body", format!("cannot read body: {e}")))?;
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Turn a failed typed parse into an error naming the field, by looking at the body again.
+fn body_error(bytes: &[u8], typed: serde_json::Error) -> ApiError {
+    let v: serde_json::Value = match serde_json::from_slice(bytes) {
+        Ok(v) => v,
+        Err(e) => return ApiError::invalid("body", format!("malformed JSON: {e}")),
+    };
+    let Some(obj) = v.as_object() else {
+        return ApiError::invalid("body", "the body must be a JSON object");
+    };
+    for k in obj.keys() {
+        if !REQUIRED.contains(&k.as_str())
+            && !OPTIONAL_STRINGS.contains(&k.as_str())
+            && k != "dry_run"
+            && k != "context"
+        {
+            return ApiError::invalid(k.clone(), format!("unknown field {k:?}"));
+        }
+    }
+    for k in REQUIRED {
+        match obj.get(k) {
+            None => return ApiError::invalid(k, format!("missing required field {k:?}")),
+            Some(v) if !v.is_string() => {
+                return ApiError::invalid(k, format!("{k:?} must be a string, got {}", kind(v)))
+            }
+            _ => {}
+        }
+    }
+    for k in OPTIONAL_STRINGS {
+        if let Some(v) = obj.get(k) {
+            if !v.is_string() && !v.is_null() {
+                return ApiError::invalid(k, format!("{k:?} must be a string, got {}", kind(v)));
+            }
+        }
+    }
+    if let Some(v) = obj.get("dry_run") {
+        if !v.is_boolean() && !v.is_null() {
+            return ApiError::invalid(
+                "dry_run",
+                format!("\"dry_run\" must be a boolean, got {}", kind(v)),
+            );
+        }
+    }
+    ApiError::invalid("body", format!("invalid request: {typed}"))
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// `?explain=true`; other query parameters are refused so a typo is not silently ignored.
+fn parse_explain(query: &str) -> Result<bool, ApiError> {
+    let mut explain = false;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+        match (k, v) {
+            ("explain", "true" | "1") => explain = true,
+            ("explain", "false" | "0") => explain = false,
+            ("explain", other) => {
+                return Err(ApiError::invalid(
+                    "explain",
+                    format!("explain must be true or false, got {other:?}"),
+                ))
+            }
+            (other, _) => {
+                return Err(ApiError::invalid(
+                    other,
+                    format!("unknown query parameter {other:?}"),
+                ))
+            }
+        }
+    }
+    Ok(explain)
+}
+
+/// Check the optional fields the engine does not see.
+fn check_extras(b: &RouteBody) -> Result<(), ApiError> {
+    if let Some(c) = &b.correlation_id {
+        if c.is_empty() || c.len() > 128 || c.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                "correlation_id",
+                "correlation_id must be 1-128 printable characters",
+            ));
+        }
+    }
+    if let Some(a) = &b.approval_id {
+        if !valid_id(a) {
+            return Err(ApiError::invalid(
+                "approval_id",
+                format!("{a:?} is not a valid id"),
+            ));
+        }
+    }
+    for (name, v) in [("tenant_risk", &b.tenant_risk), ("qos_class", &b.qos_class)] {
+        if let Some(v) = v {
+            if v.len() > 64 || v.chars().any(char::is_control) {
+                return Err(ApiError::invalid(
+                    name,
+                    format!("{name} must be at most 64 printable characters"),
+                ));
+            }
+        }
+    }
+    if let Some(ctx) = &b.context {
+        let raw = ctx.get();
+        if !raw.starts_with('{') {
+            return Err(ApiError::invalid(
+                "context",
+                "context must be a JSON object",
+            ));
+        }
+        if raw.len() > MAX_CONTEXT {
+            return Err(ApiError::invalid(
+                "context",
+                format!("context is larger than {} KiB", MAX_CONTEXT / 1024),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The handler. Policy outcomes are 200 with `allowed: false`; HTTP errors are only for
+/// requests that cannot be decided or recorded.
+pub async fn route(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let result = route_inner(&req, payload, state.clone().into_inner(), started).await;
+    if let Err(e) = &result {
+        state.metrics.refused(e.code);
+    }
+    result
+}
+
+async fn route_inner(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: Arc<AppState>,
+    started: Instant,
+) -> Result<HttpResponse, ApiError> {
+    let explain = parse_explain(req.query_string())?;
+    let bytes = read_json_body(req, payload).await?;
+    let body: RouteBody = serde_json::from_slice(&bytes).map_err(|e| body_error(&bytes, e))?;
+    check_extras(&body)?;
+
+    let snap = state
+        .snapshot
+        .load_full()
+        .ok_or_else(|| ApiError::unavailable("no policy set is loaded yet; see /api/status"))?;
+    let request = Request {
+        capability_id: &body.capability_id,
+        env: &body.env,
+        data_label: &body.data_label,
+        tenant_id: &body.tenant_id,
+    };
+    let decision =
+        decide(&snap, &request, explain).map_err(|e| ApiError::invalid(e.field, e.message))?;
+    let decision_id = uuid::Uuid::now_v7().to_string();
+    let dry_run = body.dry_run.unwrap_or(false);
+
+    super::record::decision(
+        &state,
+        req,
+        &body,
+        &decision,
+        &snap.version,
+        &decision_id,
+        dry_run,
+    )
+    .await?;
+
+    let resp = RouteResponse {
+        decision_id: &decision_id,
+        allowed: decision.allowed,
+        worker_id: decision.worker_id,
+        deny_reason: decision.deny_reason,
+        rule_id: decision.rule_id,
+        policy_version: &snap.version,
+        approval_id: body.approval_id.as_deref(),
+        dry_run,
+        explain: decision.explain.as_ref(),
+    };
+    let out =
+        serde_json::to_vec(&resp).map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+    state
+        .metrics
+        .decision(decision.allowed, decision.deny_reason, started.elapsed());
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(out))
+}

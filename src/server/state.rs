@@ -1,0 +1,129 @@
+//! The daemon's shared state: the current snapshot, reload status, metrics.
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwapOption;
+use serde::Serialize;
+
+use super::metrics::Metrics;
+use crate::config::Config;
+use crate::engine::Snapshot;
+use crate::load::load_dirs;
+
+/// What the last reload did, for `/api/status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReloadStatus {
+    pub at: Option<String>,
+    pub ok: bool,
+    pub trigger: Option<String>,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Shared by every worker thread. The request path only reads `snapshot` (lock-free)
+/// and bumps atomics in `metrics`.
+pub struct AppState {
+    pub config: Config,
+    /// The port actually bound (differs from the config when it asked for port 0).
+    pub port: AtomicU16,
+    pub snapshot: ArcSwapOption<Snapshot>,
+    pub loaded_at: Mutex<Option<String>>,
+    pub last_reload: Mutex<ReloadStatus>,
+    /// Serializes reloads so an older load can never overwrite a newer one.
+    reload_lock: tokio::sync::Mutex<()>,
+    pub metrics: Metrics,
+    pub started: Instant,
+}
+
+/// The result of a reload: the new version, or every error (the old set stays in force).
+pub type ReloadResult = Result<String, Vec<String>>;
+
+impl AppState {
+    pub fn new(config: Config) -> AppState {
+        let port = config.listen.port();
+        AppState {
+            config,
+            port: AtomicU16::new(port),
+            snapshot: ArcSwapOption::empty(),
+            loaded_at: Mutex::new(None),
+            last_reload: Mutex::new(ReloadStatus::default()),
+            reload_lock: tokio::sync::Mutex::new(()),
+            metrics: Metrics::default(),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port.load(Ordering::Relaxed)
+    }
+
+    /// Load the files off the request path and swap the new snapshot in atomically.
+    /// Requests already holding the old snapshot finish on it.
+    pub async fn reload(self: &Arc<Self>, trigger: &str) -> ReloadResult {
+        let _serial = self.reload_lock.lock().await;
+        let (reg, pol) = (
+            self.config.registry_dir.clone(),
+            self.config.policies_dir.clone(),
+        );
+        let loaded = tokio::task::spawn_blocking(move || load_dirs(&reg, &pol))
+            .await
+            .map_err(|e| vec![format!("reload task failed: {e}")])?;
+        let now = now_rfc3339();
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut status = ReloadStatus {
+            at: Some(now.clone()),
+            trigger: Some(trigger.to_string()),
+            ..Default::default()
+        };
+        let result = match loaded {
+            Ok(l) => {
+                let version = l.snapshot.version.clone();
+                status.ok = true;
+                status.warnings = l.warnings.iter().map(|d| d.to_string()).collect();
+                for w in &status.warnings {
+                    tracing::warn!(trigger, "{w}");
+                }
+                tracing::info!(
+                    trigger,
+                    policy_version = %version,
+                    rules = l.snapshot.rules.len(),
+                    capabilities = l.snapshot.capabilities.len(),
+                    workers = l.snapshot.workers.len(),
+                    "policy set loaded"
+                );
+                self.snapshot.store(Some(Arc::new(l.snapshot)));
+                *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+                self.metrics.reload(true, unix);
+                Ok(version)
+            }
+            Err(e) => {
+                status.errors = e.errors().map(|d| d.to_string()).collect();
+                for err in &status.errors {
+                    tracing::error!(trigger, "{err}");
+                }
+                tracing::error!(
+                    trigger,
+                    errors = status.errors.len(),
+                    "policy reload failed; the last good policy set stays in force"
+                );
+                self.metrics.reload(false, unix);
+                Err(status.errors.clone())
+            }
+        };
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = status;
+        result
+    }
+}
+
+/// Now, as RFC 3339 UTC with milliseconds.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    now.format(&fmt).unwrap_or_default()
+}
