@@ -205,6 +205,9 @@ pub struct SecretStore {
     tree: sled::Tree,
     meta: sled::Tree,
     keys: RwLock<Keys>,
+    /// One rotation at a time: two concurrent runs could each persist a different
+    /// pending key, and records sealed under the overwritten one would be lost.
+    rotation: std::sync::Mutex<()>,
 }
 
 /// Where a test run of rotation stops, simulating a crash.
@@ -254,6 +257,7 @@ impl SecretStore {
                 current: StoreKey::new(current),
                 pending: pending.map(StoreKey::new),
             }),
+            rotation: std::sync::Mutex::new(()),
         };
         store.verify_keys()?;
         Ok(store)
@@ -446,6 +450,7 @@ impl SecretStore {
         source: &KeySource,
         stop: Option<StopAt>,
     ) -> Result<Option<RotateReport>, SecretError> {
+        let _one_at_a_time = self.rotation.lock().unwrap_or_else(|p| p.into_inner());
         // 1. The pending key: the persisted one if a rotation was interrupted, else new.
         let persisted = sources.pending(source)?;
         let resumed = persisted.is_some();
@@ -1086,6 +1091,34 @@ mod tests {
         assert!(!r2.resumed);
         assert_ne!(r2.new_key_id, r.new_key_id);
         assert_eq!(s.get("k3").unwrap().unwrap().to_vec(), value_of(3));
+    }
+
+    #[test]
+    fn writes_and_rotations_racing_leave_every_secret_readable_under_the_final_key() {
+        let rig = Rig::new(MemoryKeyring::default());
+        let (_db, s, src) = rig.boot();
+        for i in 0..20 {
+            s.put(&format!("pre{i}"), &value_of(i), 1).unwrap();
+        }
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for i in 0..40 {
+                    s.put(&format!("during{i}"), &value_of(i), 2).unwrap();
+                }
+            });
+            for _ in 0..2 {
+                scope.spawn(|| s.rotate_key(&rig.sources(), &src).unwrap());
+            }
+        });
+        let final_id = s.key_id();
+        assert_eq!(rig.sources().load().unwrap().0.key_id(), final_id);
+        for (prefix, n) in [("pre", 20), ("during", 40)] {
+            for i in 0..n {
+                let name = format!("{prefix}{i}");
+                assert_eq!(s.get(&name).unwrap().unwrap().to_vec(), value_of(i));
+                assert_eq!(raw(&s, &name).key_id, final_id, "{name}");
+            }
+        }
     }
 
     #[test]
