@@ -1,1 +1,3 @@
 //! (filled in by the engine/daemon work)
+
+pub mod guard;
