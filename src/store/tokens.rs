@@ -966,6 +966,54 @@ mod tests {
     }
 
     #[test]
+    fn revoke_wins_against_concurrent_requests() {
+        use std::sync::atomic::{AtomicBool, AtomicU32};
+        let (_d, db) = temp_db();
+        let store = TokenStore::open(&db).unwrap();
+        let (tok, info) = issue(&store, new_token("c", &[Scope::Route]));
+        let token = Arc::new(tok.expose().to_string());
+        let revoked = Arc::new(AtomicBool::new(false));
+        let successes = Arc::new(AtomicU32::new(0));
+        let workers: Vec<_> = (0..4i64)
+            .map(|i| {
+                let (store, token) = (store.clone(), token.clone());
+                let (revoked, successes) = (revoked.clone(), successes.clone());
+                std::thread::spawn(move || {
+                    let mut refused_after = 0;
+                    let mut n = 0i64;
+                    // Keep going until 500 requests have been refused after the revoke.
+                    while refused_after < 500 {
+                        n += 1;
+                        let after_revoke = revoked.load(Ordering::SeqCst);
+                        match store.authenticate(&token, NOW + n * 7 + i) {
+                            Ok(_) => {
+                                assert!(!after_revoke, "authenticated after revoke returned");
+                                successes.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Err(e) => {
+                                assert_eq!(e, AuthFailure::Unknown);
+                                refused_after += u32::from(after_revoke);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Revoke while requests are in full flow.
+        while successes.load(Ordering::SeqCst) < 1000 {
+            std::thread::yield_now();
+        }
+        assert!(store.revoke(&info.id).unwrap());
+        revoked.store(true, Ordering::SeqCst);
+        for w in workers {
+            w.join().unwrap();
+        }
+        // Concurrent last_used write-backs did not bring the record back.
+        assert!(db.open_tree(TREE).unwrap().is_empty());
+        assert!(store.list().is_empty());
+    }
+
+    #[test]
     fn expired_unknown_malformed_missing() {
         let (_d, db) = temp_db();
         let store = TokenStore::open(&db).unwrap();
