@@ -1,6 +1,7 @@
 //! The daemon (`hall serve`): actix-web on loopback, hot reload, graceful shutdown.
 
 mod errors;
+pub mod guard;
 mod metrics;
 mod ops;
 mod record;

@@ -1,0 +1,444 @@
+//! Host and Origin checks that keep web pages away from the daemon (SPEC 4, "Browser and
+//! local-network safety"). Pure functions: the middleware passes header values in and answers
+//! 403 `bad_host` / `bad_origin` when they return `false`.
+//!
+//! **Host** defeats DNS rebinding: a page on `evil.example` whose name is re-pointed at
+//! 127.0.0.1 still sends `Host: evil.example:8765`. We accept only names that cannot be
+//! re-pointed by anyone outside this machine:
+//! - `localhost` exactly (any case). *Not* `*.localhost` and not `localhost.` (trailing dot):
+//!   browsers map those to loopback internally, but the system resolver may ask upstream DNS
+//!   for them, so an attacker could serve a page from such a name first and rebind it later.
+//! - IPv4 `127.0.0.0/8` in plain dotted-quad form (std's strict parser: no `127.1`, no hex,
+//!   octal or leading zeros; browsers normalize those forms before sending them anyway).
+//! - IPv6 `[::1]` and IPv4-mapped loopback (`[::ffff:127.0.0.1]`), bracketed; no zone ids.
+//!
+//! A port, when present, must be the listening port. A missing port is accepted: a browser
+//! leaves it out only for the scheme's default port, and the name check alone already stops
+//! rebinding. A missing or empty `Host` is refused (HTTP/1.1 requires it, and only hand-made
+//! clients leave it out). Anything with userinfo (`@`), a path, whitespace, percent-encoding
+//! or non-ASCII is refused outright rather than parsed.
+//!
+//! **Origin** stops cross-site requests from pages that *are* on a loopback origin (another
+//! local web app) and, belt and braces, from any page at all: no `Origin` (curl, the CLI,
+//! agents) passes; any `Origin` passes only when listed in `allowed_origins` (default: none).
+//! `null` (sandboxed iframes, `file:` pages, redirects) is always refused, even if listed.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Whether `host_header` (the `Host` header, or the `:authority` of an HTTP/2 request) names
+/// this machine's loopback interface on `listen_port`. See the module docs for exactly what
+/// passes.
+pub fn host_allowed(host_header: Option<&str>, listen_port: u16) -> bool {
+    let Some((name, port)) = host_header.and_then(split_authority) else {
+        return false;
+    };
+    if port.is_some_and(|p| p != listen_port) {
+        return false;
+    }
+    match name {
+        Name::Ipv6(inner) => inner.parse::<Ipv6Addr>().is_ok_and(|ip| {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }),
+        Name::Reg(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+        }
+    }
+}
+
+/// Whether a request carrying `origin` (the `Origin` header) may proceed.
+///
+/// No header: yes (not a browser, or a same-origin GET a browser did not label). Otherwise only
+/// an exact match with an entry of `allowed_origins`, comparing scheme and host
+/// case-insensitively and treating an explicit default port (`:80` for http, `:443` for https)
+/// as absent. Entries that are not valid origins never match; validate them at startup with
+/// [`normalize_origin`].
+pub fn origin_allowed(origin: Option<&str>, allowed_origins: &[String]) -> bool {
+    let Some(origin) = origin else {
+        return true;
+    };
+    let Some(origin) = normalize_origin(origin) else {
+        return false;
+    };
+    allowed_origins
+        .iter()
+        .filter_map(|a| normalize_origin(a))
+        .any(|a| a == origin)
+}
+
+/// The canonical form of a serialized origin (`scheme://host[:port]`): scheme and host
+/// lowercased, default port dropped. `None` when `s` is not such an origin: `null`, anything
+/// with a path (even `/`), query, fragment, userinfo, whitespace or non-ASCII.
+/// Config loading uses it to reject bad `allowed_origins` entries with a clear message.
+pub fn normalize_origin(s: &str) -> Option<String> {
+    if s.eq_ignore_ascii_case("null") {
+        return None;
+    }
+    let (scheme, authority) = s.split_once("://")?;
+    let mut chars = scheme.bytes();
+    if !chars.next()?.is_ascii_alphabetic()
+        || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.'))
+    {
+        return None;
+    }
+    let scheme = scheme.to_ascii_lowercase();
+    let (name, port) = split_authority(authority)?;
+    let host = match name {
+        Name::Ipv6(inner) => format!("[{}]", inner.parse::<Ipv6Addr>().ok()?),
+        Name::Reg(name) => {
+            if !name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'))
+            {
+                return None;
+            }
+            name.to_ascii_lowercase()
+        }
+    };
+    let default_port = match scheme.as_str() {
+        "http" | "ws" => Some(80),
+        "https" | "wss" => Some(443),
+        _ => None,
+    };
+    Some(match port {
+        Some(p) if Some(p) != default_port => format!("{scheme}://{host}:{p}"),
+        _ => format!("{scheme}://{host}"),
+    })
+}
+
+/// Whether the daemon would listen only on this machine (127.0.0.0/8, `::1`, or an
+/// IPv4-mapped loopback). `0.0.0.0` and `::` are *not* loopback: they listen everywhere.
+pub fn is_loopback_listen(addr: &SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
+/// The host part of an authority: a bracketed IPv6 literal (brackets removed) or anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Name<'a> {
+    Ipv6(&'a str),
+    Reg(&'a str),
+}
+
+/// Split `host[:port]` strictly. Refuses empty input, any byte outside visible ASCII, and
+/// the characters that would make it more than an authority (`@ / \ ? # %`), an unbracketed
+/// IPv6 address (more than one `:`), an empty or non-numeric port, a port with a leading zero,
+/// or a port above 65535.
+fn split_authority(s: &str) -> Option<(Name<'_>, Option<u16>)> {
+    if s.is_empty()
+        || !s
+            .bytes()
+            .all(|c| c.is_ascii_graphic() && !b"@/\\?#%".contains(&c))
+    {
+        return None;
+    }
+    let (name, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (inner, after) = rest.split_once(']')?;
+        let port = match after {
+            "" => None,
+            _ => Some(after.strip_prefix(':')?),
+        };
+        (Name::Ipv6(inner), port)
+    } else {
+        match s.split_once(':') {
+            Some((_, port)) if port.contains(':') => return None,
+            Some((name, port)) => (Name::Reg(name), Some(port)),
+            None => (Name::Reg(s), None),
+        }
+    };
+    let (Name::Reg(n) | Name::Ipv6(n)) = name;
+    if n.is_empty() || n.contains(['[', ']']) {
+        return None;
+    }
+    let port = match port {
+        None => None,
+        // Digits only, no leading zero: the form browsers send, and nothing to normalize.
+        Some(p)
+            if !p.is_empty()
+                && p.len() <= 5
+                && !(p.len() > 1 && p.starts_with('0'))
+                && p.bytes().all(|c| c.is_ascii_digit()) =>
+        {
+            Some(p.parse::<u16>().ok()?)
+        }
+        Some(_) => return None,
+    };
+    Some((name, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PORT: u16 = 8765;
+
+    fn host(h: &str) -> bool {
+        host_allowed(Some(h), PORT)
+    }
+
+    #[test]
+    fn loopback_hosts_pass() {
+        for h in [
+            "localhost",
+            "localhost:8765",
+            "LOCALHOST:8765",
+            "LocalHost",
+            "127.0.0.1",
+            "127.0.0.1:8765",
+            "127.1.2.3:8765",
+            "127.255.255.254",
+            "[::1]",
+            "[::1]:8765",
+            "[0:0:0:0:0:0:0:1]:8765",
+            "[::ffff:127.0.0.1]:8765",
+            "[::ffff:7f00:1]:8765",
+        ] {
+            assert!(host(h), "{h} should pass");
+        }
+    }
+
+    #[test]
+    fn rebinding_and_lookalike_names_fail() {
+        for h in [
+            "evil.example",
+            "evil.example:8765",
+            "127.0.0.1.evil.example",
+            "127.0.0.1.evil.example:8765",
+            "localhost.evil.example:8765",
+            "evil-localhost:8765",
+            "localhostx:8765",
+            "xlocalhost",
+            "foo.localhost:8765",
+            "a.b.localhost",
+            "localhost.",
+            "localhost.:8765",
+            "127.0.0.1.:8765",
+            "[::1].evil.example",
+            "0.0.0.0:8765",
+            "0.0.0.0",
+            "0:8765",
+            "192.168.1.10:8765",
+            "10.0.0.1:8765",
+            "169.254.0.1",
+            "128.0.0.1",
+            "[::]:8765",
+            "[::2]:8765",
+            "[fe80::1]:8765",
+            "[::ffff:192.168.0.1]:8765",
+            "[::ffff:0.0.0.0]:8765",
+            "[::127.0.0.1]:8765",
+        ] {
+            assert!(!host(h), "{h} should fail");
+        }
+    }
+
+    #[test]
+    fn wrong_or_broken_ports_fail() {
+        for h in [
+            "localhost:80",
+            "localhost:8766",
+            "127.0.0.1:1",
+            "[::1]:80",
+            "localhost:",
+            "[::1]:",
+            "localhost:+8765",
+            "localhost:-1",
+            "localhost:8765a",
+            "localhost:0x223d",
+            "localhost:74301", // 8765 + 65536
+            "localhost:008765",
+            "localhost:08765",
+            "localhost:8765:8765",
+            "[::1]8765",
+            "[::1]:8765:1",
+        ] {
+            assert!(!host(h), "{h} should fail");
+        }
+        // The listening port is what matters, whatever it is.
+        assert!(host_allowed(Some("localhost:80"), 80));
+        assert!(host_allowed(Some("127.0.0.1:1"), 1));
+    }
+
+    #[test]
+    fn odd_ipv4_spellings_fail() {
+        for h in [
+            "127.1",
+            "127.0.1",
+            "2130706433",
+            "0x7f000001",
+            "0x7f.0.0.1",
+            "0177.0.0.1",
+            "127.0.0.01",
+            "127.000.000.001",
+            "127.0.0.1.1",
+            "127.0.0.256",
+        ] {
+            assert!(!host(h), "{h} should fail");
+        }
+    }
+
+    #[test]
+    fn userinfo_paths_and_junk_fail() {
+        for h in [
+            "",
+            " ",
+            "localhost :8765",
+            " localhost",
+            "localhost\t",
+            "evil.example@localhost:8765",
+            "localhost@evil.example",
+            "user:pass@127.0.0.1:8765",
+            "localhost/",
+            "localhost:8765/",
+            "localhost\\@evil.example",
+            "localhost?x",
+            "localhost#x",
+            "127.0.0.1%2eevil.example",
+            "[::1%25lo]:8765",
+            "[::1%lo]:8765",
+            "::1",
+            "::1:8765",
+            "[::1",
+            "::1]",
+            "[[::1]]",
+            "[]:8765",
+            ":8765",
+            "[localhost]:8765",
+            "[127.0.0.1]:8765",
+            "localhost\u{0}",
+            "lоcalhost", // Cyrillic o
+            "localhost\r\nX-Evil: 1",
+        ] {
+            assert!(!host(h), "{h:?} should fail");
+        }
+        assert!(!host_allowed(None, PORT), "missing Host is refused");
+    }
+
+    fn allowed(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn no_origin_passes_and_unlisted_origins_fail() {
+        assert!(origin_allowed(None, &[]));
+        assert!(origin_allowed(None, &allowed(&["http://localhost:3000"])));
+        for o in [
+            "http://localhost:8765",
+            "http://127.0.0.1:8765",
+            "https://evil.example",
+        ] {
+            assert!(!origin_allowed(Some(o), &[]), "{o} with empty list");
+        }
+    }
+
+    #[test]
+    fn listed_origins_match_exactly_modulo_case_and_default_port() {
+        let list = allowed(&[
+            "http://localhost:3000",
+            "HTTPS://App.Example.com",
+            "http://[::1]:4000",
+            "http://plain.example:80",
+        ]);
+        for o in [
+            "http://localhost:3000",
+            "HTTP://LOCALHOST:3000",
+            "https://app.example.com",
+            "https://app.example.com:443",
+            "http://[::1]:4000",
+            "http://[0:0:0:0:0:0:0:1]:4000",
+            "http://plain.example",
+        ] {
+            assert!(origin_allowed(Some(o), &list), "{o} should pass");
+        }
+        for o in [
+            "http://localhost:3001",
+            "http://localhost",
+            "https://localhost:3000",
+            "http://app.example.com",
+            "https://app.example.com:8443",
+            "https://evil.app.example.com",
+            "https://app.example.com.evil.example",
+            "https://app.example.com.",
+            "http://localhost:3000/",
+            "http://localhost:3000/path",
+            "http://user@localhost:3000",
+            "http://localhost:3000@evil.example",
+            "http://localhost:3000 http://evil.example",
+            "localhost:3000",
+            "//localhost:3000",
+            "http://",
+            "",
+            "null",
+            "NULL",
+        ] {
+            assert!(!origin_allowed(Some(o), &list), "{o:?} should fail");
+        }
+    }
+
+    #[test]
+    fn null_origin_refused_even_when_listed() {
+        assert!(!origin_allowed(Some("null"), &allowed(&["null"])));
+    }
+
+    #[test]
+    fn invalid_allowed_entries_match_nothing() {
+        let list = allowed(&["http://localhost:3000/", "*", "http://*.example.com"]);
+        for o in ["http://localhost:3000", "http://a.example.com", "*"] {
+            assert!(!origin_allowed(Some(o), &list), "{o}");
+        }
+    }
+
+    #[test]
+    fn normalize_origin_forms() {
+        assert_eq!(
+            normalize_origin("HTTP://LocalHost:80").as_deref(),
+            Some("http://localhost")
+        );
+        assert_eq!(
+            normalize_origin("https://x.example:443").as_deref(),
+            Some("https://x.example")
+        );
+        assert_eq!(
+            normalize_origin("https://x.example:80").as_deref(),
+            Some("https://x.example:80")
+        );
+        assert_eq!(
+            normalize_origin("http://[::FFFF:7F00:1]:1").as_deref(),
+            Some("http://[::ffff:127.0.0.1]:1")
+        );
+        assert_eq!(
+            normalize_origin("chrome-extension://abcdef").as_deref(),
+            Some("chrome-extension://abcdef")
+        );
+        for bad in [
+            "null",
+            "http://a/",
+            "1http://a",
+            "http://a:99999",
+            "http://a b",
+            "http://é.example",
+        ] {
+            assert_eq!(normalize_origin(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn loopback_listen_addresses() {
+        for a in [
+            "127.0.0.1:8765",
+            "127.0.0.2:1",
+            "[::1]:8765",
+            "[::ffff:127.0.0.1]:8765",
+        ] {
+            assert!(is_loopback_listen(&a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "0.0.0.0:8765",
+            "[::]:8765",
+            "192.168.1.1:8765",
+            "[::ffff:10.0.0.1]:8765",
+            "[fe80::1]:8765",
+        ] {
+            assert!(!is_loopback_listen(&a.parse().unwrap()), "{a}");
+        }
+    }
+}
