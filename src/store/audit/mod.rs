@@ -17,7 +17,12 @@
 //! names a path, then while that path exists every batch fails with an injected I/O error,
 //! before anything is written. End-to-end tests use it to check the daemon fails closed
 //! (create the file: appends fail and the daemon answers 503; remove it: appends work again).
-//! Release builds contain no trace of it.
+//! Release builds contain no trace of it. A genuine failure works too: with `SIGXFSZ` ignored,
+//! a process under `prlimit --fsize=N` gets `EFBIG` from sled's flush once the file reaches N
+//! bytes, and every append fails from then on (checked with sled 0.34; without ignoring
+//! `SIGXFSZ` the kernel kills the process instead).
+//!
+//! Open one `AuditLog` per database and share it by cloning: two writers would fork the chain.
 
 mod record;
 mod writer;
@@ -366,7 +371,9 @@ impl AuditLog {
             .unwrap_or(Err(AuditError::Closed))
     }
 
-    /// The newest committed record (durable mode: the newest flushed one).
+    /// The newest committed record (durable mode: the newest flushed one). After a failed
+    /// flush it is re-read from sled and may name records that never reached the disk: the
+    /// chain continues from them, and a restart falls back to what was flushed.
     pub fn head(&self) -> Head {
         **self.inner.shared.head.load()
     }
@@ -501,6 +508,13 @@ impl AuditLog {
     /// head it committed); after a restart the last surviving record becomes the head.
     pub fn verify(&self) -> Result<VerifyReport, AuditError> {
         let t = &self.inner.trees;
+        // Pruning deletes from the front while we walk; hold it off for the walk.
+        let _guard = self
+            .inner
+            .shared
+            .prune_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let committed = self.head();
         let (mut expected, mut prev) = read_checkpoint(t)?.unwrap_or((1, Hash32::ZERO));
         let mut entries = 0u64;
