@@ -1,0 +1,808 @@
+//! The audit log: one hash-chained record per decision, reload, token and secret event.
+//!
+//! Records live in the sled tree `audit`, keyed by big-endian `seq` (gapless, from 1). Each
+//! record's `hash = blake3(prev_hash ‖ rmp-serde body)`, the first `prev_hash` being 32 zero
+//! bytes, so [`AuditLog::verify`] finds the first record that was altered, removed or
+//! re-linked. Secondary trees (`audit_by_tenant`, `audit_by_capability`, `audit_by_time`,
+//! `audit_by_decision`) let [`AuditLog::query`] and [`AuditLog::by_decision`] avoid scanning the
+//! log; they are written in the same sled transaction as the records.
+//!
+//! Writes go through one writer thread (group commit): it takes every waiting append,
+//! chains and inserts them, calls `db.flush()` once, then answers them all. With
+//! [`Durability::Durable`] (the default) `append` returns only after that flush; any storage
+//! error fails every waiting append (the daemon answers 503), so a decision is never sent
+//! unrecorded. A failed append may still be in the log; a successful one always is.
+//!
+//! **Fault hook (debug builds only).** If the environment variable `HALL_FAULT_AUDIT_FAIL_FILE`
+//! names a path, then while that path exists every batch fails with an injected I/O error,
+//! before anything is written. End-to-end tests use it to check the daemon fails closed
+//! (create the file: appends fail and the daemon answers 503; remove it: appends work again).
+//! Release builds contain no trace of it. A genuine failure works too: with `SIGXFSZ` ignored,
+//! a process under `prlimit --fsize=N` gets `EFBIG` from sled's flush once the file reaches N
+//! bytes, and every append fails from then on (checked with sled 0.34; without ignoring
+//! `SIGXFSZ` the kernel kills the process instead).
+//!
+//! Open one `AuditLog` per database and share it by cloning: two writers would fork the chain.
+
+mod record;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::io::Write;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use record::{decode_value, split_value, Defect, HASH_LEN};
+pub use record::{AuditEntry, AuditRecord, Durability, Hash32, RecordKind};
+use writer::{Msg, Writer};
+
+/// How often the writer applies retention (when `retention_days` is set).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Most records the writer prunes between two batches, so pruning never stalls appends long.
+const PRUNE_STEP: usize = 10_000;
+/// `AuditQuery::limit` when 0 is given.
+pub const DEFAULT_QUERY_LIMIT: usize = 100;
+/// The most records one query returns, whatever `limit` asks for.
+pub const MAX_QUERY_LIMIT: usize = 1000;
+const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// Settings for the audit log (`[audit]` in hall.toml).
+#[derive(Clone, Debug)]
+pub struct AuditConfig {
+    pub durability: Durability,
+    /// Delete records older than this many days; `None` keeps everything.
+    pub retention_days: Option<u32>,
+    /// Batched mode: the longest a record waits in memory before a flush (default 50 ms).
+    pub batch_interval: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            durability: Durability::Durable,
+            retention_days: None,
+            batch_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Why the audit log could not do what was asked. Every variant means "no record was
+/// promised": the daemon answers 503 to an append error.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuditError {
+    /// The batch holding this append could not be inserted or flushed.
+    #[error("the audit log could not be written: {0}")]
+    Write(String),
+    /// The writer has stopped (after `shutdown`).
+    #[error("the audit log is shut down")]
+    Closed,
+    /// Reading the log failed.
+    #[error("the audit log could not be read: {0}")]
+    Storage(String),
+    /// A stored record cannot be decoded.
+    #[error("audit record {seq} is corrupt: {reason}")]
+    Corrupt { seq: u64, reason: &'static str },
+    /// Writing an export to its destination failed.
+    #[error("could not write the audit export: {0}")]
+    Export(String),
+}
+
+impl From<sled::Error> for AuditError {
+    fn from(e: sled::Error) -> Self {
+        AuditError::Storage(e.to_string())
+    }
+}
+
+/// Where a successful append landed in the chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Appended {
+    pub seq: u64,
+    pub hash: Hash32,
+}
+
+/// The newest record: `seq` 0 and the zero hash for an empty log. Serializes as
+/// `{"seq": N, "hash": "hex"}` for `/api/status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: Hash32,
+}
+
+/// Filters for [`AuditLog::query`]. All given filters must match. Results are in `seq`
+/// order (newest last); page forward by passing the last `seq` seen as `after_seq`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    pub tenant_id: Option<String>,
+    pub capability_id: Option<String>,
+    pub allowed: Option<bool>,
+    pub kind: Option<RecordKind>,
+    /// Records at or after this time (ms since the epoch).
+    pub since_ms: Option<i64>,
+    /// Records at or before this time (ms since the epoch).
+    pub until_ms: Option<i64>,
+    /// Only records with a greater `seq`.
+    pub after_seq: Option<u64>,
+    /// 0 means [`DEFAULT_QUERY_LIMIT`]; capped at [`MAX_QUERY_LIMIT`].
+    pub limit: usize,
+    /// Take the newest `limit` matches instead of the oldest (`hall audit tail`); still
+    /// returned newest last.
+    pub newest: bool,
+}
+
+/// What [`AuditLog::verify`] found. JSON: `{"ok":true,"entries":N,"head":"hex"}` or
+/// `{"ok":false,"first_bad_seq":N,"problem":"…"}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VerifyReport {
+    /// Every record from the retention checkpoint (or seq 1) links and hashes correctly.
+    Ok { entries: u64, head: Hash32 },
+    /// `first_bad_seq` is missing, fails to decode, or its hash or link is wrong.
+    Bad {
+        first_bad_seq: u64,
+        problem: &'static str,
+    },
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, VerifyReport::Ok { .. })
+    }
+}
+
+impl Serialize for VerifyReport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        match self {
+            VerifyReport::Ok { entries, head } => {
+                let mut st = s.serialize_struct("VerifyReport", 3)?;
+                st.serialize_field("ok", &true)?;
+                st.serialize_field("entries", entries)?;
+                st.serialize_field("head", head)?;
+                st.end()
+            }
+            VerifyReport::Bad {
+                first_bad_seq,
+                problem,
+            } => {
+                let mut st = s.serialize_struct("VerifyReport", 3)?;
+                st.serialize_field("ok", &false)?;
+                st.serialize_field("first_bad_seq", first_bad_seq)?;
+                st.serialize_field("problem", problem)?;
+                st.end()
+            }
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct AuditStats {
+    /// Records written.
+    pub appended: u64,
+    /// Appends refused because their batch failed.
+    pub failed: u64,
+    /// Group commits (one sled transaction each).
+    pub batches: u64,
+    /// `db.flush()` calls.
+    pub flushes: u64,
+    /// Appends sent to the writer and not yet answered.
+    pub queue_depth: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    submitted: AtomicU64,
+    answered: AtomicU64,
+    appended: AtomicU64,
+    failed: AtomicU64,
+    batches: AtomicU64,
+    flushes: AtomicU64,
+}
+
+/// State shared by handles and the writer thread.
+pub(crate) struct Shared {
+    head: ArcSwap<Head>,
+    stats: Counters,
+    /// Serializes pruning (the writer's tick and explicit `prune` calls) so checkpoints only
+    /// move forward.
+    prune_lock: Mutex<()>,
+}
+
+impl Shared {
+    fn publish_head(&self, head: Head) {
+        self.head.store(Arc::new(head));
+    }
+}
+
+/// The sled trees the log uses.
+#[derive(Clone)]
+pub(crate) struct Trees {
+    db: sled::Db,
+    records: sled::Tree,
+    by_tenant: sled::Tree,
+    by_capability: sled::Tree,
+    by_time: sled::Tree,
+    by_decision: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Trees {
+    fn open(db: &sled::Db) -> Result<Trees, sled::Error> {
+        Ok(Trees {
+            db: db.clone(),
+            records: db.open_tree("audit")?,
+            by_tenant: db.open_tree("audit_by_tenant")?,
+            by_capability: db.open_tree("audit_by_capability")?,
+            by_time: db.open_tree("audit_by_time")?,
+            by_decision: db.open_tree("audit_by_decision")?,
+            meta: db.open_tree("audit_meta")?,
+        })
+    }
+}
+
+struct Inner {
+    tx: mpsc::Sender<Msg>,
+    trees: Trees,
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    retention_days: Option<u32>,
+}
+
+impl Inner {
+    fn shutdown(&self) {
+        let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let (ack_tx, ack_rx) = mpsc::channel();
+        if self.tx.send(Msg::Shutdown(ack_tx)).is_ok() {
+            let _ = ack_rx.recv();
+        }
+        let _ = handle.join();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The writer holds sled handles; stop it so the database can be closed and reopened.
+        self.shutdown();
+    }
+}
+
+/// Handle to the audit log. Cheap to clone; all clones share one writer thread.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+impl AuditLog {
+    /// Open the log in `db`, recover the head from the last record and start the writer thread.
+    ///
+    /// In debug builds, reads `HALL_FAULT_AUDIT_FAIL_FILE` once (see the module docs).
+    pub fn open(db: &sled::Db, config: AuditConfig) -> Result<AuditLog, AuditError> {
+        #[cfg(debug_assertions)]
+        let fault_file = std::env::var_os("HALL_FAULT_AUDIT_FAIL_FILE").map(PathBuf::from);
+        #[cfg(not(debug_assertions))]
+        let fault_file = None;
+        Self::open_with(db, config, fault_file, None)
+    }
+
+    fn open_with(
+        db: &sled::Db,
+        config: AuditConfig,
+        fault_file: Option<PathBuf>,
+        #[allow(unused_variables)] start_gate: Option<mpsc::Receiver<()>>,
+    ) -> Result<AuditLog, AuditError> {
+        let trees = Trees::open(db)?;
+        let (head, last_ts) = recover_head(&trees)?;
+        let shared = Arc::new(Shared {
+            head: ArcSwap::from_pointee(head),
+            stats: Counters::default(),
+            prune_lock: Mutex::new(()),
+        });
+        let retention_days = config.retention_days;
+        let writer = Writer {
+            trees: trees.clone(),
+            shared: shared.clone(),
+            config,
+            fault_file,
+            head,
+            last_ts,
+            buf: Vec::with_capacity(1024),
+            dirty: false,
+            last_flush: Instant::now(),
+            flush_failed: false,
+            next_prune: Instant::now(),
+            #[cfg(test)]
+            start_gate,
+        };
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("hall-audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::Write(format!("cannot start the audit writer: {e}")))?;
+        Ok(AuditLog {
+            inner: Arc::new(Inner {
+                tx,
+                trees,
+                shared,
+                writer: Mutex::new(Some(handle)),
+                retention_days,
+            }),
+        })
+    }
+
+    fn submit(
+        &self,
+        entry: AuditEntry,
+    ) -> tokio::sync::oneshot::Receiver<Result<Appended, AuditError>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let stats = &self.inner.shared.stats;
+        stats.submitted.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::SendError(Msg::Append(_, reply))) =
+            self.inner.tx.send(Msg::Append(entry, reply))
+        {
+            stats.answered.fetch_add(1, Ordering::Relaxed);
+            let _ = reply.send(Err(AuditError::Closed));
+        }
+        rx
+    }
+
+    /// Append a record and wait until it is committed (durable: flushed to disk; batched:
+    /// inserted). Dropping the future does not cancel the write.
+    pub async fn append(&self, entry: AuditEntry) -> Result<Appended, AuditError> {
+        self.submit(entry).await.unwrap_or(Err(AuditError::Closed))
+    }
+
+    /// [`append`](Self::append) for threads outside an async runtime (it blocks; calling it
+    /// from async code panics).
+    pub fn append_blocking(&self, entry: AuditEntry) -> Result<Appended, AuditError> {
+        self.submit(entry)
+            .blocking_recv()
+            .unwrap_or(Err(AuditError::Closed))
+    }
+
+    /// The newest committed record (durable mode: the newest flushed one). After a failed
+    /// flush it is re-read from sled and may name records that never reached the disk: the
+    /// chain continues from them, and a restart falls back to what was flushed.
+    pub fn head(&self) -> Head {
+        **self.inner.shared.head.load()
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> AuditStats {
+        let c = &self.inner.shared.stats;
+        let submitted = c.submitted.load(Ordering::Relaxed);
+        let answered = c.answered.load(Ordering::Relaxed);
+        AuditStats {
+            appended: c.appended.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            flushes: c.flushes.load(Ordering::Relaxed),
+            queue_depth: submitted.saturating_sub(answered),
+        }
+    }
+
+    /// One record by `seq` (`None` if it never existed or was pruned).
+    pub fn get(&self, seq: u64) -> Result<Option<AuditRecord>, AuditError> {
+        match self.inner.trees.records.get(seq_key(seq))? {
+            Some(v) => decode(seq, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The decision record with this `decision_id` (kind `decision` only).
+    pub fn by_decision(&self, decision_id: &str) -> Result<Option<AuditRecord>, AuditError> {
+        let Some(seq) = self
+            .inner
+            .trees
+            .by_decision
+            .get(decision_key(decision_id))?
+        else {
+            return Ok(None);
+        };
+        let Some(seq) = seq_from_suffix(&seq) else {
+            return Ok(None);
+        };
+        Ok(self.get(seq)?.filter(|r| {
+            r.entry.kind == RecordKind::Decision
+                && r.entry.decision_id.as_deref() == Some(decision_id)
+        }))
+    }
+
+    /// Records matching `q`, in `seq` order, at most `limit` (see [`AuditQuery`]).
+    ///
+    /// Uses the tenant or capability index when one is given and the time index to bound
+    /// `since`/`until`; other filters are checked on the records found.
+    pub fn query(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, AuditError> {
+        let limit = match q.limit {
+            0 => DEFAULT_QUERY_LIMIT,
+            n => n.min(MAX_QUERY_LIMIT),
+        };
+        let t = &self.inner.trees;
+        let Some(seqs) = seq_bounds(t, q.after_seq, q.since_ms, q.until_ms)? else {
+            return Ok(Vec::new());
+        };
+        let matches = |r: &AuditRecord| {
+            let e = &r.entry;
+            q.tenant_id
+                .as_ref()
+                .map_or(true, |x| e.tenant_id.as_ref() == Some(x))
+                && q.capability_id
+                    .as_ref()
+                    .map_or(true, |x| e.capability_id.as_ref() == Some(x))
+                && q.allowed.map_or(true, |x| e.allowed == Some(x))
+                && q.kind.map_or(true, |x| e.kind == x)
+                && q.since_ms.map_or(true, |x| e.ts_ms >= x)
+                && q.until_ms.map_or(true, |x| e.ts_ms <= x)
+        };
+        let mut out = Vec::new();
+        let index = q
+            .tenant_id
+            .as_deref()
+            .map(|v| (&t.by_tenant, v))
+            .or_else(|| q.capability_id.as_deref().map(|v| (&t.by_capability, v)));
+        match index {
+            Some((tree, value)) => {
+                let range = index_key(value, *seqs.start())..=index_key(value, *seqs.end());
+                let mut iter = tree.range(range);
+                while out.len() < limit {
+                    let item = if q.newest {
+                        iter.next_back()
+                    } else {
+                        iter.next()
+                    };
+                    let Some(item) = item else { break };
+                    let (k, _) = item?;
+                    let Some(seq) = seq_from_suffix(&k) else {
+                        continue;
+                    };
+                    if let Some(r) = self.get(seq)? {
+                        if matches(&r) {
+                            out.push(r);
+                        }
+                    }
+                }
+            }
+            None => {
+                let mut iter = t
+                    .records
+                    .range(seq_key(*seqs.start())..=seq_key(*seqs.end()));
+                while out.len() < limit {
+                    let item = if q.newest {
+                        iter.next_back()
+                    } else {
+                        iter.next()
+                    };
+                    let Some(item) = item else { break };
+                    let (k, v) = item?;
+                    let Some(seq) = seq_from_suffix(&k) else {
+                        continue;
+                    };
+                    let r = decode(seq, &v)?;
+                    if matches(&r) {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+        if q.newest {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    /// Walk the chain from the retention checkpoint (or seq 1) and report the first record
+    /// that is missing, undecodable, re-linked or altered.
+    ///
+    /// Records removed from the *end* are caught only while this process runs (against the
+    /// head it committed); after a restart the last surviving record becomes the head.
+    pub fn verify(&self) -> Result<VerifyReport, AuditError> {
+        let t = &self.inner.trees;
+        // Pruning deletes from the front while we walk; hold it off for the walk.
+        let _guard = self
+            .inner
+            .shared
+            .prune_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let committed = self.head();
+        let (mut expected, mut prev) = read_checkpoint(t)?.unwrap_or((1, Hash32::ZERO));
+        let mut entries = 0u64;
+        let bad = |seq, problem| {
+            Ok(VerifyReport::Bad {
+                first_bad_seq: seq,
+                problem,
+            })
+        };
+        for item in t.records.range(seq_key(expected)..) {
+            let (k, v) = item?;
+            match seq_from_suffix(&k) {
+                Some(seq) if seq == expected && k.len() == 8 => {}
+                _ => return bad(expected, "record is missing"),
+            }
+            let (link, _, hash) = match split_value(&v) {
+                Ok(parts) => parts,
+                Err(d) => return bad(expected, d.as_str()),
+            };
+            if link != prev {
+                return bad(expected, "prev_hash does not link to the previous record");
+            }
+            if let Err(d) = decode_value(expected, &v, true) {
+                return bad(expected, d.as_str());
+            }
+            prev = hash;
+            expected += 1;
+            entries += 1;
+        }
+        if expected <= committed.seq {
+            return bad(expected, "record is missing");
+        }
+        Ok(VerifyReport::Ok {
+            entries,
+            head: prev,
+        })
+    }
+
+    /// Apply retention now: delete records (and their index entries) older than
+    /// `retention_days` before `now_ms`, from the front, and move the checkpoint so `verify`
+    /// still passes. Returns how many were deleted; 0 without `retention_days`.
+    /// The writer also does this every minute.
+    pub fn prune(&self, now_ms: i64) -> Result<usize, AuditError> {
+        let Some(days) = self.inner.retention_days else {
+            return Ok(0);
+        };
+        let _guard = self
+            .inner
+            .shared
+            .prune_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let cutoff = retention_cutoff(now_ms, days);
+        let mut total = 0;
+        loop {
+            let n = prune_before(&self.inner.trees, cutoff, PRUNE_STEP)?;
+            total += n;
+            if n < PRUNE_STEP {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Write records as JSON lines (one record a line, for log shippers), starting at
+    /// `from_seq` and/or `since_ms`. Returns how many lines were written.
+    pub fn export(
+        &self,
+        from_seq: Option<u64>,
+        since_ms: Option<i64>,
+        out: &mut dyn Write,
+    ) -> Result<u64, AuditError> {
+        let t = &self.inner.trees;
+        let after = from_seq.map(|s| s.saturating_sub(1));
+        let Some(seqs) = seq_bounds(t, after, since_ms, None)? else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        let mut line = Vec::with_capacity(1024);
+        for item in t.records.range(seq_key(*seqs.start())..) {
+            let (k, v) = item?;
+            let Some(seq) = seq_from_suffix(&k) else {
+                continue;
+            };
+            let r = decode(seq, &v)?;
+            if since_ms.is_some_and(|s| r.entry.ts_ms < s) {
+                continue;
+            }
+            line.clear();
+            serde_json::to_writer(&mut line, &r).map_err(|e| AuditError::Export(e.to_string()))?;
+            line.push(b'\n');
+            out.write_all(&line)
+                .map_err(|e| AuditError::Export(e.to_string()))?;
+            n += 1;
+        }
+        out.flush().map_err(|e| AuditError::Export(e.to_string()))?;
+        Ok(n)
+    }
+
+    /// Flush everything pending, answer every queued append, and stop the writer. Later
+    /// appends get [`AuditError::Closed`]. Blocks until done (call it at SIGTERM, from a
+    /// blocking context). Idempotent.
+    pub fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+}
+
+fn decode(seq: u64, value: &[u8]) -> Result<AuditRecord, AuditError> {
+    decode_value(seq, value, false).map_err(|d: Defect| AuditError::Corrupt {
+        seq,
+        reason: d.as_str(),
+    })
+}
+
+pub(crate) fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+/// The last 8 bytes of an index or record key, as a seq.
+fn seq_from_suffix(k: &[u8]) -> Option<u64> {
+    let tail = k.get(k.len().checked_sub(8)?..)?;
+    Some(u64::from_be_bytes(tail.try_into().ok()?))
+}
+
+/// `value \0 seq_be`: all of one tenant's (or capability's) records, in seq order.
+pub(crate) fn index_key(value: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(value.len() + 9);
+    k.extend_from_slice(value.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// `ts (sign-flipped, big-endian) ‖ seq_be`: byte order is time order.
+pub(crate) fn time_key(ts_ms: i64, seq: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&((ts_ms as u64) ^ (1 << 63)).to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(crate) fn decision_key(decision_id: &str) -> &[u8] {
+    decision_id.as_bytes()
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn retention_cutoff(now_ms: i64, days: u32) -> i64 {
+    now_ms.saturating_sub(i64::from(days).saturating_mul(MS_PER_DAY))
+}
+
+/// The seqs a query may touch: after `after_seq`, and (the log being time-ordered) between
+/// the first record at/after `since` and the last at/before `until`. `None`: nothing.
+fn seq_bounds(
+    t: &Trees,
+    after_seq: Option<u64>,
+    since_ms: Option<i64>,
+    until_ms: Option<i64>,
+) -> Result<Option<RangeInclusive<u64>>, AuditError> {
+    let mut lo = after_seq.map_or(Some(1), |s| s.checked_add(1));
+    let mut hi = u64::MAX;
+    if let Some(since) = since_ms {
+        match t.by_time.range(time_key(since, 0)..).next() {
+            Some(item) => {
+                let (k, _) = item?;
+                lo = lo.map(|lo| lo.max(seq_from_suffix(&k).unwrap_or(0)));
+            }
+            None => return Ok(None),
+        }
+    }
+    if let Some(until) = until_ms {
+        match t.by_time.range(..=time_key(until, u64::MAX)).next_back() {
+            Some(item) => {
+                let (k, _) = item?;
+                hi = seq_from_suffix(&k).unwrap_or(0);
+            }
+            None => return Ok(None),
+        }
+    }
+    Ok(lo.filter(|lo| *lo <= hi).map(|lo| lo..=hi))
+}
+
+/// `(first kept seq, its prev_hash)` written by pruning.
+fn read_checkpoint(t: &Trees) -> Result<Option<(u64, Hash32)>, AuditError> {
+    let Some(v) = t.meta.get(CHECKPOINT_KEY)? else {
+        return Ok(None);
+    };
+    if v.len() != 8 + HASH_LEN {
+        return Err(AuditError::Corrupt {
+            seq: 0,
+            reason: "retention checkpoint is malformed",
+        });
+    }
+    let seq = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+    Ok(Some((seq, Hash32::from_slice(&v[8..]).expect("32 bytes"))))
+}
+
+/// The chain's tip (and its time) from what sled holds: the last record, else the
+/// checkpoint left by pruning everything, else the empty log.
+fn recover_head(t: &Trees) -> Result<(Head, i64), AuditError> {
+    if let Some((k, v)) = t.records.last()? {
+        let seq = seq_from_suffix(&k).unwrap_or(0);
+        let (_, _, hash) = split_value(&v).map_err(|d| AuditError::Corrupt {
+            seq,
+            reason: d.as_str(),
+        })?;
+        // An undecodable tail still has a hash to chain from; verify will name it.
+        let ts = decode_value(seq, &v, false).map_or(i64::MIN, |r| r.entry.ts_ms);
+        return Ok((Head { seq, hash }, ts));
+    }
+    if let Some((first_kept, prev)) = read_checkpoint(t)? {
+        return Ok((
+            Head {
+                seq: first_kept.saturating_sub(1),
+                hash: prev,
+            },
+            i64::MIN,
+        ));
+    }
+    Ok((
+        Head {
+            seq: 0,
+            hash: Hash32::ZERO,
+        },
+        i64::MIN,
+    ))
+}
+
+/// Delete up to `max` records older than `cutoff_ms` from the front (plus any left below
+/// the checkpoint by an interrupted prune), and their index entries. The checkpoint is
+/// written first, so a crash midway leaves a log that still verifies.
+fn prune_before(t: &Trees, cutoff_ms: i64, max: usize) -> Result<usize, AuditError> {
+    let checkpoint = read_checkpoint(t)?;
+    let mut doomed: Vec<AuditRecord> = Vec::new();
+    for item in t.records.iter() {
+        if doomed.len() >= max {
+            break;
+        }
+        let (k, v) = item?;
+        let Some(seq) = seq_from_suffix(&k) else {
+            continue;
+        };
+        let r = decode(seq, &v)?;
+        let below_checkpoint = checkpoint.is_some_and(|(first, _)| seq < first);
+        if r.entry.ts_ms >= cutoff_ms && !below_checkpoint {
+            break;
+        }
+        doomed.push(r);
+    }
+    let Some(last) = doomed.last() else {
+        return Ok(0);
+    };
+    let new_first = last.seq + 1;
+    if checkpoint.map_or(true, |(first, _)| new_first > first) {
+        let mut v = Vec::with_capacity(8 + HASH_LEN);
+        v.extend_from_slice(&new_first.to_be_bytes());
+        v.extend_from_slice(&last.hash.0);
+        t.meta.insert(CHECKPOINT_KEY, v)?;
+    }
+    let mut records = sled::Batch::default();
+    let mut by_tenant = sled::Batch::default();
+    let mut by_capability = sled::Batch::default();
+    let mut by_time = sled::Batch::default();
+    for r in &doomed {
+        let e = &r.entry;
+        records.remove(&seq_key(r.seq));
+        if let Some(x) = &e.tenant_id {
+            by_tenant.remove(index_key(x, r.seq));
+        }
+        if let Some(x) = &e.capability_id {
+            by_capability.remove(index_key(x, r.seq));
+        }
+        by_time.remove(&time_key(e.ts_ms, r.seq));
+        if let Some(d) = &e.decision_id {
+            // Only if the index still points at this record.
+            let key = decision_key(d);
+            if t.by_decision.get(key)?.as_deref() == Some(&seq_key(r.seq)[..]) {
+                t.by_decision.remove(key)?;
+            }
+        }
+    }
+    t.by_tenant.apply_batch(by_tenant)?;
+    t.by_capability.apply_batch(by_capability)?;
+    t.by_time.apply_batch(by_time)?;
+    t.records.apply_batch(records)?;
+    Ok(doomed.len())
+}

@@ -1,0 +1,838 @@
+use std::collections::BTreeSet;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn temp_db() -> (tempfile::TempDir, sled::Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = crate::store::open_db(dir.path()).unwrap();
+    (dir, db)
+}
+
+fn reopen(dir: &tempfile::TempDir) -> sled::Db {
+    crate::store::open_db(dir.path()).unwrap()
+}
+
+fn open(db: &sled::Db) -> AuditLog {
+    AuditLog::open_with(db, AuditConfig::default(), None, None).unwrap()
+}
+
+/// A decision entry with every field set.
+fn decision(
+    ts_ms: i64,
+    n: u64,
+    tenant: &str,
+    cap: &str,
+    allowed: bool,
+    dry_run: bool,
+) -> AuditEntry {
+    AuditEntry {
+        ts_ms,
+        kind: RecordKind::Decision,
+        decision_id: Some(format!("dec-{n}")),
+        tenant_id: Some(tenant.into()),
+        capability_id: Some(cap.into()),
+        env: Some("dev".into()),
+        data_label: Some("INTERNAL".into()),
+        allowed: Some(allowed),
+        dry_run,
+        worker_id: allowed.then(|| "worker.doc.summarize".into()),
+        deny_reason: (!allowed).then(|| "no_matching_rule".into()),
+        rule_id: Some("docs-dev".into()),
+        policy_version: Some("blake3:9f2c".into()),
+        correlation_id: Some(format!("corr-{n}")),
+        context: Some(r#"{"a":1,"b":[true,null],"c":{"d":"e"}}"#.into()),
+        tenant_risk: Some("low".into()),
+        qos_class: Some("interactive".into()),
+        token_id: Some("tok_123".into()),
+        detail: None,
+    }
+}
+
+fn records_tree(db: &sled::Db) -> sled::Tree {
+    db.open_tree("audit").unwrap()
+}
+
+fn all_records(log: &AuditLog) -> Vec<AuditRecord> {
+    let mut out = Vec::new();
+    for seq in 1..=log.head().seq {
+        if let Some(r) = log.get(seq).unwrap() {
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn bad_seq(report: VerifyReport) -> u64 {
+    match report {
+        VerifyReport::Bad { first_bad_seq, .. } => first_bad_seq,
+        ok => panic!("expected a bad report, got {ok:?}"),
+    }
+}
+
+#[test]
+fn allowed_denied_and_dry_run_records_round_trip_with_every_field() {
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    let entries = [
+        decision(1_700_000_000_123, 1, "org.acme", "cap.doc", true, false),
+        decision(1_700_000_000_124, 2, "org.acme", "cap.doc", false, false),
+        decision(1_700_000_000_125, 3, "org.beta", "cap.mail", true, true),
+    ];
+    let mut prev = Hash32::ZERO;
+    for (i, e) in entries.iter().enumerate() {
+        let a = log.append_blocking(e.clone()).unwrap();
+        assert_eq!(a.seq, i as u64 + 1);
+        assert_eq!(
+            log.head(),
+            Head {
+                seq: a.seq,
+                hash: a.hash
+            }
+        );
+        let r = log
+            .get(a.seq)
+            .unwrap()
+            .expect("record is readable after append");
+        assert_eq!(&r.entry, e);
+        assert_eq!(r.prev_hash, prev);
+        assert_eq!(r.hash, a.hash);
+        assert_ne!(r.hash, Hash32::ZERO);
+        let by_id = log.by_decision(e.decision_id.as_deref().unwrap()).unwrap();
+        assert_eq!(by_id.as_ref(), Some(&r));
+        prev = r.hash;
+    }
+    assert_eq!(log.by_decision("dec-unknown").unwrap(), None);
+    assert_eq!(log.get(4).unwrap(), None);
+
+    // JSON: flat, every field, time in RFC 3339 ms, context an object.
+    let r = log.get(1).unwrap().unwrap();
+    let v = serde_json::to_value(&r).unwrap();
+    let obj = v.as_object().unwrap();
+    assert_eq!(obj.len(), 23, "{obj:?}");
+    assert_eq!(v["time"], "2023-11-14T22:13:20.123Z");
+    assert_eq!(v["ts_ms"], 1_700_000_000_123i64);
+    assert_eq!(v["kind"], "decision");
+    assert_eq!(v["allowed"], true);
+    assert_eq!(v["deny_reason"], serde_json::Value::Null);
+    assert_eq!(v["context"]["c"]["d"], "e");
+    assert_eq!(v["prev_hash"], "0".repeat(64));
+    assert_eq!(v["hash"], r.hash.to_hex());
+    let back: AuditRecord = serde_json::from_value(v).unwrap();
+    assert_eq!(back, r);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: 3,
+            head: prev
+        }
+    );
+}
+
+#[test]
+fn non_decision_records_do_not_shadow_the_decision_lookup() {
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    log.append_blocking(decision(10, 1, "t", "c", true, false))
+        .unwrap();
+    let release = AuditEntry {
+        decision_id: Some("dec-1".into()),
+        detail: Some("db-password".into()),
+        ..AuditEntry::new(RecordKind::SecretRelease, 20)
+    };
+    log.append_blocking(release).unwrap();
+    let r = log.by_decision("dec-1").unwrap().unwrap();
+    assert_eq!((r.seq, r.entry.kind), (1, RecordKind::Decision));
+    let j = serde_json::to_value(log.get(2).unwrap().unwrap()).unwrap();
+    assert_eq!(j["kind"], "secret_release");
+    assert_eq!(j["context"], serde_json::Value::Null);
+}
+
+#[test]
+fn the_log_stays_time_ordered_when_the_clock_steps_back() {
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    log.append_blocking(AuditEntry::new(RecordKind::Reload, 5000))
+        .unwrap();
+    let a = log
+        .append_blocking(AuditEntry::new(RecordKind::Reload, 3000))
+        .unwrap();
+    assert_eq!(log.get(a.seq).unwrap().unwrap().entry.ts_ms, 5000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_get_gapless_ordered_seqs() {
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    const TASKS: u64 = 16;
+    const THREADS: u64 = 4;
+    const EACH: u64 = 25;
+    let mut handles = Vec::new();
+    for t in 0..TASKS {
+        let log = log.clone();
+        handles.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for i in 0..EACH {
+                let n = t * 1000 + i;
+                let a = log
+                    .append(decision(n as i64, n, "t", "c", true, false))
+                    .await
+                    .unwrap();
+                got.push((a.seq, n));
+            }
+            got
+        }));
+    }
+    let mut threads = Vec::new();
+    for t in TASKS..TASKS + THREADS {
+        let log = log.clone();
+        threads.push(std::thread::spawn(move || {
+            (0..EACH)
+                .map(|i| {
+                    let n = t * 1000 + i;
+                    let e = decision(n as i64, n, "t", "c", false, false);
+                    (log.append_blocking(e).unwrap().seq, n)
+                })
+                .collect::<Vec<_>>()
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.push(h.await.unwrap());
+    }
+    for t in threads {
+        all.push(t.join().unwrap());
+    }
+    let total = (TASKS + THREADS) * EACH;
+    let mut seqs = BTreeSet::new();
+    for got in &all {
+        // One caller's appends land in the order it made them.
+        assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "{got:?}");
+        for &(seq, n) in got {
+            assert!(seqs.insert(seq), "seq {seq} handed out twice");
+            let r = log.get(seq).unwrap().unwrap();
+            assert_eq!(r.entry.correlation_id, Some(format!("corr-{n}")));
+        }
+    }
+    assert_eq!(seqs, (1..=total).collect::<BTreeSet<_>>());
+    assert_eq!(log.head().seq, total);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: total,
+            head: log.head().hash
+        }
+    );
+    let stats = log.stats();
+    assert_eq!(
+        (stats.appended, stats.failed, stats.queue_depth),
+        (total, 0, 0)
+    );
+}
+
+#[test]
+fn waiting_appends_share_one_transaction_and_one_flush() {
+    let (_dir, db) = temp_db();
+    let (gate_tx, gate_rx) = mpsc::channel();
+    let log = AuditLog::open_with(&db, AuditConfig::default(), None, Some(gate_rx)).unwrap();
+    let threads: Vec<_> = (0..50u64)
+        .map(|n| {
+            let log = log.clone();
+            std::thread::spawn(move || log.append_blocking(decision(1, n, "t", "c", true, false)))
+        })
+        .collect();
+    // Wait (bounded) until all 50 are queued behind the held writer.
+    for _ in 0..5000 {
+        if log.stats().queue_depth == 50 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(log.stats().queue_depth, 50);
+    gate_tx.send(()).unwrap();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
+    let s = log.stats();
+    assert_eq!((s.appended, s.batches, s.flushes), (50, 1, 1));
+    assert!(log.verify().unwrap().is_ok());
+}
+
+#[test]
+fn verify_names_the_exact_seq_of_a_changed_byte_a_deletion_and_a_broken_link() {
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    for n in 1..=8 {
+        log.append_blocking(decision(n as i64, n, "t", "c", true, false))
+            .unwrap();
+    }
+    let head = log.head();
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: 8,
+            head: head.hash
+        }
+    );
+    let tree = records_tree(&db);
+    let original = tree.get(seq_key(5)).unwrap().unwrap();
+
+    // One byte of the body (a string's contents: still decodes, hash no longer matches).
+    let mut v = original.to_vec();
+    let pos = v.windows(6).position(|w| w == b"corr-5").unwrap() + 5;
+    v[pos] = b'9';
+    tree.insert(seq_key(5), v).unwrap();
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Bad {
+            first_bad_seq: 5,
+            problem: Defect::HashMismatch.as_str()
+        }
+    );
+
+    // Deleted.
+    tree.remove(seq_key(5)).unwrap();
+    assert_eq!(bad_seq(log.verify().unwrap()), 5);
+
+    // Replaced by a self-consistent record that links elsewhere.
+    let mut buf = Vec::new();
+    let r5 = decode_value(5, &original, true).unwrap();
+    encode_value_for_test(&mut buf, &Hash32([7; 32]), 5, &r5.entry);
+    tree.insert(seq_key(5), buf.clone()).unwrap();
+    assert_eq!(bad_seq(log.verify().unwrap()), 5);
+
+    // A valid hash over a body that does not decode.
+    let mut junk = r5.prev_hash.0.to_vec();
+    junk.extend_from_slice(b"\xc1\xc1\xc1");
+    let h = blake3::hash(&junk);
+    junk.extend_from_slice(h.as_bytes());
+    tree.insert(seq_key(5), junk).unwrap();
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Bad {
+            first_bad_seq: 5,
+            problem: Defect::Undecodable.as_str()
+        }
+    );
+
+    // Restored: clean again. Then the newest record removed: caught against the head.
+    tree.insert(seq_key(5), original).unwrap();
+    assert!(log.verify().unwrap().is_ok());
+    tree.remove(seq_key(8)).unwrap();
+    assert_eq!(bad_seq(log.verify().unwrap()), 8);
+}
+
+fn encode_value_for_test(buf: &mut Vec<u8>, prev: &Hash32, seq: u64, e: &AuditEntry) {
+    record::encode_value(buf, prev, seq, e).unwrap();
+}
+
+#[test]
+fn reopening_keeps_the_chain_and_continues_it() {
+    let (dir, db) = temp_db();
+    let log = open(&db);
+    for n in 1..=3 {
+        log.append_blocking(decision(n as i64, n, "t", "c", true, false))
+            .unwrap();
+    }
+    let head = log.head();
+    drop(log);
+    drop(db);
+
+    let db = reopen(&dir);
+    let log = open(&db);
+    assert_eq!(log.head(), head);
+    let a = log
+        .append_blocking(decision(4, 4, "t", "c", false, false))
+        .unwrap();
+    assert_eq!(a.seq, 4);
+    assert_eq!(log.get(4).unwrap().unwrap().prev_hash, head.hash);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: 4,
+            head: a.hash
+        }
+    );
+}
+
+#[test]
+fn query_filters_and_pages_like_a_full_scan() {
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    let tenants = ["org.a", "org.b", "org.c"];
+    let caps = ["cap.x", "cap.y"];
+    for n in 1..=60u64 {
+        let e = decision(
+            1000 * n as i64,
+            n,
+            tenants[(n % 3) as usize],
+            caps[(n % 2) as usize],
+            n % 5 != 0,
+            n % 7 == 0,
+        );
+        log.append_blocking(e).unwrap();
+    }
+    log.append_blocking(AuditEntry::new(RecordKind::Reload, 61_000))
+        .unwrap();
+    let everything = all_records(&log);
+    assert_eq!(everything.len(), 61);
+
+    let queries = [
+        AuditQuery::default(),
+        AuditQuery {
+            tenant_id: Some("org.b".into()),
+            ..Default::default()
+        },
+        AuditQuery {
+            capability_id: Some("cap.y".into()),
+            ..Default::default()
+        },
+        AuditQuery {
+            allowed: Some(false),
+            ..Default::default()
+        },
+        AuditQuery {
+            kind: Some(RecordKind::Reload),
+            ..Default::default()
+        },
+        AuditQuery {
+            since_ms: Some(10_500),
+            until_ms: Some(30_000),
+            ..Default::default()
+        },
+        AuditQuery {
+            tenant_id: Some("org.a".into()),
+            capability_id: Some("cap.x".into()),
+            allowed: Some(true),
+            since_ms: Some(5_000),
+            until_ms: Some(50_000),
+            ..Default::default()
+        },
+        AuditQuery {
+            tenant_id: Some("org.none".into()),
+            ..Default::default()
+        },
+        AuditQuery {
+            since_ms: Some(1_000_000),
+            ..Default::default()
+        },
+        AuditQuery {
+            until_ms: Some(10),
+            ..Default::default()
+        },
+    ];
+    for q in queries {
+        let expected: Vec<AuditRecord> = everything
+            .iter()
+            .filter(|r| {
+                let e = &r.entry;
+                q.tenant_id
+                    .as_ref()
+                    .map_or(true, |x| e.tenant_id.as_ref() == Some(x))
+                    && q.capability_id
+                        .as_ref()
+                        .map_or(true, |x| e.capability_id.as_ref() == Some(x))
+                    && q.allowed.map_or(true, |x| e.allowed == Some(x))
+                    && q.kind.map_or(true, |x| e.kind == x)
+                    && q.since_ms.map_or(true, |x| e.ts_ms >= x)
+                    && q.until_ms.map_or(true, |x| e.ts_ms <= x)
+            })
+            .cloned()
+            .collect();
+        assert_eq!(log.query(&q).unwrap(), expected, "{q:?}");
+
+        // Paging with after_seq + limit walks the same records.
+        let mut paged = Vec::new();
+        let mut after = None;
+        loop {
+            let page = log
+                .query(&AuditQuery {
+                    after_seq: after,
+                    limit: 4,
+                    ..q.clone()
+                })
+                .unwrap();
+            assert!(page.len() <= 4);
+            let Some(last) = page.last() else { break };
+            after = Some(last.seq);
+            paged.extend(page);
+        }
+        assert_eq!(paged, expected, "paged {q:?}");
+
+        // The newest N, still oldest first.
+        let tail = log
+            .query(&AuditQuery {
+                limit: 3,
+                newest: true,
+                ..q.clone()
+            })
+            .unwrap();
+        assert_eq!(
+            tail,
+            expected[expected.len().saturating_sub(3)..],
+            "tail {q:?}"
+        );
+    }
+}
+
+#[test]
+fn export_writes_json_lines_that_parse_back_into_the_same_records() {
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    for n in 1..=10u64 {
+        log.append_blocking(decision(1000 * n as i64, n, "t", "c", n % 2 == 0, n == 3))
+            .unwrap();
+    }
+    let everything = all_records(&log);
+    let parse = |bytes: &[u8]| -> Vec<AuditRecord> {
+        std::str::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let mut out = Vec::new();
+    assert_eq!(log.export(None, None, &mut out).unwrap(), 10);
+    assert!(out.ends_with(b"\n"));
+    assert_eq!(parse(&out), everything);
+
+    let mut out = Vec::new();
+    assert_eq!(log.export(Some(4), None, &mut out).unwrap(), 7);
+    assert_eq!(parse(&out), everything[3..]);
+
+    let mut out = Vec::new();
+    assert_eq!(log.export(Some(2), Some(6_000), &mut out).unwrap(), 5);
+    assert_eq!(parse(&out), everything[5..]);
+
+    let mut out = Vec::new();
+    assert_eq!(log.export(None, Some(99_000), &mut out).unwrap(), 0);
+    assert!(out.is_empty());
+}
+
+#[test]
+fn retention_prunes_old_records_and_their_indexes_and_verify_still_passes() {
+    let (dir, db) = temp_db();
+    let config = AuditConfig {
+        retention_days: Some(1),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config.clone(), None, None).unwrap();
+    // Timestamps in the future, so the writer's own (real-clock) pruning never touches them.
+    let base = now_ms() + 10 * MS_PER_DAY;
+    for n in 1..=5u64 {
+        log.append_blocking(decision(base + n as i64, n, "t", "c", true, false))
+            .unwrap();
+    }
+    for n in 6..=8u64 {
+        log.append_blocking(decision(base + 2 * MS_PER_DAY, n, "t", "c", true, false))
+            .unwrap();
+    }
+    let head = log.head();
+    assert_eq!(log.prune(base + 2 * MS_PER_DAY).unwrap(), 5);
+    assert_eq!(log.prune(base + 2 * MS_PER_DAY).unwrap(), 0);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: 3,
+            head: head.hash
+        }
+    );
+    assert_eq!(log.get(5).unwrap(), None);
+    assert_eq!(log.by_decision("dec-5").unwrap(), None);
+    assert!(log.by_decision("dec-6").unwrap().is_some());
+    let seqs: Vec<u64> = log
+        .query(&AuditQuery {
+            tenant_id: Some("t".into()),
+            ..Default::default()
+        })
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(seqs, [6, 7, 8]);
+    for tree in [
+        "audit_by_tenant",
+        "audit_by_capability",
+        "audit_by_time",
+        "audit_by_decision",
+    ] {
+        assert_eq!(db.open_tree(tree).unwrap().len(), 3, "{tree}");
+    }
+
+    // Everything pruned: the head survives a reopen through the checkpoint.
+    assert_eq!(log.prune(base + 5 * MS_PER_DAY).unwrap(), 3);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: 0,
+            head: head.hash
+        }
+    );
+    drop(log);
+    drop(db);
+    let db = reopen(&dir);
+    let log = AuditLog::open_with(&db, config, None, None).unwrap();
+    assert_eq!(log.head(), head);
+    let a = log
+        .append_blocking(decision(base + 6 * MS_PER_DAY, 9, "t", "c", true, false))
+        .unwrap();
+    assert_eq!(a.seq, 9);
+    assert_eq!(log.get(9).unwrap().unwrap().prev_hash, head.hash);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: 1,
+            head: a.hash
+        }
+    );
+}
+
+#[test]
+fn the_writer_applies_retention_by_itself() {
+    let (dir, db) = temp_db();
+    let log = open(&db);
+    let old = now_ms() - 3 * MS_PER_DAY;
+    for n in 1..=3u64 {
+        log.append_blocking(decision(old, n, "t", "c", true, false))
+            .unwrap();
+    }
+    log.append_blocking(decision(now_ms(), 4, "t", "c", true, false))
+        .unwrap();
+    drop(log);
+    drop(db);
+    let db = reopen(&dir);
+    let config = AuditConfig {
+        retention_days: Some(1),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config, None, None).unwrap();
+    // The writer prunes when it starts; wait (bounded) for it.
+    for _ in 0..5000 {
+        if log.get(3).unwrap().is_none() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(log.get(3).unwrap(), None);
+    assert!(log.get(4).unwrap().is_some());
+    assert!(matches!(
+        log.verify().unwrap(),
+        VerifyReport::Ok { entries: 1, .. }
+    ));
+}
+
+#[tokio::test]
+async fn the_fault_hook_fails_appends_without_recording_and_recovery_continues_the_chain() {
+    let (_dir, db) = temp_db();
+    let flag_dir = tempfile::tempdir().unwrap();
+    let flag = flag_dir.path().join("fail");
+    let log = AuditLog::open_with(&db, AuditConfig::default(), Some(flag.clone()), None).unwrap();
+    log.append(decision(1, 1, "t", "c", true, false))
+        .await
+        .unwrap();
+    let head = log.head();
+
+    std::fs::write(&flag, b"").unwrap();
+    let err = log
+        .append(decision(2, 2, "t", "c", true, false))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AuditError::Write(_)), "{err:?}");
+    let blocking = log.clone();
+    let err2 = tokio::task::spawn_blocking(move || {
+        blocking.append_blocking(decision(3, 3, "t", "c", true, false))
+    })
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(matches!(err2, AuditError::Write(_)));
+    assert_eq!(log.head(), head);
+    assert_eq!(records_tree(&db).len(), 1);
+    assert_eq!(log.by_decision("dec-2").unwrap(), None);
+    assert_eq!(log.stats().failed, 2);
+
+    std::fs::remove_file(&flag).unwrap();
+    let a = log
+        .append(decision(4, 4, "t", "c", true, false))
+        .await
+        .unwrap();
+    assert_eq!(a.seq, 2);
+    assert_eq!(log.get(2).unwrap().unwrap().prev_hash, head.hash);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: 2,
+            head: a.hash
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_mode_answers_and_the_data_survives_shutdown_and_reopen() {
+    let (dir, db) = temp_db();
+    let config = AuditConfig {
+        durability: Durability::Batched,
+        batch_interval: Duration::from_millis(10),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config.clone(), None, None).unwrap();
+    let mut handles = Vec::new();
+    for n in 1..=100u64 {
+        let log = log.clone();
+        handles.push(tokio::spawn(async move {
+            log.append(decision(n as i64, n, "t", "c", true, false))
+                .await
+        }));
+    }
+    for h in handles {
+        h.await.unwrap().unwrap();
+    }
+    let head = log.head();
+    assert_eq!(head.seq, 100);
+    let closer = log.clone();
+    tokio::task::spawn_blocking(move || closer.shutdown())
+        .await
+        .unwrap();
+    log.shutdown(); // idempotent
+    assert_eq!(
+        log.append(decision(0, 0, "t", "c", true, false)).await,
+        Err(AuditError::Closed)
+    );
+    drop(log);
+    drop(db);
+
+    let db = reopen(&dir);
+    let log = AuditLog::open_with(&db, config, None, None).unwrap();
+    assert_eq!(log.head(), head);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: 100,
+            head: head.hash
+        }
+    );
+}
+
+#[test]
+fn small_pieces_behave() {
+    assert_eq!("durable".parse::<Durability>(), Ok(Durability::Durable));
+    assert_eq!("batched".parse::<Durability>(), Ok(Durability::Batched));
+    assert!("fast"
+        .parse::<Durability>()
+        .unwrap_err()
+        .contains("\"fast\""));
+    assert_eq!(Durability::default(), Durability::Durable);
+    assert_eq!(
+        serde_json::to_string(&Durability::Batched).unwrap(),
+        "\"batched\""
+    );
+    assert_eq!(
+        serde_json::to_string(&RecordKind::SecretRefusal).unwrap(),
+        "\"secret_refusal\""
+    );
+
+    let h = Hash32(std::array::from_fn(|i| i as u8 * 7));
+    assert_eq!(Hash32::from_hex(&h.to_hex()), Some(h));
+    assert_eq!(Hash32::from_hex("zz"), None);
+    assert_eq!(Hash32::from_hex(&"g".repeat(64)), None);
+
+    assert!(time_key(-5, 9) < time_key(-1, 0));
+    assert!(time_key(-1, 9) < time_key(0, 0));
+    assert!(time_key(0, 9) < time_key(1, 0));
+    assert_eq!(
+        record::format_time(0).as_deref(),
+        Some("1970-01-01T00:00:00.000Z")
+    );
+    assert_eq!(record::format_time(i64::MAX), None);
+
+    let ok = serde_json::to_value(VerifyReport::Ok {
+        entries: 2,
+        head: Hash32::ZERO,
+    })
+    .unwrap();
+    assert_eq!(
+        ok,
+        serde_json::json!({"ok": true, "entries": 2, "head": "0".repeat(64)})
+    );
+    let bad = serde_json::to_value(VerifyReport::Bad {
+        first_bad_seq: 3,
+        problem: "x",
+    })
+    .unwrap();
+    assert_eq!(
+        bad,
+        serde_json::json!({"ok": false, "first_bad_seq": 3, "problem": "x"})
+    );
+}
+
+fn arb_entry() -> impl Strategy<Value = AuditEntry> {
+    let s = || proptest::option::of("[a-z0-9.\\-\\u{e9}]{0,12}");
+    (
+        (0usize..8, -1_000_000i64..1_000_000, s(), s(), s()),
+        (
+            proptest::option::of(any::<bool>()),
+            any::<bool>(),
+            s(),
+            s(),
+            s(),
+        ),
+    )
+        .prop_map(
+            |((k, ts, tenant, cap, detail), (allowed, dry_run, worker, rule, token))| {
+                let kinds = [
+                    RecordKind::Decision,
+                    RecordKind::Reload,
+                    RecordKind::TokenIssue,
+                    RecordKind::TokenRevoke,
+                    RecordKind::SecretStore,
+                    RecordKind::SecretDelete,
+                    RecordKind::SecretRelease,
+                    RecordKind::SecretRefusal,
+                ];
+                AuditEntry {
+                    tenant_id: tenant,
+                    capability_id: cap,
+                    allowed,
+                    dry_run,
+                    worker_id: worker,
+                    rule_id: rule,
+                    token_id: token,
+                    detail,
+                    ..AuditEntry::new(kinds[k], ts)
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Any sequence of appends verifies, and changing any single byte of any stored record
+    /// is reported at exactly that record's seq.
+    #[test]
+    fn any_log_verifies_and_any_single_byte_change_is_found(
+        entries in proptest::collection::vec(arb_entry(), 1..12),
+        pick in any::<prop::sample::Index>(),
+        offset in any::<prop::sample::Index>(),
+        xor in 1u8..=255,
+    ) {
+        let (_dir, db) = temp_db();
+        let log = open(&db);
+        for e in &entries {
+            log.append_blocking(e.clone()).unwrap();
+        }
+        let n = entries.len() as u64;
+        prop_assert_eq!(log.verify().unwrap(), VerifyReport::Ok { entries: n, head: log.head().hash });
+
+        let seq = pick.index(entries.len()) as u64 + 1;
+        let tree = records_tree(&db);
+        let mut v = tree.get(seq_key(seq)).unwrap().unwrap().to_vec();
+        let at = offset.index(v.len());
+        v[at] ^= xor;
+        tree.insert(seq_key(seq), v).unwrap();
+        prop_assert_eq!(bad_seq(log.verify().unwrap()), seq);
+    }
+}
