@@ -1,5 +1,7 @@
 //! The daemon (`hall serve`): actix-web on loopback, hot reload, graceful shutdown.
 
+mod api;
+pub mod auth;
 mod errors;
 pub mod guard;
 mod metrics;
@@ -50,7 +52,65 @@ pub fn run(args: ServeArgs) -> CliResult {
             config.state_dir.display()
         )
     })?;
-    actix_web::rt::System::new().block_on(serve(config))
+    // A write past RLIMIT_FSIZE must be an error the audit log can refuse on, not a kill.
+    // SAFETY: setting a signal disposition to SIG_IGN.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+    let stores = open_stores(&config)?;
+    actix_web::rt::System::new().block_on(serve(config, stores))
+}
+
+/// Open sled and every store, before the runtime starts (the OS keyring may block).
+fn open_stores(config: &Config) -> Result<state::Stores, Box<dyn std::error::Error>> {
+    use crate::store::{audit, keys, secrets, tokens};
+    let dir = &config.state_dir;
+    let db = crate::store::open_db(dir).map_err(|e| {
+        format!("cannot open the database in {}: {e} (is another hall running on this state dir?)", dir.display())
+    })?;
+    let audit = audit::AuditLog::open(
+        &db,
+        audit::AuditConfig {
+            durability: match config.audit_durability {
+                crate::config::Durability::Durable => audit::Durability::Durable,
+                crate::config::Durability::Batched => audit::Durability::Batched,
+            },
+            retention_days: config.audit_retention_days,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| format!("cannot open the audit log: {e}"))?;
+    let tokens = tokens::TokenStore::open(&db).map_err(|e| format!("cannot open the token store: {e}"))?;
+    let boot = tokens
+        .ensure_admin_token(dir, state::now_ms())
+        .map_err(|e| format!("cannot create the admin token: {e}"))?;
+    if boot.created {
+        tracing::info!(path = %boot.path.display(), "created an admin token (mode 0600); the CLI reads it from there");
+    } else {
+        tracing::info!(path = %boot.path.display(), "admin token file");
+    }
+    let key_sources = keys::KeySources::new(
+        keys::KeyEnv::from_process_env(dir).map_err(|e| format!("master key: {e}"))?,
+    );
+    let (secrets, key_source) =
+        secrets::SecretStore::open_from(&db, &key_sources).map_err(|e| format!("cannot open the secret store: {e}"))?;
+    tracing::info!(source = %key_source, key_id = %secrets.key_id(), "master key loaded");
+    Ok(state::Stores {
+        audit,
+        tokens,
+        secrets,
+        key_sources,
+        key_source,
+        db,
+    })
+}
+
+/// Tell systemd (when it started us with `NOTIFY_SOCKET`) that we are ready, once.
+fn notify_ready(state: &AppState) {
+    if state.snapshot.load().is_some() && !state.ready_notified.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        tracing::debug!("READY=1 sent to the service manager");
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -65,7 +125,7 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-async fn serve(config: Config) -> CliResult {
+async fn serve(config: Config, stores: state::Stores) -> CliResult {
     tracing::info!(
         registry = %config.registry_dir.display(),
         policies = %config.policies_dir.display(),
@@ -73,15 +133,20 @@ async fn serve(config: Config) -> CliResult {
         "starting hall {}",
         env!("CARGO_PKG_VERSION")
     );
-    let state = Arc::new(AppState::new(config.clone()));
-    if state.reload("startup").await.is_err() {
-        tracing::warn!("no policy set loaded: /api/route answers 503 until the files are fixed");
+    let state = Arc::new(AppState::new(config.clone(), stores));
+    match state.reload("startup").await {
+        Ok(v) => record::reload(&state, true, &v, &[]).await,
+        Err(errs) => {
+            record::reload(&state, false, "", &errs).await;
+            tracing::warn!("no policy set loaded: /api/route answers 503 until the files are fixed");
+        }
     }
 
     let data = web::Data::from(state.clone());
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .wrap(actix_web::middleware::from_fn(auth::gate))
             .configure(routes)
             .default_service(web::to(errors::not_found))
     })
@@ -95,6 +160,8 @@ async fn serve(config: Config) -> CliResult {
         .store(addr.port(), std::sync::atomic::Ordering::Relaxed);
     let server = server.run();
     tracing::info!("listening on http://{addr}");
+    notify_ready(&state);
+    spawn_watchdog();
 
     // Hot reload: file events (debounced) and SIGHUP.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -128,6 +195,7 @@ async fn serve(config: Config) -> CliResult {
     });
 
     server.await.map_err(|e| format!("server error: {e}"))?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopped accepting; in-flight requests finished");
     record::shutdown(&state).await;
     tracing::info!("shut down cleanly");
@@ -135,9 +203,26 @@ async fn serve(config: Config) -> CliResult {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// Ping the systemd watchdog at half its interval, when one is configured.
+fn spawn_watchdog() {
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = std::time::Duration::from_micros(usec / 2);
+        actix_web::rt::spawn(async move {
+            loop {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                actix_web::rt::time::sleep(every).await;
+            }
+        });
+    }
+}
+
 async fn reload_and_record(state: &Arc<AppState>, trigger: &str) {
     match state.reload(trigger).await {
-        Ok(v) => record::reload(state, true, &v, &[]).await,
+        Ok(v) => {
+            notify_ready(state);
+            record::reload(state, true, &v, &[]).await
+        }
         Err(errs) => record::reload(state, false, "", &errs).await,
     }
 }
@@ -185,4 +270,24 @@ fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(ops::workers))
             .default_service(m405()),
     );
+    let one = |path: &str, h| web::resource(path.to_string()).route(h).default_service(m405());
+    cfg.service(one("/api/audit", web::get().to(api::audit_query)))
+        .service(one("/api/audit/verify", web::get().to(api::audit_verify)))
+        .service(one("/api/audit/{decision_id}", web::get().to(api::audit_show)))
+        .service(
+            web::resource("/api/tokens")
+                .route(web::post().to(api::token_create))
+                .route(web::get().to(api::token_list))
+                .default_service(m405()),
+        )
+        .service(one("/api/tokens/{id}", web::delete().to(api::token_revoke)))
+        .service(one("/api/secrets", web::get().to(api::secret_list)))
+        .service(one("/api/secrets/rotate-key", web::post().to(api::secret_rotate)))
+        .service(one("/api/secrets/{name}/release", web::post().to(api::secret_release)))
+        .service(
+            web::resource("/api/secrets/{name}")
+                .route(web::put().to(api::secret_put))
+                .route(web::delete().to(api::secret_delete))
+                .default_service(m405()),
+        );
 }

@@ -1,32 +1,104 @@
-//! Recording decisions in the audit log (wired to the audit store when it lands).
+//! Writing audit records for what the daemon does. A route response is sent only after
+//! its record is appended (and, in durable mode, flushed): never an unrecorded allow.
 
 use actix_web::HttpRequest;
 
 use super::errors::ApiError;
 use super::route::RouteBody;
-use super::state::AppState;
+use super::state::{now_ms, AppState};
 use crate::engine::Decision;
+use crate::store::audit::{AuditEntry, RecordKind};
 
-/// Record a route decision; the response must not be sent unless this succeeds.
+/// Record a route decision; an error means the response must be 503.
 pub async fn decision(
-    _state: &AppState,
-    _req: &HttpRequest,
-    _body: &RouteBody,
-    _decision: &Decision<'_>,
-    _policy_version: &str,
-    _decision_id: &str,
-    _dry_run: bool,
+    state: &AppState,
+    req: &HttpRequest,
+    body: &RouteBody,
+    decision: &Decision<'_>,
+    policy_version: &str,
+    decision_id: &str,
+    dry_run: bool,
 ) -> Result<(), ApiError> {
-    Ok(())
+    let token_id = super::auth::caller(req).map(|a| a.id().to_string());
+    // Compact, canonical JSON text so an export parses back to the same record.
+    let context = match &body.context {
+        None => None,
+        Some(raw) => Some(
+            serde_json::from_str::<serde_json::Value>(raw.get())
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+        ),
+    };
+    let entry = AuditEntry {
+        decision_id: Some(decision_id.to_string()),
+        tenant_id: Some(body.tenant_id.clone()),
+        capability_id: Some(body.capability_id.clone()),
+        env: Some(body.env.clone()),
+        data_label: Some(body.data_label.clone()),
+        allowed: Some(decision.allowed),
+        dry_run,
+        worker_id: decision.worker_id.map(str::to_string),
+        deny_reason: decision.deny_reason.map(str::to_string),
+        rule_id: decision.rule_id.map(str::to_string),
+        policy_version: Some(policy_version.to_string()),
+        correlation_id: body.correlation_id.clone(),
+        context,
+        tenant_risk: body.tenant_risk.clone(),
+        qos_class: body.qos_class.clone(),
+        token_id,
+        ..AuditEntry::new(RecordKind::Decision, now_ms())
+    };
+    state.stores.audit.append(entry).await.map(|_| ()).map_err(|e| {
+        tracing::error!(error = %e, "audit write failed: refusing to answer the route request");
+        ApiError::unavailable("the audit log cannot be written; no decision can be given")
+    })
+}
+
+/// Append a non-decision record. Failures are logged; the caller decides whether they
+/// block the operation (`required`).
+pub async fn event(
+    state: &AppState,
+    kind: RecordKind,
+    token_id: Option<&str>,
+    fill: impl FnOnce(&mut AuditEntry),
+) -> Result<(), ApiError> {
+    let mut entry = AuditEntry::new(kind, now_ms());
+    entry.token_id = token_id.map(str::to_string);
+    fill(&mut entry);
+    state.stores.audit.append(entry).await.map(|_| ()).map_err(|e| {
+        tracing::error!(error = %e, ?kind, "audit write failed");
+        ApiError::unavailable("the audit log cannot be written")
+    })
 }
 
 /// The audit head for `/api/status`.
-pub fn head(_state: &AppState) -> serde_json::Value {
-    serde_json::Value::Null
+pub fn head(state: &AppState) -> serde_json::Value {
+    serde_json::to_value(state.stores.audit.head()).unwrap_or_default()
 }
 
-/// Record a reload (success or failure).
-pub async fn reload(_state: &AppState, _ok: bool, _version: &str, _errors: &[String]) {}
+/// Record a reload (success or failure). A reload is not refused when this fails: the
+/// files are already in force; the failure is logged.
+pub async fn reload(state: &AppState, ok: bool, version: &str, errors: &[String]) {
+    let _ = event(state, RecordKind::Reload, None, |e| {
+        e.allowed = Some(ok);
+        if ok {
+            e.policy_version = Some(version.to_string());
+        } else {
+            e.detail = Some(errors.join("\n"));
+        }
+    })
+    .await;
+}
 
-/// Flush and stop the audit writer on shutdown.
-pub async fn shutdown(_state: &AppState) {}
+/// Flush and stop the audit writer, and persist token last-used times.
+pub async fn shutdown(state: &AppState) {
+    let audit = state.stores.audit.clone();
+    let tokens = state.stores.tokens.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Err(e) = tokens.persist_last_used() {
+            tracing::warn!(error = %e, "could not save token last-used times");
+        }
+        audit.shutdown();
+    })
+    .await;
+}

@@ -249,6 +249,15 @@ async fn route_inner(
     let bytes = read_json_body(req, payload).await?;
     let body: RouteBody = serde_json::from_slice(&bytes).map_err(|e| body_error(&bytes, e))?;
     check_extras(&body)?;
+    if let Some(auth) = super::auth::caller(req) {
+        if !auth.may_act_for(&body.tenant_id) {
+            return Err(ApiError::new(
+                403,
+                "tenant_mismatch",
+                "this token is bound to another tenant",
+            ));
+        }
+    }
 
     let snap = state
         .snapshot

@@ -9,6 +9,10 @@ use serde::Serialize;
 
 use super::metrics::Metrics;
 use crate::config::Config;
+use crate::store::audit::AuditLog;
+use crate::store::keys::{KeySource, KeySources};
+use crate::store::secrets::SecretStore;
+use crate::store::tokens::TokenStore;
 use crate::engine::Snapshot;
 use crate::load::load_dirs;
 
@@ -35,13 +39,27 @@ pub struct AppState {
     reload_lock: tokio::sync::Mutex<()>,
     pub metrics: Metrics,
     pub started: Instant,
+    pub stores: Stores,
+    /// Whether systemd has been told READY=1 (sent once, after the first good load).
+    pub ready_notified: std::sync::atomic::AtomicBool,
+}
+
+/// The sled-backed stores, opened before the server starts.
+pub struct Stores {
+    pub audit: AuditLog,
+    pub tokens: TokenStore,
+    pub secrets: SecretStore,
+    pub key_sources: KeySources,
+    pub key_source: KeySource,
+    /// Kept so the database outlives every tree handle.
+    pub db: sled::Db,
 }
 
 /// The result of a reload: the new version, or every error (the old set stays in force).
 pub type ReloadResult = Result<String, Vec<String>>;
 
 impl AppState {
-    pub fn new(config: Config) -> AppState {
+    pub fn new(config: Config, stores: Stores) -> AppState {
         let port = config.listen.port();
         AppState {
             config,
@@ -52,6 +70,8 @@ impl AppState {
             reload_lock: tokio::sync::Mutex::new(()),
             metrics: Metrics::default(),
             started: Instant::now(),
+            stores,
+            ready_notified: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -117,6 +137,13 @@ impl AppState {
         *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = status;
         result
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Now, as RFC 3339 UTC with milliseconds.

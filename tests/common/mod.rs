@@ -168,7 +168,7 @@ impl Daemon {
             .map(|s| s.trim().to_string())
     }
 
-    fn default_headers(&self) -> Vec<(String, String)> {
+    pub fn default_headers(&self) -> Vec<(String, String)> {
         let mut h = vec![("Host".to_string(), self.addr.to_string())];
         if let Some(t) = self.admin_token() {
             h.push(("Authorization".into(), format!("Bearer {t}")));
