@@ -24,11 +24,17 @@ fn allowed_and_denied_decisions() {
     assert_eq!(v["dry_run"], false);
     assert!(v["policy_version"].as_str().unwrap().starts_with("blake3:"));
     let id = uuid::Uuid::parse_str(v["decision_id"].as_str().unwrap()).unwrap();
-    assert_eq!(id.get_version_num(), 7, "decision ids are time-ordered v7 UUIDs");
+    assert_eq!(
+        id.get_version_num(),
+        7,
+        "decision ids are time-ordered v7 UUIDs"
+    );
     assert!(v.get("explain").is_none());
 
     // A policy outcome is 200 with allowed: false.
-    let v = d.route("cap.code.deploy", "prod", "INTERNAL", "org.beta.eu").json();
+    let v = d
+        .route("cap.code.deploy", "prod", "INTERNAL", "org.beta.eu")
+        .json();
     assert_eq!(v["allowed"], false);
     assert_eq!(v["deny_reason"], "change_freeze");
     assert_eq!(v["rule_id"], "beta-prod-freeze");
@@ -38,8 +44,12 @@ fn allowed_and_denied_decisions() {
     assert_eq!(v["deny_reason"], "unknown_capability");
 
     // Two decisions never share an id.
-    let a = d.route("cap.doc.summarize", "dev", "PUBLIC", "org.acme").json();
-    let b = d.route("cap.doc.summarize", "dev", "PUBLIC", "org.acme").json();
+    let a = d
+        .route("cap.doc.summarize", "dev", "PUBLIC", "org.acme")
+        .json();
+    let b = d
+        .route("cap.doc.summarize", "dev", "PUBLIC", "org.acme")
+        .json();
     assert_ne!(a["decision_id"], b["decision_id"]);
 }
 
@@ -57,14 +67,17 @@ fn explain_and_dry_run() {
     let rules = ex["rules"].as_array().unwrap();
     assert_eq!(rules.last().unwrap()["rule_id"], "deploy-preprod");
     assert_eq!(rules.last().unwrap()["matched"], true);
-    assert!(rules[..rules.len() - 1].iter().all(|r| r["matched"] == false && r["mismatch"].is_string()));
+    assert!(rules[..rules.len() - 1]
+        .iter()
+        .all(|r| r["matched"] == false && r["mismatch"].is_string()));
     let c = ex["candidates"].as_array().unwrap();
     assert_eq!(c[0]["worker_id"], "worker.deploy.canary");
     assert_eq!(c[0]["skipped"], "env_not_listed");
     assert_eq!(c[1]["worker_id"], "worker.deploy.full");
     assert_eq!(c[1]["skipped"], "blast_radius_exceeded");
 
-    d.post_json("/api/route?explain=maybe", r#"{}"#).assert_error(400, "invalid_request", Some("explain"));
+    d.post_json("/api/route?explain=maybe", r#"{}"#)
+        .assert_error(400, "invalid_request", Some("explain"));
 }
 
 #[test]
@@ -91,24 +104,42 @@ fn bad_requests_get_json_errors_naming_the_field() {
     }
 
     // Oversized body: 413 before parsing.
-    let big = format!("{{{ok},\"context\":{{\"k\":\"{}\"}}}}", "x".repeat(70 * 1024));
-    d.post_json("/api/route", &big).assert_error(413, "body_too_large", None);
+    let big = format!(
+        "{{{ok},\"context\":{{\"k\":\"{}\"}}}}",
+        "x".repeat(70 * 1024)
+    );
+    d.post_json("/api/route", &big)
+        .assert_error(413, "body_too_large", None);
 
     // Wrong or missing content type: 415.
     let mut h = d.default_headers();
-    d.request("POST", "/api/route", &h, Some(format!("{{{ok}}}").as_bytes()))
-        .assert_error(415, "unsupported_media_type", None);
+    d.request(
+        "POST",
+        "/api/route",
+        &h,
+        Some(format!("{{{ok}}}").as_bytes()),
+    )
+    .assert_error(415, "unsupported_media_type", None);
     h.push(("Content-Type".into(), "text/plain".into()));
-    d.request("POST", "/api/route", &h, Some(format!("{{{ok}}}").as_bytes()))
-        .assert_error(415, "unsupported_media_type", None);
+    d.request(
+        "POST",
+        "/api/route",
+        &h,
+        Some(format!("{{{ok}}}").as_bytes()),
+    )
+    .assert_error(415, "unsupported_media_type", None);
 
     // Unknown path: JSON 404; wrong method: JSON 405.
     d.get("/api/nope").assert_error(404, "not_found", None);
-    d.get("/api/route").assert_error(405, "method_not_allowed", None);
+    d.get("/api/route")
+        .assert_error(405, "method_not_allowed", None);
 
     // Nothing above was a decision.
     let m = d.get("/metrics").body;
-    assert!(m.contains("hall_route_errors_total{code=\"invalid_request\"} 12"), "{m}");
+    assert!(
+        m.contains("hall_route_errors_total{code=\"invalid_request\"} 12"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -132,20 +163,46 @@ fn operator_endpoints() {
 
     let m = d.get("/metrics");
     assert!(m.header("content-type").unwrap().starts_with("text/plain"));
-    assert!(m.body.contains("hall_decisions_total{outcome=\"allowed\",reason=\"\"} 1"), "{}", m.body);
-    assert!(m.body.contains("hall_decisions_total{outcome=\"denied\",reason=\"no_matching_rule\"} 1"), "{}", m.body);
-    assert!(m.body.contains("hall_decision_duration_seconds_count 2"), "{}", m.body);
-    assert!(m.body.contains("hall_reloads_total{result=\"ok\"} 1"), "{}", m.body);
+    assert!(
+        m.body
+            .contains("hall_decisions_total{outcome=\"allowed\",reason=\"\"} 1"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("hall_decisions_total{outcome=\"denied\",reason=\"no_matching_rule\"} 1"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body.contains("hall_decision_duration_seconds_count 2"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body.contains("hall_reloads_total{result=\"ok\"} 1"),
+        "{}",
+        m.body
+    );
 
     let caps = d.get("/api/registry/capabilities").json();
     assert_eq!(caps["capabilities"].as_array().unwrap().len(), 7);
     let ws = d.get("/api/registry/workers").json();
-    let legacy = ws["workers"].as_array().unwrap().iter().find(|w| w["id"] == "worker.email.legacy").unwrap();
+    let legacy = ws["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == "worker.email.legacy")
+        .unwrap();
     assert_eq!(legacy["enabled"], false);
 }
 
 fn current_version(d: &Daemon) -> String {
-    d.get("/api/status").json()["policy_version"].as_str().unwrap().to_string()
+    d.get("/api/status").json()["policy_version"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// Write atomically (temp file + rename), as careful editors do.
@@ -159,7 +216,11 @@ fn write_atomic(path: &std::path::Path, text: &str) {
 fn policy_edit_takes_effect_broken_edit_keeps_old_set_and_recovers() {
     let d = Daemon::start();
     let v0 = current_version(&d);
-    assert_eq!(d.route("cap.web.search", "dev", "PUBLIC", "org.acme").json()["allowed"], true);
+    assert_eq!(
+        d.route("cap.web.search", "dev", "PUBLIC", "org.acme")
+            .json()["allowed"],
+        true
+    );
 
     // A valid edit: web search is now denied with a custom reason.
     let file = d.policies().join("40-data.toml");
@@ -171,7 +232,9 @@ fn policy_edit_takes_effect_broken_edit_keeps_old_set_and_recovers() {
     assert_ne!(edited, original);
     std::fs::write(&file, &edited).unwrap();
     let took = d.wait_until(Duration::from_secs(10), || {
-        d.route("cap.web.search", "dev", "PUBLIC", "org.acme").json()["deny_reason"] == "search_paused"
+        d.route("cap.web.search", "dev", "PUBLIC", "org.acme")
+            .json()["deny_reason"]
+            == "search_paused"
     });
     eprintln!("edit took effect after {took:?}");
     let v1 = current_version(&d);
@@ -179,31 +242,55 @@ fn policy_edit_takes_effect_broken_edit_keeps_old_set_and_recovers() {
 
     // A broken edit: the last good set keeps serving; the error is visible.
     std::fs::write(&file, "[[rule]\nid = \"x\"\n").unwrap();
-    d.wait_until(Duration::from_secs(10), || d.get("/api/status").json()["last_reload"]["ok"] == false);
+    d.wait_until(Duration::from_secs(10), || {
+        d.get("/api/status").json()["last_reload"]["ok"] == false
+    });
     let s = d.get("/api/status").json();
     assert_eq!(s["policy_version"], v1.as_str());
     let errs = s["last_reload"]["errors"].as_array().unwrap();
-    assert!(errs[0].as_str().unwrap().contains("40-data.toml:1:"), "{errs:?}");
-    assert_eq!(d.route("cap.web.search", "dev", "PUBLIC", "org.acme").json()["deny_reason"], "search_paused");
+    assert!(
+        errs[0].as_str().unwrap().contains("40-data.toml:1:"),
+        "{errs:?}"
+    );
+    assert_eq!(
+        d.route("cap.web.search", "dev", "PUBLIC", "org.acme")
+            .json()["deny_reason"],
+        "search_paused"
+    );
     assert!(d.get("/metrics").body.contains("hall_last_reload_failed 1"));
-    assert!(d.get("/metrics").body.contains("hall_reloads_total{result=\"error\"}"));
+    assert!(d
+        .get("/metrics")
+        .body
+        .contains("hall_reloads_total{result=\"error\"}"));
     assert!(d.logs().contains("40-data.toml:1:"), "errors are logged");
 
     // The next good edit recovers.
     std::fs::write(&file, &original).unwrap();
-    d.wait_until(Duration::from_secs(10), || d.get("/api/status").json()["last_reload"]["ok"] == true);
+    d.wait_until(Duration::from_secs(10), || {
+        d.get("/api/status").json()["last_reload"]["ok"] == true
+    });
     assert_eq!(current_version(&d), v0, "same files, same version");
-    assert_eq!(d.route("cap.web.search", "dev", "PUBLIC", "org.acme").json()["allowed"], true);
+    assert_eq!(
+        d.route("cap.web.search", "dev", "PUBLIC", "org.acme")
+            .json()["allowed"],
+        true
+    );
     assert!(d.get("/metrics").body.contains("hall_last_reload_failed 0"));
 }
 
 #[test]
 fn removing_a_file_is_an_edit() {
     let d = Daemon::start();
-    assert_eq!(d.route("cap.code.review", "dev", "INTERNAL", "org.acme").json()["allowed"], true);
+    assert_eq!(
+        d.route("cap.code.review", "dev", "INTERNAL", "org.acme")
+            .json()["allowed"],
+        true
+    );
     std::fs::remove_file(d.policies().join("30-code.toml")).unwrap();
     d.wait_until(Duration::from_secs(10), || {
-        d.route("cap.code.review", "dev", "INTERNAL", "org.acme").json()["deny_reason"] == "no_matching_rule"
+        d.route("cap.code.review", "dev", "INTERNAL", "org.acme")
+            .json()["deny_reason"]
+            == "no_matching_rule"
     });
     assert_eq!(d.get("/api/status").json()["counts"]["rules"], 8);
 }
@@ -224,12 +311,22 @@ fn sighup_and_api_reload() {
 
     // Broken files: 422 with the errors; the old set stays.
     let v = current_version(&d);
-    std::fs::write(d.registry().join("zz-broken.toml"), "[[worker]]\nid = \"w.x\"\nsurprise = 1\n").unwrap();
+    std::fs::write(
+        d.registry().join("zz-broken.toml"),
+        "[[worker]]\nid = \"w.x\"\nsurprise = 1\n",
+    )
+    .unwrap();
     let r = d.post_json("/api/reload", "");
     assert_eq!(r.status, 422, "{}", r.body);
     let j = r.json();
     assert_eq!(j["code"], "invalid_policy");
-    assert!(j["errors"][0].as_str().unwrap().contains("zz-broken.toml:3:1"), "{j}");
+    assert!(
+        j["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("zz-broken.toml:3:1"),
+        "{j}"
+    );
     assert!(j["errors"][0].as_str().unwrap().contains("surprise"), "{j}");
     assert_eq!(current_version(&d), v);
     assert_eq!(d.get("/ready").status, 200);
@@ -238,14 +335,25 @@ fn sighup_and_api_reload() {
 #[test]
 fn starts_without_a_valid_policy_set_and_becomes_ready_when_fixed() {
     let d = Daemon::builder()
-        .setup(|p| std::fs::write(p.join("policies/50-bad.toml"), "[[rule]]\nid = \"r\"\neffect = \"maybe\"\n").unwrap())
+        .setup(|p| {
+            std::fs::write(
+                p.join("policies/50-bad.toml"),
+                "[[rule]]\nid = \"r\"\neffect = \"maybe\"\n",
+            )
+            .unwrap()
+        })
         .no_wait_ready()
         .start();
     d.get("/ready").assert_error(503, "unavailable", None);
-    d.route("cap.doc.summarize", "dev", "PUBLIC", "org.acme").assert_error(503, "unavailable", None);
+    d.route("cap.doc.summarize", "dev", "PUBLIC", "org.acme")
+        .assert_error(503, "unavailable", None);
     std::fs::remove_file(d.policies().join("50-bad.toml")).unwrap();
     d.wait_until(Duration::from_secs(10), || d.get("/ready").status == 200);
-    assert_eq!(d.route("cap.doc.summarize", "dev", "PUBLIC", "org.acme").status, 200);
+    assert_eq!(
+        d.route("cap.doc.summarize", "dev", "PUBLIC", "org.acme")
+            .status,
+        200
+    );
 }
 
 #[test]
@@ -280,7 +388,11 @@ fn sigterm_finishes_in_flight_requests_and_exits_zero() {
         assert_eq!(r.json()["allowed"], true);
     }
     let status = d.wait_exit(Duration::from_secs(30));
-    assert!(status.success(), "exit status {status:?}; logs:\n{}", d.logs());
+    assert!(
+        status.success(),
+        "exit status {status:?}; logs:\n{}",
+        d.logs()
+    );
     assert!(d.logs().contains("shut down cleanly"));
 }
 
@@ -297,7 +409,10 @@ fn reload_under_load_drops_nothing_and_never_mixes_versions() {
     assert_ne!(a, b);
     let version_of = |text: &str| {
         std::fs::write(&file, text).unwrap();
-        hall::load::load_dirs(&d.registry(), &d.policies()).unwrap().snapshot.version
+        hall::load::load_dirs(&d.registry(), &d.policies())
+            .unwrap()
+            .snapshot
+            .version
     };
     let (va, vb) = (version_of(&b), version_of(&a)); // leaves `a` on disk
     d.wait_until(Duration::from_secs(10), || current_version(&d) == vb);
@@ -344,7 +459,10 @@ fn reload_under_load_drops_nothing_and_never_mixes_versions() {
         total.0 += s.0;
         total.1 += s.1;
     }
-    assert!(total.0 > 0 && total.1 > 0, "both versions served: {total:?}");
+    assert!(
+        total.0 > 0 && total.1 > 0,
+        "both versions served: {total:?}"
+    );
 }
 
 #[test]
@@ -364,6 +482,10 @@ fn refuses_non_loopback_listen_without_the_flag() {
 fn state_dir_is_private() {
     use std::os::unix::fs::PermissionsExt;
     let d = Daemon::start();
-    let mode = std::fs::metadata(d.state_dir()).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(d.state_dir())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o700);
 }

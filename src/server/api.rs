@@ -27,62 +27,98 @@ fn parse_time(field: &str, v: &str) -> Result<i64, ApiError> {
     }
     time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
         .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-        .map_err(|_| ApiError::invalid(field, format!("{field} must be RFC 3339 (2026-01-02T03:04:05Z) or epoch milliseconds")))
+        .map_err(|_| {
+            ApiError::invalid(
+                field,
+                format!("{field} must be RFC 3339 (2026-01-02T03:04:05Z) or epoch milliseconds"),
+            )
+        })
 }
 
 /// `GET /api/audit?tenant_id=&capability_id=&allowed=&since=&until=&after_seq=&limit=&tail=`
-pub async fn audit_query(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn audit_query(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let mut q = AuditQuery::default();
     for (k, v) in form_pairs(req.query_string()) {
         match k.as_str() {
             "tenant_id" => q.tenant_id = Some(v),
             "capability_id" => q.capability_id = Some(v),
             "allowed" => {
-                q.allowed = Some(v.parse().map_err(|_| ApiError::invalid("allowed", "allowed must be true or false"))?)
+                q.allowed =
+                    Some(v.parse().map_err(|_| {
+                        ApiError::invalid("allowed", "allowed must be true or false")
+                    })?)
             }
             "kind" => {
-                q.kind = Some(
-                    serde_json::from_value::<RecordKind>(json!(v))
-                        .map_err(|_| ApiError::invalid("kind", format!("unknown record kind {v:?}")))?,
-                )
+                q.kind =
+                    Some(serde_json::from_value::<RecordKind>(json!(v)).map_err(|_| {
+                        ApiError::invalid("kind", format!("unknown record kind {v:?}"))
+                    })?)
             }
             "since" => q.since_ms = Some(parse_time("since", &v)?),
             "until" => q.until_ms = Some(parse_time("until", &v)?),
             "after_seq" => {
-                q.after_seq = Some(v.parse().map_err(|_| ApiError::invalid("after_seq", "after_seq must be a number"))?)
+                q.after_seq =
+                    Some(v.parse().map_err(|_| {
+                        ApiError::invalid("after_seq", "after_seq must be a number")
+                    })?)
             }
             "limit" | "tail" => {
                 let n: usize = v
                     .parse()
                     .ok()
                     .filter(|n| (1..=MAX_QUERY_LIMIT).contains(n))
-                    .ok_or_else(|| ApiError::invalid(k.clone(), format!("{k} must be 1..={MAX_QUERY_LIMIT}")))?;
+                    .ok_or_else(|| {
+                        ApiError::invalid(k.clone(), format!("{k} must be 1..={MAX_QUERY_LIMIT}"))
+                    })?;
                 q.limit = n;
                 q.newest = k == "tail";
             }
-            other => return Err(ApiError::invalid(other, format!("unknown query parameter {other:?}"))),
+            other => {
+                return Err(ApiError::invalid(
+                    other,
+                    format!("unknown query parameter {other:?}"),
+                ))
+            }
         }
     }
     let audit = state.stores.audit.clone();
-    let records = web::block(move || audit.query(&q)).await.map_err(internal)?.map_err(internal)?;
+    let records = web::block(move || audit.query(&q))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
     let next_after = records.last().map(|r| r.seq);
     Ok(HttpResponse::Ok().json(json!({"records": records, "next_after_seq": next_after})))
 }
 
 /// `GET /api/audit/{decision_id}`
-pub async fn audit_show(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn audit_show(
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
     let audit = state.stores.audit.clone();
-    match web::block(move || audit.by_decision(&id)).await.map_err(internal)?.map_err(internal)? {
+    match web::block(move || audit.by_decision(&id))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?
+    {
         Some(r) => Ok(HttpResponse::Ok().json(r)),
-        None => Err(ApiError::not_found("no decision with this id in the audit log")),
+        None => Err(ApiError::not_found(
+            "no decision with this id in the audit log",
+        )),
     }
 }
 
 /// `GET /api/audit/verify`
 pub async fn audit_verify(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let audit = state.stores.audit.clone();
-    let report = web::block(move || audit.verify()).await.map_err(internal)?.map_err(internal)?;
+    let report = web::block(move || audit.verify())
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
     Ok(HttpResponse::Ok().json(report))
 }
 
@@ -140,26 +176,39 @@ fn token_error(e: TokenError) -> ApiError {
 }
 
 /// `POST /api/tokens`: the token is in this response and nowhere else, ever.
-pub async fn token_create(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn token_create(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let bytes = read_json_body(&req, payload).await?;
-    let b: TokenBody = serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid("body", format!("invalid token request: {e}")))?;
+    let b: TokenBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid("body", format!("invalid token request: {e}")))?;
     let mut scopes = Vec::new();
     for s in &b.scopes {
-        scopes.push(s.parse::<Scope>().map_err(|e| ApiError::invalid("scopes", e.to_string()))?);
+        scopes.push(
+            s.parse::<Scope>()
+                .map_err(|e| ApiError::invalid("scopes", e.to_string()))?,
+        );
     }
     let now = now_ms();
     let new = NewToken {
         name: b.name,
         scopes,
         tenant_id: b.tenant_id,
-        expires_at_ms: b.expires_in_secs.map(|s| now.saturating_add((s as i64).saturating_mul(1000))),
+        expires_at_ms: b
+            .expires_in_secs
+            .map(|s| now.saturating_add((s as i64).saturating_mul(1000))),
         rate_limit: b.rate_limit_per_minute.map(|per_minute| RateLimit {
             per_minute,
             burst: b.rate_burst.unwrap_or(per_minute),
         }),
     };
     let tokens = state.stores.tokens.clone();
-    let (issued, info) = web::block(move || tokens.issue(new, now)).await.map_err(internal)?.map_err(token_error)?;
+    let (issued, info) = web::block(move || tokens.issue(new, now))
+        .await
+        .map_err(internal)?
+        .map_err(token_error)?;
     let who = caller(&req).map(|a| a.id().to_string());
     let (id, name) = (info.id.clone(), info.name.clone());
     record::event(&state, RecordKind::TokenIssue, who.as_deref(), |e| {
@@ -177,16 +226,26 @@ pub async fn token_list(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// `DELETE /api/tokens/{id}`: effective at once.
-pub async fn token_revoke(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn token_revoke(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
     let tokens = state.stores.tokens.clone();
     let id2 = id.clone();
-    let found = web::block(move || tokens.revoke(&id2)).await.map_err(internal)?.map_err(token_error)?;
+    let found = web::block(move || tokens.revoke(&id2))
+        .await
+        .map_err(internal)?
+        .map_err(token_error)?;
     if !found {
         return Err(ApiError::not_found("no token with this id"));
     }
     let who = caller(&req).map(|a| a.id().to_string());
-    record::event(&state, RecordKind::TokenRevoke, who.as_deref(), |e| e.detail = Some(format!("revoked {id}"))).await?;
+    record::event(&state, RecordKind::TokenRevoke, who.as_deref(), |e| {
+        e.detail = Some(format!("revoked {id}"))
+    })
+    .await?;
     tracing::info!(token_id = %id, "token revoked");
     Ok(HttpResponse::Ok().json(json!({"revoked": id})))
 }
@@ -214,7 +273,12 @@ fn secret_error(e: SecretError) -> ApiError {
 }
 
 /// `PUT /api/secrets/{name}` `{"value": "..."}`
-pub async fn secret_put(req: HttpRequest, path: web::Path<String>, payload: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn secret_put(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let name = path.into_inner();
     let bytes = zeroize::Zeroizing::new(read_json_body(&req, payload).await?.to_vec());
     // serde_json's error text can quote input; never echo it for a secret body.
@@ -227,7 +291,10 @@ pub async fn secret_put(req: HttpRequest, path: web::Path<String>, payload: web:
         .await
         .map_err(internal)?
         .map_err(secret_error)?;
-    record::event(&state, RecordKind::SecretStore, who.as_deref(), |e| e.detail = Some(name.clone())).await?;
+    record::event(&state, RecordKind::SecretStore, who.as_deref(), |e| {
+        e.detail = Some(name.clone())
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(meta))
 }
 
@@ -238,30 +305,50 @@ pub async fn secret_list(state: web::Data<AppState>) -> Result<HttpResponse, Api
 }
 
 /// `DELETE /api/secrets/{name}`
-pub async fn secret_delete(req: HttpRequest, path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn secret_delete(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let name = path.into_inner();
     let st = state.clone();
     let n = name.clone();
-    let found = web::block(move || st.stores.secrets.delete(&n)).await.map_err(internal)?.map_err(secret_error)?;
+    let found = web::block(move || st.stores.secrets.delete(&n))
+        .await
+        .map_err(internal)?
+        .map_err(secret_error)?;
     if !found {
         return Err(ApiError::not_found("no secret with this name"));
     }
     let who = caller(&req).map(|a| a.id().to_string());
-    record::event(&state, RecordKind::SecretDelete, who.as_deref(), |e| e.detail = Some(name.clone())).await?;
+    record::event(&state, RecordKind::SecretDelete, who.as_deref(), |e| {
+        e.detail = Some(name.clone())
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(json!({"deleted": name})))
 }
 
 /// `POST /api/secrets/{name}/release` `{"decision_id"}`: the value, only as SPEC 6 allows.
 /// Every release and every refusal is audited (without the value).
-pub async fn secret_release(req: HttpRequest, path: web::Path<String>, payload: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn secret_release(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let name = path.into_inner();
-    let auth = caller(&req).ok_or_else(|| ApiError::new(401, "unauthorized", "a valid bearer token is required"))?;
+    let auth = caller(&req)
+        .ok_or_else(|| ApiError::new(401, "unauthorized", "a valid bearer token is required"))?;
     let bytes = read_json_body(&req, payload).await?;
-    let body: ReleaseBody = serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid("body", format!("invalid release request: {e}")))?;
+    let body: ReleaseBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid("body", format!("invalid release request: {e}")))?;
 
     let audit = state.stores.audit.clone();
     let did = body.decision_id.clone();
-    let record = web::block(move || audit.by_decision(&did)).await.map_err(internal)?.map_err(internal)?;
+    let record = web::block(move || audit.by_decision(&did))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
     let snap = state.snapshot.load_full();
     let no_secrets: Vec<String> = Vec::new();
     let facts = record.as_ref().map(|r| {
@@ -269,17 +356,29 @@ pub async fn secret_release(req: HttpRequest, path: web::Path<String>, payload: 
             .entry
             .worker_id
             .as_deref()
-            .and_then(|w| snap.as_ref().and_then(|s| s.worker(w)).map(|w| w.secrets.clone()))
+            .and_then(|w| {
+                snap.as_ref()
+                    .and_then(|s| s.worker(w))
+                    .map(|w| w.secrets.clone())
+            })
             .unwrap_or_default();
-        (r.entry.allowed == Some(true), r.entry.dry_run, r.entry.ts_ms, worker_secrets, r.entry.tenant_id.clone().unwrap_or_default())
+        (
+            r.entry.allowed == Some(true),
+            r.entry.dry_run,
+            r.entry.ts_ms,
+            worker_secrets,
+            r.entry.tenant_id.clone().unwrap_or_default(),
+        )
     });
-    let facts_ref = facts.as_ref().map(|(allowed, dry_run, ts, ws, tenant)| DecisionFacts {
-        allowed: *allowed,
-        dry_run: *dry_run,
-        decided_at_ms: *ts,
-        worker_secrets: ws.as_slice(),
-        tenant_id: tenant.as_str(),
-    });
+    let facts_ref = facts
+        .as_ref()
+        .map(|(allowed, dry_run, ts, ws, tenant)| DecisionFacts {
+            allowed: *allowed,
+            dry_run: *dry_run,
+            decided_at_ms: *ts,
+            worker_secrets: ws.as_slice(),
+            tenant_id: tenant.as_str(),
+        });
     let _ = &no_secrets;
     let who = Caller {
         tenant: auth.tenant(),
@@ -287,7 +386,10 @@ pub async fn secret_release(req: HttpRequest, path: web::Path<String>, payload: 
         has_release_scope: auth.allows(Scope::SecretsRelease),
     };
     let ttl_ms = (state.config.release_ttl_secs as i64).saturating_mul(1000);
-    let outcome = state.stores.secrets.release(&name, facts_ref.as_ref(), &who, now_ms(), ttl_ms);
+    let outcome = state
+        .stores
+        .secrets
+        .release(&name, facts_ref.as_ref(), &who, now_ms(), ttl_ms);
     let token_id = auth.id().to_string();
     let decision_tenant = facts.as_ref().map(|f| f.4.clone());
     let worker = record.as_ref().and_then(|r| r.entry.worker_id.clone());
@@ -303,10 +405,14 @@ pub async fn secret_release(req: HttpRequest, path: web::Path<String>, payload: 
             .await?;
             let text = zeroize::Zeroizing::new(String::from_utf8_lossy(&value).into_owned());
             let out = zeroize::Zeroizing::new(
-                serde_json::to_vec(&json!({"name": name, "value": text.as_str(), "decision_id": body.decision_id}))
-                    .map_err(internal)?,
+                serde_json::to_vec(
+                    &json!({"name": name, "value": text.as_str(), "decision_id": body.decision_id}),
+                )
+                .map_err(internal)?,
             );
-            Ok(HttpResponse::Ok().content_type("application/json").body(out.to_vec()))
+            Ok(HttpResponse::Ok()
+                .content_type("application/json")
+                .body(out.to_vec()))
         }
         Err(ReleaseError::Refused(r)) => {
             record::event(&state, RecordKind::SecretRefusal, Some(&token_id), |e| {
@@ -327,13 +433,17 @@ pub async fn secret_release(req: HttpRequest, path: web::Path<String>, payload: 
 /// `POST /api/secrets/rotate-key` (admin): re-encrypt every secret under a new master key.
 pub async fn secret_rotate(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let st = state.clone();
-    let report = web::block(move || st.stores.secrets.rotate_key(&st.stores.key_sources, &st.stores.key_source))
-        .await
-        .map_err(internal)?
-        .map_err(|e| match e {
-            SecretError::Key(k) => ApiError::new(409, "cannot_rotate", k.to_string()),
-            other => internal(other),
-        })?;
+    let report = web::block(move || {
+        st.stores
+            .secrets
+            .rotate_key(&st.stores.key_sources, &st.stores.key_source)
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|e| match e {
+        SecretError::Key(k) => ApiError::new(409, "cannot_rotate", k.to_string()),
+        other => internal(other),
+    })?;
     Ok(HttpResponse::Ok().json(json!({
         "old_key_id": report.old_key_id, "new_key_id": report.new_key_id,
         "reencrypted": report.reencrypted, "resumed": report.resumed,

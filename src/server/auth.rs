@@ -40,10 +40,15 @@ pub fn access(method: &Method, path: &str) -> Access {
         p if p.starts_with("/api/tokens") => Access::Scope(Scope::Admin),
         p if p.starts_with("/api/audit") => Access::Scope(Scope::Audit),
         // The release handler checks its own scope so that a refusal is audited.
-        p if p.starts_with("/api/secrets/") && p.ends_with("/release") && method == Method::POST => {
+        p if p.starts_with("/api/secrets/")
+            && p.ends_with("/release")
+            && method == Method::POST =>
+        {
             Access::AnyToken
         }
-        p if p == "/api/secrets" || p.starts_with("/api/secrets/") => Access::Scope(Scope::SecretsWrite),
+        p if p == "/api/secrets" || p.starts_with("/api/secrets/") => {
+            Access::Scope(Scope::SecretsWrite)
+        }
         _ => Access::AnyToken,
     }
 }
@@ -68,7 +73,12 @@ pub async fn gate(
         .into());
     }
     if !guard::origin_allowed(header("origin"), &state.config.allowed_origins) {
-        return Err(ApiError::new(403, "bad_origin", "requests from this Origin are not allowed").into());
+        return Err(ApiError::new(
+            403,
+            "bad_origin",
+            "requests from this Origin are not allowed",
+        )
+        .into());
     }
 
     let needed = access(req.method(), req.path());
@@ -82,9 +92,11 @@ pub async fn gate(
         Err(e) => {
             state.metrics.refused("unauthorized");
             tracing::debug!(reason = ?e, path = req.path(), "unauthenticated request");
-            return Err(ApiError::new(401, "unauthorized", "a valid bearer token is required")
-                .with_header("WWW-Authenticate", "Bearer".into())
-                .into());
+            return Err(
+                ApiError::new(401, "unauthorized", "a valid bearer token is required")
+                    .with_header("WWW-Authenticate", "Bearer".into())
+                    .into(),
+            );
         }
     };
 
@@ -96,8 +108,12 @@ pub async fn gate(
         if !d.allowed {
             state.metrics.refused("rate_limited");
             let retry = d.retry_after_secs.unwrap_or(1).max(1);
-            let mut e = ApiError::new(429, "rate_limited", format!("rate limit exceeded; retry in {retry} s"))
-                .with_header("Retry-After", retry.to_string());
+            let mut e = ApiError::new(
+                429,
+                "rate_limited",
+                format!("rate limit exceeded; retry in {retry} s"),
+            )
+            .with_header("Retry-After", retry.to_string());
             e.headers.extend(rate_headers);
             return Err(e.into());
         }
@@ -106,7 +122,11 @@ pub async fn gate(
     if let Access::Scope(scope) = needed {
         if !auth.allows(scope) {
             state.metrics.refused("forbidden");
-            let mut e = ApiError::new(403, "forbidden", format!("this token lacks the {scope} scope"));
+            let mut e = ApiError::new(
+                403,
+                "forbidden",
+                format!("this token lacks the {scope} scope"),
+            );
             e.headers.extend(rate_headers);
             return Err(e.into());
         }
@@ -116,7 +136,8 @@ pub async fn gate(
     let mut res = next.call(req).await?;
     for (k, v) in rate_headers {
         if let Ok(v) = HeaderValue::from_str(&v) {
-            res.headers_mut().insert(HeaderName::from_static(lower(k)), v);
+            res.headers_mut()
+                .insert(HeaderName::from_static(lower(k)), v);
         }
     }
     Ok(res)

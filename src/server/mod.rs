@@ -66,7 +66,10 @@ fn open_stores(config: &Config) -> Result<state::Stores, Box<dyn std::error::Err
     use crate::store::{audit, keys, secrets, tokens};
     let dir = &config.state_dir;
     let db = crate::store::open_db(dir).map_err(|e| {
-        format!("cannot open the database in {}: {e} (is another hall running on this state dir?)", dir.display())
+        format!(
+            "cannot open the database in {}: {e} (is another hall running on this state dir?)",
+            dir.display()
+        )
     })?;
     let audit = audit::AuditLog::open(
         &db,
@@ -80,7 +83,8 @@ fn open_stores(config: &Config) -> Result<state::Stores, Box<dyn std::error::Err
         },
     )
     .map_err(|e| format!("cannot open the audit log: {e}"))?;
-    let tokens = tokens::TokenStore::open(&db).map_err(|e| format!("cannot open the token store: {e}"))?;
+    let tokens =
+        tokens::TokenStore::open(&db).map_err(|e| format!("cannot open the token store: {e}"))?;
     let boot = tokens
         .ensure_admin_token(dir, state::now_ms())
         .map_err(|e| format!("cannot create the admin token: {e}"))?;
@@ -92,8 +96,8 @@ fn open_stores(config: &Config) -> Result<state::Stores, Box<dyn std::error::Err
     let key_sources = keys::KeySources::new(
         keys::KeyEnv::from_process_env(dir).map_err(|e| format!("master key: {e}"))?,
     );
-    let (secrets, key_source) =
-        secrets::SecretStore::open_from(&db, &key_sources).map_err(|e| format!("cannot open the secret store: {e}"))?;
+    let (secrets, key_source) = secrets::SecretStore::open_from(&db, &key_sources)
+        .map_err(|e| format!("cannot open the secret store: {e}"))?;
     tracing::info!(source = %key_source, key_id = %secrets.key_id(), "master key loaded");
     Ok(state::Stores {
         audit,
@@ -107,7 +111,11 @@ fn open_stores(config: &Config) -> Result<state::Stores, Box<dyn std::error::Err
 
 /// Tell systemd (when it started us with `NOTIFY_SOCKET`) that we are ready, once.
 fn notify_ready(state: &AppState) {
-    if state.snapshot.load().is_some() && !state.ready_notified.swap(true, std::sync::atomic::Ordering::SeqCst) {
+    if state.snapshot.load().is_some()
+        && !state
+            .ready_notified
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tracing::debug!("READY=1 sent to the service manager");
     }
@@ -138,7 +146,9 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
         Ok(v) => record::reload(&state, true, &v, &[]).await,
         Err(errs) => {
             record::reload(&state, false, "", &errs).await;
-            tracing::warn!("no policy set loaded: /api/route answers 503 until the files are fixed");
+            tracing::warn!(
+                "no policy set loaded: /api/route answers 503 until the files are fixed"
+            );
         }
     }
 
@@ -270,10 +280,17 @@ fn routes(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(ops::workers))
             .default_service(m405()),
     );
-    let one = |path: &str, h| web::resource(path.to_string()).route(h).default_service(m405());
+    let one = |path: &str, h| {
+        web::resource(path.to_string())
+            .route(h)
+            .default_service(m405())
+    };
     cfg.service(one("/api/audit", web::get().to(api::audit_query)))
         .service(one("/api/audit/verify", web::get().to(api::audit_verify)))
-        .service(one("/api/audit/{decision_id}", web::get().to(api::audit_show)))
+        .service(one(
+            "/api/audit/{decision_id}",
+            web::get().to(api::audit_show),
+        ))
         .service(
             web::resource("/api/tokens")
                 .route(web::post().to(api::token_create))
@@ -282,8 +299,14 @@ fn routes(cfg: &mut web::ServiceConfig) {
         )
         .service(one("/api/tokens/{id}", web::delete().to(api::token_revoke)))
         .service(one("/api/secrets", web::get().to(api::secret_list)))
-        .service(one("/api/secrets/rotate-key", web::post().to(api::secret_rotate)))
-        .service(one("/api/secrets/{name}/release", web::post().to(api::secret_release)))
+        .service(one(
+            "/api/secrets/rotate-key",
+            web::post().to(api::secret_rotate),
+        ))
+        .service(one(
+            "/api/secrets/{name}/release",
+            web::post().to(api::secret_release),
+        ))
         .service(
             web::resource("/api/secrets/{name}")
                 .route(web::put().to(api::secret_put))

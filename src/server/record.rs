@@ -48,10 +48,16 @@ pub async fn decision(
         token_id,
         ..AuditEntry::new(RecordKind::Decision, now_ms())
     };
-    state.stores.audit.append(entry).await.map(|_| ()).map_err(|e| {
-        tracing::error!(error = %e, "audit write failed: refusing to answer the route request");
-        ApiError::unavailable("the audit log cannot be written; no decision can be given")
-    })
+    state
+        .stores
+        .audit
+        .append(entry)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            tracing::error!(error = %e, "audit write failed: refusing to answer the route request");
+            ApiError::unavailable("the audit log cannot be written; no decision can be given")
+        })
 }
 
 /// Append a non-decision record. Failures are logged; the caller decides whether they
@@ -65,10 +71,16 @@ pub async fn event(
     let mut entry = AuditEntry::new(kind, now_ms());
     entry.token_id = token_id.map(str::to_string);
     fill(&mut entry);
-    state.stores.audit.append(entry).await.map(|_| ()).map_err(|e| {
-        tracing::error!(error = %e, ?kind, "audit write failed");
-        ApiError::unavailable("the audit log cannot be written")
-    })
+    state
+        .stores
+        .audit
+        .append(entry)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            tracing::error!(error = %e, ?kind, "audit write failed");
+            ApiError::unavailable("the audit log cannot be written")
+        })
 }
 
 /// The audit head for `/api/status`.

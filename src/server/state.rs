@@ -9,12 +9,12 @@ use serde::Serialize;
 
 use super::metrics::Metrics;
 use crate::config::Config;
+use crate::engine::Snapshot;
+use crate::load::load_dirs;
 use crate::store::audit::AuditLog;
 use crate::store::keys::{KeySource, KeySources};
 use crate::store::secrets::SecretStore;
 use crate::store::tokens::TokenStore;
-use crate::engine::Snapshot;
-use crate::load::load_dirs;
 
 /// What the last reload did, for `/api/status`.
 #[derive(Debug, Clone, Default, Serialize)]

@@ -87,7 +87,12 @@ impl Daemon {
     }
 
     /// Start (again) on an existing dir, e.g. after a crash.
-    pub fn spawn(dir: tempfile::TempDir, args: &[String], env: &[(String, String)], wait_ready: bool) -> Daemon {
+    pub fn spawn(
+        dir: tempfile::TempDir,
+        args: &[String],
+        env: &[(String, String)],
+        wait_ready: bool,
+    ) -> Daemon {
         let p = dir.path();
         let mut cmd = Command::new(HALL);
         cmd.arg("serve")
@@ -123,7 +128,10 @@ impl Daemon {
                 let Ok(line) = line else { break };
                 if let Some(i) = line.find("listening on http://") {
                     let rest = &line[i + "listening on http://".len()..];
-                    let addr: String = rest.chars().take_while(|c| !c.is_whitespace() && *c != '"').collect();
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| !c.is_whitespace() && *c != '"')
+                        .collect();
                     if let (Some(tx), Ok(a)) = (tx.take(), addr.parse::<SocketAddr>()) {
                         let _ = tx.send(a);
                     }
@@ -141,7 +149,12 @@ impl Daemon {
                 panic!("daemon did not start; logs:\n{}", logs.lock().unwrap());
             }
         };
-        let d = Daemon { child, addr, dir, logs };
+        let d = Daemon {
+            child,
+            addr,
+            dir,
+            logs,
+        };
         if wait_ready {
             d.wait_until(Duration::from_secs(30), || d.get("/ready").status == 200);
         }
@@ -195,8 +208,15 @@ impl Daemon {
     }
 
     /// Any request with exactly these headers (no defaults added).
-    pub fn request(&self, method: &str, path: &str, headers: &[(String, String)], body: Option<&[u8]>) -> Resp {
-        raw_request(self.addr, method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}\nlogs:\n{}", self.logs()))
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: Option<&[u8]>,
+    ) -> Resp {
+        raw_request(self.addr, method, path, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\nlogs:\n{}", self.logs()))
     }
 
     pub fn wait_until(&self, timeout: Duration, mut f: impl FnMut() -> bool) -> Duration {
@@ -207,7 +227,10 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("condition not met within {timeout:?}; logs:\n{}", self.logs());
+        panic!(
+            "condition not met within {timeout:?}; logs:\n{}",
+            self.logs()
+        );
     }
 
     pub fn signal(&self, sig: i32) {
@@ -262,7 +285,8 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -275,7 +299,11 @@ impl Resp {
         assert_eq!(self.status, status, "body: {}", self.body);
         let v = self.json();
         assert_eq!(v["code"], code, "body: {}", self.body);
-        assert!(v["error"].as_str().is_some_and(|s| !s.is_empty()), "body: {}", self.body);
+        assert!(
+            v["error"].as_str().is_some_and(|s| !s.is_empty()),
+            "body: {}",
+            self.body
+        );
         if let Some(f) = field {
             assert_eq!(v["field"], f, "body: {}", self.body);
         }
@@ -317,7 +345,10 @@ pub fn read_response(s: &mut TcpStream) -> std::io::Result<Resp> {
 pub fn parse_response(buf: &[u8]) -> std::io::Result<Resp> {
     let text = String::from_utf8_lossy(buf).to_string();
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("no complete response: {text:?}")));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("no complete response: {text:?}"),
+        ));
     };
     let mut lines = head.split("\r\n");
     let status: u16 = lines
@@ -329,5 +360,9 @@ pub fn parse_response(buf: &[u8]) -> std::io::Result<Resp> {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
-    Ok(Resp { status, headers, body: body.to_string() })
+    Ok(Resp {
+        status,
+        headers,
+        body: body.to_string(),
+    })
 }
