@@ -349,7 +349,7 @@ safe_rm_dir() {
 	*) die "refusing to delete '$dir': not a hall directory" ;;
 	esac
 	[ "$dir" != "$HOME" ] || die "refusing to delete $HOME"
-	if [ -e "$dir" ]; then
+	if [ -e "$dir" ] || [ -L "$dir" ]; then
 		rm -rf -- "$dir"
 		say removed "$what $dir"
 	else
@@ -361,7 +361,7 @@ safe_rm_dir() {
 # Uninstall
 
 uninstall() {
-	local key value m_bin='' m_unit='' m_service='' m_config='' m_state='' m_logs=''
+	local key value m_bin='' m_unit='' m_service='' m_config='' m_state='' m_dyn_state='' m_logs=''
 	echo "Uninstalling Hall (manifest $MANIFEST)"
 	if [ ! -f "$MANIFEST" ]; then
 		say unchanged "nothing to remove: no manifest at $MANIFEST"
@@ -377,6 +377,7 @@ uninstall() {
 		service) m_service=$value ;;
 		config_dir) m_config=$value ;;
 		state_dir) m_state=$value ;;
+		dynamic_state_dir) m_dyn_state=$value ;;
 		log_dir) m_logs=$value ;;
 		esac
 	done <"$MANIFEST"
@@ -423,6 +424,7 @@ uninstall() {
 
 	if [ "$PURGE" = 1 ]; then
 		[ -z "$m_state" ] || safe_rm_dir "$m_state" "state"
+		[ -z "$m_dyn_state" ] || safe_rm_dir "$m_dyn_state" "state"
 		[ -z "$m_logs" ] || safe_rm_dir "$m_logs" "logs"
 		[ -z "$m_config" ] || safe_rm_dir "$m_config" "config"
 		return 0
@@ -431,6 +433,7 @@ uninstall() {
 	{
 		[ -z "$m_config" ] || printf 'config_dir\t%s\n' "$m_config"
 		[ -z "$m_state" ] || printf 'state_dir\t%s\n' "$m_state"
+		[ -z "$m_dyn_state" ] || printf 'dynamic_state_dir\t%s\n' "$m_dyn_state"
 		[ -z "$m_logs" ] || printf 'log_dir\t%s\n' "$m_logs"
 	} | install_text "$MANIFEST" "$CONF_FILE_MODE" "manifest"
 	say kept "config $m_config (hall.toml, registry/, policies/)"
@@ -587,7 +590,9 @@ esac
 		esac
 	fi
 	printf 'config_dir\t%s\n' "$CONFIG_DIR"
-	if [ "$SYSTEMD_OWNS_STATE" = 0 ]; then printf 'state_dir\t%s\n' "$STATE_DIR"; fi
+	printf 'state_dir\t%s\n' "$STATE_DIR"
+	# DynamicUser=yes keeps the real directory there; /var/lib/hall is a symlink to it.
+	if [ "$SYSTEMD_OWNS_STATE" = 1 ]; then printf 'dynamic_state_dir\t%s\n' /var/lib/private/hall; fi
 	if [ "$SERVICE" = launchd ]; then printf 'log_dir\t%s\n' "$LOG_DIR"; fi
 } | install_text "$MANIFEST" "$CONF_FILE_MODE" "manifest"
 
@@ -615,7 +620,7 @@ systemd)
 	;;
 launchd)
 	echo "  service  launchctl print gui/$(id -u)/$LABEL | logs in $LOG_DIR"
-	echo "           reload: launchctl kill HUP gui/$(id -u)/$LABEL"
+	echo "           reload: launchctl kill SIGHUP gui/$(id -u)/$LABEL"
 	;;
 *)
 	echo "  run      '$BIN' serve --config '$CONFIG_FILE'"
