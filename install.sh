@@ -472,7 +472,8 @@ else
 		die "cargo not found: install Rust from https://rustup.rs, or set HALL_INSTALL_SKIP_BUILD=1 HALL_BINARY=/path/to/hall"
 	[ -f "$SRC_DIR/Cargo.toml" ] || die "no Cargo.toml in $SRC_DIR"
 	echo "  building   cargo build --release --locked (this takes a few minutes the first time)"
-	(cd "$SRC_DIR" && cargo build --release --locked --bin hall)
+	# The build tree may be shared (CARGO_TARGET_DIR): build with the usual umask, not ours.
+	(cd "$SRC_DIR" && umask 022 && cargo build --release --locked --bin hall)
 	# cargo resolves a relative CARGO_TARGET_DIR against the directory it runs in.
 	TARGET_DIR=${CARGO_TARGET_DIR:-target}
 	case $TARGET_DIR in
