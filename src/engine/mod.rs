@@ -14,3 +14,6 @@ pub use decide::decide;
 pub use lint::{lint, Diagnostic, Severity};
 pub use model::*;
 pub use snapshot::*;
+
+#[cfg(test)]
+mod tests;
