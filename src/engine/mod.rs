@@ -16,4 +16,6 @@ pub use model::*;
 pub use snapshot::*;
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
