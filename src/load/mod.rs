@@ -707,3 +707,6 @@ fn valid_reason(s: &str) -> bool {
         && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
 }
+
+#[cfg(test)]
+mod tests;
