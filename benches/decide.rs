@@ -37,7 +37,10 @@ fn bench(c: &mut Criterion) {
         };
         // Check the requests do what the names say before timing them.
         let d = decide(&snap, &allowed, false).unwrap();
-        assert!(d.allowed && d.rule_id.unwrap().ends_with(".default"), "{d:?}");
+        assert!(
+            d.allowed && d.rule_id.unwrap().ends_with(".default"),
+            "{d:?}"
+        );
         let d = decide(&snap, &denied, false).unwrap();
         assert_eq!(d.deny_reason, Some(NO_MATCHING_RULE));
 
@@ -46,6 +49,11 @@ fn bench(c: &mut Criterion) {
         });
         c.bench_function(&format!("decide/{rules}_rules/denied"), |b| {
             b.iter(|| decide(black_box(&snap), black_box(&denied), false))
+        });
+        // The explain path walks every rule in file order (no index): it is linear in the
+        // size of the set, and only for people debugging a policy.
+        c.bench_function(&format!("decide/{rules}_rules/allowed_explain"), |b| {
+            b.iter(|| decide(black_box(&snap), black_box(&allowed), true))
         });
     }
 }
