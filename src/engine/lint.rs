@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::snapshot::{Effect, Location, Rule, Snapshot};
+use super::snapshot::{Effect, Location, Pattern, Rule, Snapshot};
 
 /// How bad a finding is: errors stop a load, warnings do not (unless `--strict`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -73,13 +73,20 @@ pub fn lint(snap: &Snapshot, cap_locations: &[Location]) -> Vec<Diagnostic> {
         let matched_caps: Vec<u32> = (0..snap.capabilities.len() as u32)
             .filter(|&c| r.capability_matches(&snap.capabilities[c as usize].id))
             .collect();
-        if matched_caps.is_empty() || r.compiled.env_mask == 0 || r.compiled.label_mask == 0 {
+        let no_tenant = r.tenants.as_ref().is_some_and(|t| t.is_empty());
+        if matched_caps.is_empty()
+            || r.compiled.env_mask == 0
+            || r.compiled.label_mask == 0
+            || no_tenant
+        {
             let why = if matched_caps.is_empty() {
                 "matches no capability in the registry"
             } else if r.compiled.env_mask == 0 {
                 "matches no environment"
-            } else {
+            } else if r.compiled.label_mask == 0 {
                 "matches no data label"
+            } else {
+                "matches no tenant"
             };
             out.push(warn(
                 &r.location,
@@ -130,7 +137,8 @@ fn covers(a: &Rule, b: &Rule) -> bool {
             .all(|pb| a.capabilities.iter().any(|pa| pa.covers(pb)))
         && match (&a.tenants, &b.tenants) {
             (None, _) => true,
-            (Some(_), None) => false,
+            // Omitted tenants means any: only a `*` in `a` covers it.
+            (Some(ta), None) => ta.contains(&Pattern::Any),
             (Some(ta), Some(tb)) => tb.iter().all(|pb| ta.iter().any(|pa| pa.covers(pb))),
         }
 }
@@ -160,7 +168,7 @@ fn can_select(snap: &Snapshot, r: &Rule, caps: &[u32]) -> bool {
                     .controls
                     .iter()
                     .all(|ctl| wc.controls.binary_search(ctl).is_ok())
-                && r.max_blast_radius.is_none_or(|m| w.blast_radius <= m)
+                && r.max_blast_radius.map_or(true, |m| w.blast_radius <= m)
         })
     })
 }

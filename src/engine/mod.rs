@@ -14,3 +14,8 @@ pub use decide::decide;
 pub use lint::{lint, Diagnostic, Severity};
 pub use model::*;
 pub use snapshot::*;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;

@@ -4,6 +4,7 @@
 //! `file:line:col`), validate (references, ids, settings: SPEC 2.3), compile
 //! ([`Snapshot::compile`]) and lint ([`crate::engine::lint`]).
 
+pub mod generate;
 pub mod watch;
 
 use std::collections::HashMap;
@@ -261,14 +262,26 @@ impl<'a> Checker<'a> {
             Ok(v) => Some(v),
             Err(e) => {
                 let offset = e.span().map_or(0, |s| s.start);
-                let msg = e.message().trim().to_string();
+                // toml puts a hint on a second line; keep one finding on one line so
+                // `file:line:col: error: ...` stays greppable and editor-clickable.
+                let msg = e
+                    .message()
+                    .trim()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(": ");
                 let key = msg
                     .strip_prefix("unknown field `")
                     .and_then(|r| r.split('`').next())
                     .unwrap_or("")
                     .to_string();
+                // TOML calls them keys; serde calls them fields.
                 let msg = if msg.starts_with("unknown field") {
                     msg.replacen("unknown field", "unknown key", 1)
+                } else if msg.starts_with("missing field") {
+                    msg.replacen("missing field", "missing key", 1)
                 } else {
                     msg
                 };
@@ -355,7 +368,8 @@ pub fn load_sources(registry: &[Source], policies: &[Source]) -> Result<Loaded, 
             );
             continue;
         }
-        settings_at = Some(ck.loc(raw.span().start));
+        let settings_start = raw.span().start;
+        settings_at = Some(ck.loc(settings_start));
         let raw = raw.get_ref();
         for (list, key, target) in [
             (
@@ -385,7 +399,7 @@ pub fn load_sources(registry: &[Source], policies: &[Source]) -> Result<Loaded, 
             }
             if vals.is_empty() || vals.len() > 64 {
                 ck.error(
-                    raw_start(list),
+                    list.first().map_or(settings_start, |s| s.span().start),
                     key.into(),
                     "must list between 1 and 64 values".into(),
                 );
@@ -684,10 +698,6 @@ fn strings(v: &[S]) -> Vec<String> {
     v.iter().map(|s| s.get_ref().clone()).collect()
 }
 
-fn raw_start(list: &[S]) -> usize {
-    list.first().map_or(0, |s| s.span().start)
-}
-
 /// Deny reasons are machine codes: `[a-z][a-z0-9_]{0,63}`.
 fn valid_reason(s: &str) -> bool {
     let b = s.as_bytes();
@@ -697,3 +707,6 @@ fn valid_reason(s: &str) -> bool {
         && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
 }
+
+#[cfg(test)]
+mod tests;
