@@ -70,9 +70,7 @@ pub fn lint(snap: &Snapshot, cap_locations: &[Location]) -> Vec<Diagnostic> {
     let n_env = snap.settings.environments.len();
     for (ri, r) in snap.rules.iter().enumerate() {
         let key = format!("rule[{}]", r.id);
-        let matched_caps: Vec<u32> = (0..snap.capabilities.len() as u32)
-            .filter(|&c| r.capability_matches(&snap.capabilities[c as usize].id))
-            .collect();
+        let matched_caps = snap.capabilities_matched_by(&r.capabilities);
         let no_tenant = r.tenants.as_ref().is_some_and(|t| t.is_empty());
         if matched_caps.is_empty()
             || r.compiled.env_mask == 0

@@ -217,6 +217,8 @@ pub struct Snapshot {
     pub(crate) rules_by_cap_env: Vec<Vec<u32>>,
     /// Workers offering each capability, sorted by id: the default candidates.
     pub(crate) workers_by_cap: Vec<Vec<u32>>,
+    /// (capability id, index), sorted by id, for prefix-glob lookups.
+    pub(crate) caps_sorted: Vec<(String, u32)>,
 }
 
 impl Snapshot {
@@ -305,18 +307,25 @@ impl Snapshot {
             };
         }
 
+        // Capability ids in sorted order: a prefix glob is then one binary search and a
+        // contiguous range, so compiling costs rules x matches, not rules x capabilities.
+        let mut caps_sorted: Vec<(String, u32)> = capabilities
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id.clone(), i as u32))
+            .collect();
+        caps_sorted.sort_unstable();
+
         let n_env = settings.environments.len();
         let mut rules_by_cap_env = vec![Vec::new(); capabilities.len() * n_env];
         for (ri, r) in rules.iter().enumerate() {
             if r.compiled.env_mask == 0 || r.compiled.label_mask == 0 {
                 continue;
             }
-            for (ci, c) in capabilities.iter().enumerate() {
-                if r.capability_matches(&c.id) {
-                    for e in 0..n_env {
-                        if r.compiled.env_mask & (1 << e) != 0 {
-                            rules_by_cap_env[ci * n_env + e].push(ri as u32);
-                        }
+            for ci in matching_capabilities(&r.capabilities, &cap_index, &caps_sorted) {
+                for e in 0..n_env {
+                    if r.compiled.env_mask & (1 << e) != 0 {
+                        rules_by_cap_env[ci as usize * n_env + e].push(ri as u32);
                     }
                 }
             }
@@ -344,7 +353,13 @@ impl Snapshot {
             controls,
             rules_by_cap_env,
             workers_by_cap,
+            caps_sorted,
         }
+    }
+
+    /// Indices of the registry capabilities a rule's patterns match, sorted, no duplicates.
+    pub(crate) fn capabilities_matched_by(&self, patterns: &[Pattern]) -> Vec<u32> {
+        matching_capabilities(patterns, &self.cap_index, &self.caps_sorted)
     }
 
     pub fn env_index(&self, env: &str) -> Option<usize> {
@@ -376,6 +391,35 @@ impl Snapshot {
                 .collect()
         })
     }
+}
+
+/// Capabilities matched by any of `patterns`: exact ids by hash lookup, prefix globs by a
+/// binary search into the sorted ids, `*` all.
+fn matching_capabilities(
+    patterns: &[Pattern],
+    cap_index: &HashMap<String, u32>,
+    caps_sorted: &[(String, u32)],
+) -> Vec<u32> {
+    let mut out: Vec<u32> = Vec::new();
+    for p in patterns {
+        match p {
+            Pattern::Any => return (0..caps_sorted.len() as u32).collect(),
+            Pattern::Exact(id) => out.extend(cap_index.get(id).copied()),
+            Pattern::Prefix(prefix) => {
+                let start = caps_sorted.partition_point(|(id, _)| id.as_str() < prefix.as_str());
+                out.extend(
+                    caps_sorted[start..]
+                        .iter()
+                        .take_while(|(id, _)| id.starts_with(prefix.as_str()))
+                        .filter(|(id, _)| p.matches(id))
+                        .map(|(_, i)| *i),
+                );
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// A bit mask from indices (envs and labels are capped at 64 by the loader).
