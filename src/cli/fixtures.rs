@@ -82,14 +82,14 @@ pub fn run(snap: &Snapshot, file: &str, cases: &[Case], report: &mut Report) {
         let (ok, actual) = match decide(snap, &req, false) {
             Ok(d) => {
                 let e = &c.expect;
-                let ok = e.allowed.map_or(true, |a| a == d.allowed)
+                let ok = e.allowed.is_none_or(|a| a == d.allowed)
                     && e.worker_id
                         .as_deref()
-                        .map_or(true, |w| Some(w) == d.worker_id)
+                        .is_none_or(|w| Some(w) == d.worker_id)
                     && e.deny_reason
                         .as_deref()
-                        .map_or(true, |w| Some(w) == d.deny_reason)
-                    && e.rule_id.as_deref().map_or(true, |w| Some(w) == d.rule_id);
+                        .is_none_or(|w| Some(w) == d.deny_reason)
+                    && e.rule_id.as_deref().is_none_or(|w| Some(w) == d.rule_id);
                 (ok, serde_json::to_string(&d).unwrap_or_default())
             }
             Err(e) => (false, format!("invalid request: {e}")),

@@ -166,7 +166,7 @@ fn can_select(snap: &Snapshot, r: &Rule, caps: &[u32]) -> bool {
                     .controls
                     .iter()
                     .all(|ctl| wc.controls.binary_search(ctl).is_ok())
-                && r.max_blast_radius.map_or(true, |m| w.blast_radius <= m)
+                && r.max_blast_radius.is_none_or(|m| w.blast_radius <= m)
         })
     })
 }

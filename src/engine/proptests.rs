@@ -273,13 +273,13 @@ fn rule_matches(snap: &Snapshot, r: &Rule, q: &Request<'_>) -> bool {
     let env = r
         .envs
         .as_ref()
-        .map_or(true, |es| es.iter().any(|e| e == q.env));
+        .is_none_or(|es| es.iter().any(|e| e == q.env));
     let label = match (&r.data_labels, &r.max_data_label) {
         (Some(ls), _) => ls.iter().any(|l| l == q.data_label),
         (None, Some(m)) => label_rank(snap, q.data_label) <= label_rank(snap, m),
         (None, None) => true,
     };
-    let tenant = r.tenants.as_ref().map_or(true, |ts| {
+    let tenant = r.tenants.as_ref().is_none_or(|ts| {
         ts.iter()
             .any(|p| pattern_matches(&p.to_string(), q.tenant_id))
     });
@@ -293,7 +293,7 @@ fn eligible(snap: &Snapshot, w: &Worker, r: &Rule, q: &Request<'_>) -> bool {
         && w.environments.iter().any(|e| e == q.env)
         && label_rank(snap, &w.max_data_label) >= label_rank(snap, q.data_label)
         && r.require_controls.iter().all(|c| w.controls.contains(c))
-        && r.max_blast_radius.map_or(true, |m| w.blast_radius <= m)
+        && r.max_blast_radius.is_none_or(|m| w.blast_radius <= m)
 }
 
 /// The rule's candidates in rank order, from public fields.
