@@ -21,14 +21,11 @@ pub async fn decision(
 ) -> Result<(), ApiError> {
     let token_id = super::auth::caller(req).map(|a| a.id().to_string());
     // Compact, canonical JSON text so an export parses back to the same record.
-    let context = match &body.context {
-        None => None,
-        Some(raw) => Some(
-            serde_json::from_str::<serde_json::Value>(raw.get())
-                .map(|v| v.to_string())
-                .unwrap_or_default(),
-        ),
-    };
+    let context = body.context.as_ref().map(|raw| {
+        serde_json::from_str::<serde_json::Value>(raw.get())
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    });
     let entry = AuditEntry {
         decision_id: Some(decision_id.to_string()),
         tenant_id: Some(body.tenant_id.clone()),
