@@ -5,28 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// When a route response may be sent relative to its audit record reaching disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Durability {
-    /// The response waits for the record's flush (group commit). The default.
-    #[default]
-    Durable,
-    /// The response goes at once; the writer flushes at least every 50 ms.
-    Batched,
-}
-
-impl std::str::FromStr for Durability {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "durable" => Ok(Durability::Durable),
-            "batched" => Ok(Durability::Batched),
-            other => Err(format!(
-                "audit durability must be \"durable\" or \"batched\", got {other:?}"
-            )),
-        }
-    }
-}
+pub use crate::store::audit::Durability;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -74,10 +74,7 @@ fn open_stores(config: &Config) -> Result<state::Stores, Box<dyn std::error::Err
     let audit = audit::AuditLog::open(
         &db,
         audit::AuditConfig {
-            durability: match config.audit_durability {
-                crate::config::Durability::Durable => audit::Durability::Durable,
-                crate::config::Durability::Batched => audit::Durability::Batched,
-            },
+            durability: config.audit_durability,
             retention_days: config.audit_retention_days,
             ..Default::default()
         },
