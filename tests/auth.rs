@@ -1019,3 +1019,75 @@ fn cli_token_create_list_revoke() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
 }
+
+#[test]
+fn tenant_bound_token_releases_only_for_its_tenant() {
+    let d = Daemon::start();
+    let value = "sk-test-4f1e9a";
+    let r = d.request(
+        "PUT",
+        "/api/secrets/openai_api_key",
+        &[
+            d.default_headers(),
+            vec![("Content-Type".into(), "application/json".into())],
+        ]
+        .concat(),
+        Some(format!(r#"{{"value":"{value}"}}"#).as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let acme = issue(
+        &d,
+        r#"{"name":"acme","scopes":["route","secrets:release"],"tenant_id":"org.acme"}"#,
+    );
+    let beta = issue(
+        &d,
+        r#"{"name":"beta","scopes":["route","secrets:release"],"tenant_id":"org.beta.eu"}"#,
+    );
+    let unbound = issue_scopes(&d, "unbound", &["route", "secrets:release"]);
+    let router = issue(
+        &d,
+        r#"{"name":"router","scopes":["route"],"tenant_id":"org.acme"}"#,
+    );
+
+    let dec = route_as(&d, Some(&acme.token), "org.acme").json();
+    assert_eq!(dec["worker_id"], "worker.doc.summarize");
+    let did = dec["decision_id"].as_str().unwrap().to_string();
+    let release = |t: &Tok| {
+        send_as(
+            &d,
+            "POST",
+            "/api/secrets/openai_api_key/release",
+            Some(&t.token),
+            &format!(r#"{{"decision_id":"{did}"}}"#),
+        )
+    };
+    // Another tenant's token, and an unbound non-admin one, are refused.
+    release(&beta).assert_error(403, "tenant_mismatch", None);
+    release(&unbound).assert_error(403, "tenant_mismatch", None);
+    // A token of the right tenant without the scope: forbidden.
+    release(&router).assert_error(403, "forbidden", None);
+    // The decision's own tenant gets the value.
+    let r = release(&acme);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["value"], value);
+
+    // Each refusal and the release are audited under the token that asked.
+    let refusals = d.get("/api/audit?kind=secret_refusal").json();
+    let ids: Vec<&str> = refusals["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["token_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [beta.id.as_str(), unbound.id.as_str(), router.id.as_str()]
+    );
+    let released = d.get("/api/audit?kind=secret_release").json();
+    assert_eq!(released["records"][0]["token_id"], acme.id.as_str());
+    assert_eq!(released["records"][0]["decision_id"], did.as_str());
+    assert!(
+        !d.get("/api/audit").body.contains(value),
+        "the value is never audited"
+    );
+}
