@@ -168,6 +168,16 @@ impl Config {
         } else {
             file.allowed_origins.unwrap_or_default()
         };
+        // An entry that is not an origin would silently match nothing: say so at startup.
+        if let Some(bad) = allowed_origins
+            .iter()
+            .find(|o| crate::server::guard::normalize_origin(o).is_none())
+        {
+            return Err(ConfigError(format!(
+                "allowed_origins: {bad:?} is not an origin; write scheme://host[:port] with no path or \
+                 trailing slash, e.g. http://localhost:3000 (\"null\" and wildcards are not accepted)"
+            )));
+        }
 
         let audit_durability = flags
             .audit_durability
@@ -353,5 +363,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/hall"));
+    }
+
+    #[test]
+    fn allowed_origins_must_be_origins() {
+        for bad in ["http://localhost:3000/", "*", "null", "localhost:3000"] {
+            let flags = Flags {
+                allowed_origins: vec!["http://ok.example".into(), bad.into()],
+                ..Default::default()
+            };
+            let e = Config::resolve_with(&flags, &env_of(&[])).unwrap_err();
+            assert!(
+                e.0.contains("allowed_origins") && e.0.contains(bad),
+                "{}",
+                e.0
+            );
+        }
+        let e = Config::resolve_with(
+            &Flags::default(),
+            &env_of(&[(
+                "HALL_ALLOWED_ORIGINS",
+                "http://a.example, https://b.example/x",
+            )]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("https://b.example/x"), "{}", e.0);
+        let flags = Flags {
+            allowed_origins: vec!["HTTP://App.Example:8080".into()],
+            ..Default::default()
+        };
+        let c = Config::resolve_with(&flags, &env_of(&[])).unwrap();
+        assert_eq!(c.allowed_origins, ["HTTP://App.Example:8080"]);
     }
 }

@@ -170,7 +170,16 @@ struct TokenBody {
 
 fn token_error(e: TokenError) -> ApiError {
     match e {
-        TokenError::Invalid { field, message } => ApiError::invalid(field, message),
+        // The store names its own fields; the client must see the ones it sent.
+        TokenError::Invalid { field, message } => {
+            let field = match field {
+                "expires_at_ms" => "expires_in_secs",
+                "rate_limit.per_minute" => "rate_limit_per_minute",
+                "rate_limit.burst" => "rate_burst",
+                f => f,
+            };
+            ApiError::invalid(field, message)
+        }
         other => internal(other),
     }
 }

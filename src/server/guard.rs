@@ -18,12 +18,16 @@
 //! clients leave it out). Anything with userinfo (`@`), a path, whitespace, percent-encoding
 //! or non-ASCII is refused outright rather than parsed.
 //!
+//! With `--allow-non-loopback` the daemon also accepts, as `Host`, an IP literal naming its
+//! listener ([`ip_host_allowed`]); host *names* other than `localhost` are still refused, so
+//! remote clients must use `http://<ip>:<port>`.
+//!
 //! **Origin** stops cross-site requests from pages that *are* on a loopback origin (another
 //! local web app) and, belt and braces, from any page at all: no `Origin` (curl, the CLI,
 //! agents) passes; any `Origin` passes only when listed in `allowed_origins` (default: none).
 //! `null` (sandboxed iframes, `file:` pages, redirects) is always refused, even if listed.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Whether `host_header` (the `Host` header, or the `:authority` of an HTTP/2 request) names
 /// this machine's loopback interface on `listen_port`. See the module docs for exactly what
@@ -43,6 +47,41 @@ pub fn host_allowed(host_header: Option<&str>, listen_port: u16) -> bool {
             name.eq_ignore_ascii_case("localhost")
                 || name.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
         }
+    }
+}
+
+/// With `--allow-non-loopback` (a listener that is not loopback): whether `host_header` is an
+/// IP literal that names this listener, with the listening port or none.
+///
+/// Why IP literals are safe: DNS rebinding needs a *name* the attacker controls; a browser
+/// sends an IP literal as `Host` only when it connected to that very address. So the listen
+/// address itself passes, and for a wildcard listen (`0.0.0.0`, `::`) any unicast IP literal
+/// does (the daemon cannot know which of its addresses a client used). Names other than
+/// `localhost` (`myhost.lan`) still fail: a name can be rebound, and allowing one would need a
+/// configured list.
+pub fn ip_host_allowed(host_header: Option<&str>, listen_ip: IpAddr, listen_port: u16) -> bool {
+    let Some((name, port)) = host_header.and_then(split_authority) else {
+        return false;
+    };
+    if port.is_some_and(|p| p != listen_port) {
+        return false;
+    }
+    let ip: IpAddr = match name {
+        Name::Ipv6(inner) => match inner.parse::<Ipv6Addr>() {
+            Ok(ip) => ip.into(),
+            Err(_) => return false,
+        },
+        Name::Reg(name) => match name.parse::<Ipv4Addr>() {
+            Ok(ip) => ip.into(),
+            Err(_) => return false,
+        },
+    };
+    let ip = ip.to_canonical();
+    let listen_ip = listen_ip.to_canonical();
+    if listen_ip.is_unspecified() {
+        !ip.is_unspecified() && !ip.is_multicast() && ip != IpAddr::V4(Ipv4Addr::BROADCAST)
+    } else {
+        ip == listen_ip
     }
 }
 
@@ -439,6 +478,56 @@ mod tests {
             "[fe80::1]:8765",
         ] {
             assert!(!is_loopback_listen(&a.parse().unwrap()), "{a}");
+        }
+    }
+
+    #[test]
+    fn non_loopback_listen_accepts_its_own_ip_literal_only() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let lan = ip("192.0.2.2");
+        for h in ["192.0.2.2", "192.0.2.2:8765"] {
+            assert!(ip_host_allowed(Some(h), lan, PORT), "{h}");
+        }
+        for h in [
+            "192.0.2.3:8765",
+            "192.0.2.2:8766",
+            "evil.example:8765",
+            "myhost.lan:8765",
+            "192.0.2.2.evil.example:8765",
+            "[::ffff:192.0.2.3]:8765",
+            "3221291522:8765",
+            "",
+        ] {
+            assert!(!ip_host_allowed(Some(h), lan, PORT), "{h}");
+        }
+        assert!(!ip_host_allowed(None, lan, PORT));
+        // The IPv4-mapped spelling of the listen address is the same address.
+        assert!(ip_host_allowed(Some("[::ffff:192.0.2.2]:8765"), lan, PORT));
+        let v6 = ip("fd00::2");
+        assert!(ip_host_allowed(Some("[fd00::2]:8765"), v6, PORT));
+        assert!(!ip_host_allowed(Some("[fd00::3]:8765"), v6, PORT));
+    }
+
+    #[test]
+    fn wildcard_listen_accepts_unicast_ip_literals_but_no_names() {
+        let any4: IpAddr = Ipv4Addr::UNSPECIFIED.into();
+        let any6: IpAddr = Ipv6Addr::UNSPECIFIED.into();
+        for h in ["192.0.2.2:8765", "10.1.2.3", "[fd00::2]:8765"] {
+            assert!(ip_host_allowed(Some(h), any4, PORT), "{h}");
+            assert!(ip_host_allowed(Some(h), any6, PORT), "{h}");
+        }
+        for h in [
+            "0.0.0.0:8765",
+            "[::]:8765",
+            "255.255.255.255:8765",
+            "224.0.0.1:8765",
+            "[ff02::1]:8765",
+            "192.0.2.2:1",
+            "evil.example:8765",
+            "localhost.evil.example:8765",
+            "127.1:8765",
+        ] {
+            assert!(!ip_host_allowed(Some(h), any4, PORT), "{h}");
         }
     }
 }

@@ -33,13 +33,23 @@ pub fn run(args: ServeArgs) -> CliResult {
         log_format: args.log_format.clone(),
     })?;
     init_logging(config.log_format);
-    if !config.listen.ip().is_loopback() && !args.allow_non_loopback {
+    let loopback = guard::is_loopback_listen(&config.listen);
+    if !loopback && !args.allow_non_loopback {
         return Err(format!(
             "refusing to listen on {}: not a loopback address. Hall's API is meant for this machine only; \
-             pass --allow-non-loopback to expose it to the network anyway",
+             pass --allow-non-loopback to expose it to the network anyway (remote clients must then \
+             address it by IP, http://<ip>:<port>: host names other than localhost get 403 bad_host)",
             config.listen
         )
         .into());
+    }
+    if !loopback {
+        tracing::warn!(
+            listen = %config.listen,
+            "listening beyond loopback (--allow-non-loopback): anyone who can reach this address and holds a \
+             token can use the API; clients must use an IP literal as the host (http://<ip>:<port>), \
+             since other host names are refused (bad_host) to stop DNS rebinding"
+        );
     }
     // State files (sled, tokens, keys) are created private whatever the caller's umask.
     // SAFETY: umask only changes this process's file-creation mask.
