@@ -527,16 +527,30 @@ fn every_release_condition_over_http_and_every_outcome_audited() {
 
 #[test]
 fn release_after_the_ttl_is_refused() {
-    let d = Daemon::builder()
+    // The TTL from the environment, and from `[secrets] release_ttl` in the config file.
+    let by_env = Daemon::builder()
         .env("HALL_SECRETS_RELEASE_TTL", "1")
         .start();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("hall.toml");
+    std::fs::write(&cfg, "[secrets]\nrelease_ttl = 1\n").unwrap();
+    let by_file = Daemon::builder()
+        .arg("--config")
+        .arg(cfg.to_str().unwrap())
+        .start();
+    for d in [&by_env, &by_file] {
+        expires(d);
+    }
+}
+
+fn expires(d: &Daemon) {
     let v = secret_value();
-    assert_eq!(put(&d, "openai_api_key", &v).status, 200);
-    let id = summarize_decision(&d);
-    let token = admin(&d);
+    assert_eq!(put(d, "openai_api_key", &v).status, 200);
+    let id = summarize_decision(d);
+    let token = admin(d);
     let mut last = None;
     d.wait_until(Duration::from_secs(30), || {
-        let r = release(&d, &token, "openai_api_key", &id);
+        let r = release(d, &token, "openai_api_key", &id);
         match r.status {
             // Still young: the value, nothing else.
             200 => assert_eq!(r.json()["value"], v.as_str()),
@@ -549,7 +563,7 @@ fn release_after_the_ttl_is_refused() {
         false
     });
     last.unwrap().assert_error(403, "decision_expired", None);
-    let refusals = audit(&d, "secret_refusal");
+    let refusals = audit(d, "secret_refusal");
     assert_eq!(refusals.len(), 1);
     assert_eq!(refusals[0]["deny_reason"], "decision_expired");
 }
@@ -585,6 +599,18 @@ fn key_file_from_env_is_named_in_the_log_and_secrets_survive_a_restart() {
     assert_eq!(tail(&key_line(&d.logs())), tail(&line));
     assert_eq!(released_value(&d, "openai_api_key"), v);
     assert!(!d.state_dir().join("master.key").exists());
+
+    // Rotation rewrites the named file (still 0600), and a restart reads it.
+    let before = read_key(&key_path);
+    let r = call(&d, "POST", "/api/secrets/rotate-key", &admin(&d), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_ne!(read_key(&key_path), before);
+    assert_eq!(mode(&key_path), 0o600);
+    let mut d = d;
+    d.stop();
+    let d = Daemon::spawn(d.into_dir(), &[], &env, true);
+    assert!(key_line(&d.logs()).contains(r.json()["new_key_id"].as_str().unwrap()));
+    assert_eq!(released_value(&d, "openai_api_key"), v);
 }
 
 #[test]
