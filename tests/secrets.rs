@@ -296,6 +296,26 @@ fn round_trip_via_api_and_cli_and_list_never_shows_values() {
         text(&out.stderr)
     );
 
+    // Too long, or not text: refused by the CLI with a clear message, nothing stored.
+    let long = vec![b'x'; 64 * 1024 + 1];
+    let out = hall(&d, &["secret", "set", "too_long"], Some(&long));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("longer than 65536 bytes"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = hall(&d, &["secret", "set", "not_text"], Some(b"\xff\xfe"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("UTF-8"), "{}", text(&out.stderr));
+    assert_eq!(
+        d.get("/api/secrets").json()["secrets"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
     // rm via the CLI: gone from the list, release says unknown_secret, rm again fails.
     let out = hall(&d, &["secret", "rm", "openai_api_key"], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
