@@ -730,6 +730,10 @@ fn a_different_master_key_fails_at_start_instead_of_serving_garbage() {
     let (status, logs) = serve_expect_exit(dir.path(), &[("HALL_MASTER_KEY_FILE", &bp)]);
     assert!(!status.success(), "{logs}");
     assert!(logs.contains("wrong master key"), "{logs}");
+    assert!(
+        logs.contains(&format!("loaded from file {bp} has id")),
+        "{logs}"
+    );
     assert!(!logs.contains("listening on"), "{logs}");
 
     // The right key still works afterwards: the failed start changed nothing.
@@ -745,6 +749,7 @@ fn a_different_master_key_fails_at_start_instead_of_serving_garbage() {
     let (status, logs) = serve_expect_exit(dir.path(), &[]);
     assert!(!status.success(), "{logs}");
     assert!(logs.contains("wrong master key"), "{logs}");
+    assert!(logs.contains("loaded from state file"), "{logs}");
 }
 
 // ---- rotation -------------------------------------------------------------------------------

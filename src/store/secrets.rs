@@ -54,13 +54,15 @@ pub enum SecretError {
     ValueTooLarge { len: usize, max: usize },
     #[error(
         "wrong master key: the secrets in this state dir were stored under master key id \
-         {expected_key_id}, but the key loaded has id {found_key_id}. Start Hall with the \
-         original key (keyring entry, HALL_MASTER_KEY_FILE, systemd credential or \
+         {expected_key_id}, but the key loaded{from} has id {found_key_id}. Start Hall with \
+         the original key (keyring entry, HALL_MASTER_KEY_FILE, systemd credential or \
          <state_dir>/master.key) or restore it from backup"
     )]
     WrongMasterKey {
         expected_key_id: String,
         found_key_id: String,
+        /// ` from <source>` when known, so the operator sees which key was tried.
+        from: String,
     },
     #[error(
         "secret `{name}` is sealed under master key id {key_id}, which is not loaded \
@@ -240,7 +242,19 @@ impl SecretStore {
     ) -> Result<(Self, KeySource), SecretError> {
         let (key, source) = sources.load()?;
         let pending = sources.pending(&source)?;
-        Ok((Self::open_with_pending(db, key, pending)?, source))
+        let store = Self::open_with_pending(db, key, pending).map_err(|e| match e {
+            SecretError::WrongMasterKey {
+                expected_key_id,
+                found_key_id,
+                ..
+            } => SecretError::WrongMasterKey {
+                expected_key_id,
+                found_key_id,
+                from: format!(" from {source}"),
+            },
+            other => other,
+        })?;
+        Ok((store, source))
     }
 
     /// Open knowing both keys of an interrupted rotation.
@@ -281,6 +295,7 @@ impl SecretStore {
                     return Err(SecretError::WrongMasterKey {
                         expected_key_id: kc.key_id,
                         found_key_id: keys.current.key_id.clone(),
+                        from: String::new(),
                     });
                 }
             }
@@ -864,6 +879,7 @@ mod tests {
             SecretError::WrongMasterKey {
                 expected_key_id,
                 found_key_id,
+                ..
             } => {
                 assert_eq!(expected_key_id, &key(1).key_id());
                 assert_eq!(found_key_id, &key(2).key_id());
