@@ -398,6 +398,9 @@ fn every_release_condition_over_http_and_every_outcome_audited() {
     let other = create_token(&d, "other-release", &["secrets:release"], Some("org.other"));
     let unbound = create_token(&d, "unbound-release", &["secrets:release"], None);
     let no_scope = create_token(&d, "acme-route", &["route"], Some("org.acme"));
+    // Admin bound to a tenant is still bound.
+    let admin_other = create_token(&d, "other-admin", &["admin"], Some("org.other"));
+    let admin_acme = create_token(&d, "acme-admin", &["admin"], Some("org.acme"));
 
     let ok = summarize_decision(&d);
     let denied = d.route("cap.unknown", "dev", "PUBLIC", "org.acme").json();
@@ -459,6 +462,13 @@ fn every_release_condition_over_http_and_every_outcome_audited() {
             "tenant_mismatch",
         ),
         (
+            "admin token bound to another tenant",
+            &admin_other,
+            &ok,
+            403,
+            "tenant_mismatch",
+        ),
+        (
             "token without secrets:release",
             &no_scope,
             &ok,
@@ -477,7 +487,7 @@ fn every_release_condition_over_http_and_every_outcome_audited() {
     }
 
     // Success: a token bound to the decision's tenant, and the admin token.
-    for token in [&acme, &admin(&d)] {
+    for token in [&acme, &admin(&d), &admin_acme] {
         let r = release(&d, token, "openai_api_key", &ok);
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(r.header("content-type"), Some("application/json"));
@@ -526,7 +536,7 @@ fn every_release_condition_over_http_and_every_outcome_audited() {
     assert_eq!(by_reason("unknown_decision")["decision_id"], unknown);
 
     let releases = audit(&d, "secret_release");
-    assert_eq!(releases.len(), 2, "{releases:?}");
+    assert_eq!(releases.len(), 3, "{releases:?}");
     for r in &releases {
         assert_eq!(r["allowed"], true);
         assert_eq!(r["decision_id"], ok.as_str());
@@ -534,10 +544,11 @@ fn every_release_condition_over_http_and_every_outcome_audited() {
         assert_eq!(r["worker_id"], "worker.doc.summarize");
         assert_eq!(r["detail"], "openai_api_key");
     }
-    assert_ne!(
-        releases[0]["token_id"], releases[1]["token_id"],
-        "each names its own token"
-    );
+    let ids: std::collections::HashSet<&str> = releases
+        .iter()
+        .map(|r| r["token_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "each names its own token");
 
     let everything = d.get("/api/audit?limit=1000");
     assert_eq!(everything.status, 200);
@@ -814,6 +825,34 @@ fn rotate_key_via_cli_then_restart_every_secret_reads() {
     let line = key_line(&d.logs());
     assert!(line.contains(&new_id), "{line}");
     all_release(&d, &vals);
+}
+
+#[test]
+fn releases_racing_rotations_always_get_the_value() {
+    let n = 3;
+    let d = Daemon::builder().setup(worker_lists(names(n))).start();
+    let vals = store_all(&d, n);
+    let id = summarize_decision(&d);
+    let token = admin(&d);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    for (name, v) in &vals {
+                        let r = release(&d, &token, name, &id);
+                        assert_eq!(r.status, 200, "{name}: {}", r.body);
+                        assert_eq!(r.json()["value"], v.as_str());
+                    }
+                }
+            });
+        }
+        for _ in 0..30 {
+            let r = call(&d, "POST", "/api/secrets/rotate-key", &token, None);
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
 }
 
 #[test]
