@@ -1133,3 +1133,20 @@ fn a_value_is_absent_from_trace_logs_state_files_exports_and_error_responses() {
     assert!(!logs.contains(&t), "admin token in the daemon's log");
     assert!(!logs.contains(&acme), "issued token in the daemon's log");
 }
+
+#[test]
+fn a_reload_that_drops_the_secret_from_the_worker_stops_its_release() {
+    // Entitlement is checked against the policy loaded now, not the one of the decision:
+    // taking a secret away from a worker takes effect for decisions already made.
+    let d = Daemon::start();
+    let v = secret_value();
+    assert_eq!(put(&d, "openai_api_key", &v).status, 200);
+    let id = summarize_decision(&d);
+    assert_eq!(release(&d, &admin(&d), "openai_api_key", &id).status, 200);
+    let p = d.registry().join("workers.toml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, text.replacen(r#"secrets = ["openai_api_key"]"#, "", 1)).unwrap();
+    let r = d.post_json("/api/reload", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    release(&d, &admin(&d), "openai_api_key", &id).assert_error(403, "worker_not_entitled", None);
+}
