@@ -165,7 +165,7 @@ pub(super) fn token(cmd: TokenCmd) -> CliResult {
 pub(super) fn secret(cmd: SecretCmd) -> CliResult {
     match cmd {
         SecretCmd::Set { name, client } => {
-            let value = zeroize::Zeroizing::new(read_secret_value(&name)?);
+            let value = read_secret_value(&name)?;
             // Serialized into a buffer that is wiped on drop, like the value itself.
             let body =
                 zeroize::Zeroizing::new(serde_json::to_vec(&json!({ "value": value.as_str() }))?);
@@ -196,24 +196,40 @@ pub(super) fn secret(cmd: SecretCmd) -> CliResult {
 }
 
 /// The value comes from stdin when it is not a terminal, else from a prompt without echo.
-fn read_secret_value(name: &str) -> Result<String, Box<dyn std::error::Error>> {
+/// Read into one buffer reserved up front and wiped on drop: growing a `String` while
+/// reading (as before) freed unwiped copies of the value along the way.
+fn read_secret_value(name: &str) -> Result<zeroize::Zeroizing<String>, Box<dyn std::error::Error>> {
+    use std::io::BufRead;
+    let max = crate::store::secrets::MAX_VALUE_LEN;
+    // The limit, a CRLF, and one byte to notice a longer value.
+    let cap = max + 3;
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(cap));
     let stdin = std::io::stdin();
-    let mut value = String::new();
     if stdin.is_terminal() {
         eprint!("Value for {name} (input hidden): ");
         std::io::stderr().flush()?;
         let _echo = EchoOff::new();
-        stdin.read_line(&mut value)?;
+        stdin.lock().take(cap as u64).read_until(b'\n', &mut buf)?;
         eprintln!();
     } else {
-        stdin.lock().read_to_string(&mut value)?;
+        stdin.lock().take(cap as u64).read_to_end(&mut buf)?;
     }
-    let trimmed = value.trim_end_matches(['\n', '\r']).to_string();
-    zeroize::Zeroize::zeroize(&mut value);
-    if trimmed.is_empty() {
+    while matches!(buf.last(), Some(b'\n' | b'\r')) {
+        buf.pop();
+    }
+    if buf.len() > max {
+        return Err(format!("the value is longer than {max} bytes: nothing stored").into());
+    }
+    if buf.is_empty() {
         return Err("empty value: nothing stored".into());
     }
-    Ok(trimmed)
+    match String::from_utf8(std::mem::take(&mut *buf)) {
+        Ok(s) => Ok(zeroize::Zeroizing::new(s)),
+        Err(e) => {
+            zeroize::Zeroize::zeroize(&mut e.into_bytes());
+            Err("the value must be UTF-8 text: nothing stored".into())
+        }
+    }
 }
 
 /// Turns terminal echo off for its lifetime.

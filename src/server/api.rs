@@ -289,9 +289,13 @@ pub async fn secret_put(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let name = path.into_inner();
-    let bytes = zeroize::Zeroizing::new(read_json_body(&req, payload).await?.to_vec());
+    // Parse from the request buffer itself, then wipe it: a copy (as before) left the
+    // original buffer holding the value in freed memory.
+    let mut bytes = read_json_body(&req, payload).await?;
+    let parsed = serde_json::from_slice::<SecretBody>(&bytes);
+    zeroize::Zeroize::zeroize(&mut bytes[..]);
     // serde_json's error text can quote input; never echo it for a secret body.
-    let body: SecretBody = serde_json::from_slice(&bytes)
+    let body = parsed
         .map_err(|_| ApiError::invalid("body", "the body must be {\"value\": \"<string>\"}"))?;
     let who = caller(&req).map(|a| a.id().to_string());
     let st = state.clone();
@@ -359,7 +363,6 @@ pub async fn secret_release(
         .map_err(internal)?
         .map_err(internal)?;
     let snap = state.snapshot.load_full();
-    let no_secrets: Vec<String> = Vec::new();
     let facts = record.as_ref().map(|r| {
         let worker_secrets = r
             .entry
@@ -388,7 +391,6 @@ pub async fn secret_release(
             worker_secrets: ws.as_slice(),
             tenant_id: tenant.as_str(),
         });
-    let _ = &no_secrets;
     let who = Caller {
         tenant: auth.tenant(),
         is_admin: auth.allows(Scope::Admin),
@@ -412,16 +414,10 @@ pub async fn secret_release(
                 e.detail = Some(name.clone());
             })
             .await?;
-            let text = zeroize::Zeroizing::new(String::from_utf8_lossy(&value).into_owned());
-            let out = zeroize::Zeroizing::new(
-                serde_json::to_vec(
-                    &json!({"name": name, "value": text.as_str(), "decision_id": body.decision_id}),
-                )
-                .map_err(internal)?,
-            );
+            let out = released_body(&name, &value, &body.decision_id)?;
             Ok(HttpResponse::Ok()
                 .content_type("application/json")
-                .body(out.to_vec()))
+                .body(out))
         }
         Err(ReleaseError::Refused(r)) => {
             record::event(&state, RecordKind::SecretRefusal, Some(&token_id), |e| {
@@ -437,6 +433,38 @@ pub async fn secret_release(
         }
         Err(ReleaseError::Store(e)) => Err(secret_error(e)),
     }
+}
+
+/// The release response body, serialized straight from borrowed data into a buffer that is
+/// wiped when actix drops the body (`Bytes::from_owner`). A `serde_json::Value` (as before)
+/// held an unwiped copy of the value, and so did the `Vec` handed to actix.
+fn released_body(name: &str, value: &[u8], decision_id: &str) -> Result<web::Bytes, ApiError> {
+    #[derive(serde::Serialize)]
+    struct Released<'a> {
+        name: &'a str,
+        value: &'a str,
+        decision_id: &'a str,
+    }
+    // Values arrive as JSON strings, so they are UTF-8; the lossy copy is a fallback only.
+    let lossy;
+    let text: &str = match std::str::from_utf8(value) {
+        Ok(s) => s,
+        Err(_) => {
+            lossy = zeroize::Zeroizing::new(String::from_utf8_lossy(value).into_owned());
+            lossy.as_str()
+        }
+    };
+    // Room for the worst-case escaping (`\u00XX`, 6 bytes a byte) so the buffer never
+    // reallocates and leaves a copy behind.
+    let cap = 6 * (text.len() + name.len() + decision_id.len()) + 64;
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(cap));
+    let released = Released {
+        name,
+        value: text,
+        decision_id,
+    };
+    serde_json::to_writer(&mut *out, &released).map_err(internal)?;
+    Ok(web::Bytes::from_owner(out))
 }
 
 /// `POST /api/secrets/rotate-key` (admin): re-encrypt every secret under a new master key.

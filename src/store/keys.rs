@@ -444,7 +444,11 @@ fn pending_path(p: &Path) -> PathBuf {
 }
 
 fn write_key_file(path: &Path, key: &MasterKey) -> Result<(), KeyError> {
-    let mut text = Zeroizing::new(key.to_hex().as_bytes().to_vec());
+    // Sized for the newline up front: pushing onto a full Vec reallocates and leaves an
+    // unwiped copy of the key in freed memory.
+    let hex = key.to_hex();
+    let mut text = Zeroizing::new(Vec::with_capacity(hex.len() + 1));
+    text.extend_from_slice(hex.as_bytes());
     text.push(b'\n');
     write_private_file(path, &text).map_err(|source| KeyError::Io {
         what: "cannot write master key file",
@@ -485,9 +489,10 @@ fn read_key_file(path: &Path, forbidden_mode: u32) -> Result<MasterKey, KeyError
 /// 32 raw bytes, or 64 hex characters with an optional trailing newline.
 fn parse_key_file(buf: &[u8]) -> Result<MasterKey, String> {
     if buf.len() == 32 {
-        let mut a = [0u8; 32];
-        a.copy_from_slice(buf);
-        return Ok(MasterKey::from_bytes(a));
+        // Straight into the wiped buffer: a plain array passed by value leaves a copy here.
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(buf);
+        return Ok(MasterKey(key));
     }
     parse_key_text(buf)
 }

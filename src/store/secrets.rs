@@ -54,13 +54,15 @@ pub enum SecretError {
     ValueTooLarge { len: usize, max: usize },
     #[error(
         "wrong master key: the secrets in this state dir were stored under master key id \
-         {expected_key_id}, but the key loaded has id {found_key_id}. Start Hall with the \
-         original key (keyring entry, HALL_MASTER_KEY_FILE, systemd credential or \
+         {expected_key_id}, but the key loaded{from} has id {found_key_id}. Start Hall with \
+         the original key (keyring entry, HALL_MASTER_KEY_FILE, systemd credential or \
          <state_dir>/master.key) or restore it from backup"
     )]
     WrongMasterKey {
         expected_key_id: String,
         found_key_id: String,
+        /// ` from <source>` when known, so the operator sees which key was tried.
+        from: String,
     },
     #[error(
         "secret `{name}` is sealed under master key id {key_id}, which is not loaded \
@@ -240,7 +242,19 @@ impl SecretStore {
     ) -> Result<(Self, KeySource), SecretError> {
         let (key, source) = sources.load()?;
         let pending = sources.pending(&source)?;
-        Ok((Self::open_with_pending(db, key, pending)?, source))
+        let store = Self::open_with_pending(db, key, pending).map_err(|e| match e {
+            SecretError::WrongMasterKey {
+                expected_key_id,
+                found_key_id,
+                ..
+            } => SecretError::WrongMasterKey {
+                expected_key_id,
+                found_key_id,
+                from: format!(" from {source}"),
+            },
+            other => other,
+        })?;
+        Ok((store, source))
     }
 
     /// Open knowing both keys of an interrupted rotation.
@@ -281,6 +295,7 @@ impl SecretStore {
                     return Err(SecretError::WrongMasterKey {
                         expected_key_id: kc.key_id,
                         found_key_id: keys.current.key_id.clone(),
+                        from: String::new(),
                     });
                 }
             }
@@ -371,11 +386,13 @@ impl SecretStore {
     /// The value, or `None` if no secret has this name. Only `release` should hand it out.
     pub fn get(&self, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, SecretError> {
         validate_name(name)?;
+        // Lock the keys before reading the record: a rotation finishing between the two
+        // would drop the old key the record was sealed under (UnknownKey, a spurious 500).
+        let keys = self.read_keys();
         let Some(raw) = self.tree.get(name)? else {
             return Ok(None);
         };
         let rec = decode(name, &raw)?;
-        let keys = self.read_keys();
         let key = keys
             .by_id(&rec.key_id)
             .ok_or_else(|| SecretError::UnknownKey {
@@ -864,6 +881,7 @@ mod tests {
             SecretError::WrongMasterKey {
                 expected_key_id,
                 found_key_id,
+                ..
             } => {
                 assert_eq!(expected_key_id, &key(1).key_id());
                 assert_eq!(found_key_id, &key(2).key_id());
@@ -995,10 +1013,19 @@ mod tests {
         }
         /// A fresh "process": reopen the db from disk and the keys from their source.
         fn boot(&self) -> (sled::Db, SecretStore, KeySource) {
-            let db = sled::Config::new()
-                .path(self.dir.path().join("db"))
-                .open()
-                .unwrap();
+            // sled's background flusher can hold the previous instance's file lock for a
+            // moment after the last handle is dropped (a real restart is a new process);
+            // retry instead of failing on WouldBlock.
+            let start = std::time::Instant::now();
+            let db = loop {
+                match sled::Config::new().path(self.dir.path().join("db")).open() {
+                    Ok(db) => break db,
+                    Err(e) if start.elapsed() > std::time::Duration::from_secs(20) => {
+                        panic!("reopen: {e}")
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
+            };
             let (s, src) = SecretStore::open_from(&db, &self.sources()).unwrap();
             (db, s, src)
         }
@@ -1119,6 +1146,34 @@ mod tests {
                 assert_eq!(raw(&s, &name).key_id, final_id, "{name}");
             }
         }
+    }
+
+    #[test]
+    fn reads_racing_rotations_never_fail() {
+        // A read that fetched a record sealed under the old key must still find that key
+        // after a rotation completes and swaps the keys.
+        let rig = Rig::new(MemoryKeyring::unreachable());
+        let (_db, s, src) = rig.boot();
+        for i in 0..3 {
+            s.put(&format!("r{i}"), &value_of(i), 1).unwrap();
+        }
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        for i in 0..3 {
+                            let got = s.get(&format!("r{i}"));
+                            assert_eq!(got.unwrap().unwrap().to_vec(), value_of(i));
+                        }
+                    }
+                });
+            }
+            for _ in 0..100 {
+                s.rotate_key(&rig.sources(), &src).unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
     }
 
     #[test]
