@@ -281,7 +281,7 @@ fn scopes_gate_each_endpoint() {
             vec![],
         ),
         ("DELETE", "/api/tokens/tok_000000000000", None, vec![]),
-        ("POST", "/api/secrets/rotate-key", None, vec![]),
+        ("POST", "/api/keys/rotate", None, vec![]),
         (
             "PUT",
             "/api/secrets/db.password",

@@ -377,7 +377,7 @@ fn secret_endpoints_check_scopes() {
         "forbidden",
         None,
     );
-    call(&d, "POST", "/api/secrets/rotate-key", &writer, None).assert_error(403, "forbidden", None);
+    call(&d, "POST", "/api/keys/rotate", &writer, None).assert_error(403, "forbidden", None);
     call(
         &d,
         "PUT",
@@ -633,7 +633,7 @@ fn key_file_from_env_is_named_in_the_log_and_secrets_survive_a_restart() {
 
     // Rotation rewrites the named file (still 0600), and a restart reads it.
     let before = read_key(&key_path);
-    let r = call(&d, "POST", "/api/secrets/rotate-key", &admin(&d), None);
+    let r = call(&d, "POST", "/api/keys/rotate", &admin(&d), None);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_ne!(read_key(&key_path), before);
     assert_eq!(mode(&key_path), 0o600);
@@ -677,7 +677,7 @@ fn systemd_credential_is_used_and_cannot_be_rotated() {
     assert!(!d.state_dir().join("master.key").exists());
     let v = secret_value();
     assert_eq!(put(&d, "openai_api_key", &v).status, 200);
-    let r = call(&d, "POST", "/api/secrets/rotate-key", &admin(&d), None);
+    let r = call(&d, "POST", "/api/keys/rotate", &admin(&d), None);
     r.assert_error(409, "cannot_rotate", None);
     assert_eq!(released_value(&d, "openai_api_key"), v);
     d.stop();
@@ -817,7 +817,7 @@ fn rotate_key_via_cli_then_restart_every_secret_reads() {
     all_release(&d, &vals);
 
     // Via the API too, then restart: the new key is loaded and everything reads.
-    let r = call(&d, "POST", "/api/secrets/rotate-key", &admin(&d), None);
+    let r = call(&d, "POST", "/api/keys/rotate", &admin(&d), None);
     assert_eq!(r.status, 200, "{}", r.body);
     let new_id = r.json()["new_key_id"].as_str().unwrap().to_string();
     assert_eq!(d.stop().code(), Some(0));
@@ -848,7 +848,7 @@ fn releases_racing_rotations_always_get_the_value() {
             });
         }
         for _ in 0..30 {
-            let r = call(&d, "POST", "/api/secrets/rotate-key", &token, None);
+            let r = call(&d, "POST", "/api/keys/rotate", &token, None);
             assert_eq!(r.status, 200, "{}", r.body);
         }
         done.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -871,7 +871,7 @@ fn a_pending_key_left_by_an_interrupted_rotation_is_resumed() {
 
     let d = Daemon::spawn(dir, &[], &[], true);
     all_release(&d, &vals);
-    let r = call(&d, "POST", "/api/secrets/rotate-key", &admin(&d), None);
+    let r = call(&d, "POST", "/api/keys/rotate", &admin(&d), None);
     assert_eq!(r.status, 200, "{}", r.body);
     let rep = r.json();
     assert_eq!(rep["resumed"], true, "{rep}");
@@ -898,7 +898,7 @@ fn a_pending_key_left_by_an_interrupted_rotation_is_resumed() {
     .unwrap();
     let d = Daemon::spawn(dir, &[], &[], true);
     all_release(&d, &vals);
-    let r = call(&d, "POST", "/api/secrets/rotate-key", &admin(&d), None);
+    let r = call(&d, "POST", "/api/keys/rotate", &admin(&d), None);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["resumed"], true);
     assert_eq!(r.json()["reencrypted"], 0);
@@ -921,7 +921,7 @@ fn rotation_killed_mid_run_then_rerun_keeps_every_secret() {
                 ("Host".to_string(), addr.to_string()),
                 ("Authorization".to_string(), format!("Bearer {token}")),
             ];
-            raw_request(addr, "POST", "/api/secrets/rotate-key", &h, None).ok()
+            raw_request(addr, "POST", "/api/keys/rotate", &h, None).ok()
         });
         let pending = state.join("master.key.next");
         let start = Instant::now();
@@ -938,7 +938,7 @@ fn rotation_killed_mid_run_then_rerun_keeps_every_secret() {
 
         let d = Daemon::spawn(d.into_dir(), &[], &[], true);
         all_release(&d, &vals);
-        let r = call(&d, "POST", "/api/secrets/rotate-key", &admin(&d), None);
+        let r = call(&d, "POST", "/api/keys/rotate", &admin(&d), None);
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(r.json()["resumed"], left_pending, "{}", r.body);
         let new_id = r.json()["new_key_id"].as_str().unwrap().to_string();
@@ -1149,4 +1149,27 @@ fn a_reload_that_drops_the_secret_from_the_worker_stops_its_release() {
     let r = d.post_json("/api/reload", "");
     assert_eq!(r.status, 200, "{}", r.body);
     release(&d, &admin(&d), "openai_api_key", &id).assert_error(403, "worker_not_entitled", None);
+}
+
+/// Rotation lives outside `/api/secrets/…`, so every valid name, `rotate-key` included,
+/// can be stored and deleted.
+#[test]
+fn a_secret_may_be_named_like_an_endpoint() {
+    let d = Daemon::start();
+    let mut h = d.default_headers();
+    h.push(("Content-Type".into(), "application/json".into()));
+    let r = d.request(
+        "PUT",
+        "/api/secrets/rotate-key",
+        &h,
+        Some(br#"{"value":"v"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = d.request(
+        "DELETE",
+        "/api/secrets/rotate-key",
+        &d.default_headers(),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
 }

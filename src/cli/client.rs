@@ -189,7 +189,7 @@ pub(super) fn secret(cmd: SecretCmd) -> CliResult {
             finish(s, &v)
         }
         SecretCmd::RotateKey(a) => {
-            let (s, v) = Client::new(&a)?.call("POST", "/api/secrets/rotate-key", None)?;
+            let (s, v) = Client::new(&a)?.call("POST", "/api/keys/rotate", None)?;
             finish(s, &v)
         }
     }

@@ -467,7 +467,7 @@ fn released_body(name: &str, value: &[u8], decision_id: &str) -> Result<web::Byt
     Ok(web::Bytes::from_owner(out))
 }
 
-/// `POST /api/secrets/rotate-key` (admin): re-encrypt every secret under a new master key.
+/// `POST /api/keys/rotate` (admin): re-encrypt every secret under a new master key.
 pub async fn secret_rotate(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let st = state.clone();
     let report = web::block(move || {

@@ -42,7 +42,7 @@ pub fn access(method: &Method, path: &str) -> Access {
         "/health" | "/ready" => Access::Open,
         "/api/route" => Access::Scope(Scope::Route),
         "/metrics" => Access::Scope(Scope::Metrics),
-        "/api/reload" | "/api/secrets/rotate-key" => Access::Scope(Scope::Admin),
+        "/api/reload" | "/api/keys/rotate" => Access::Scope(Scope::Admin),
         p if p.starts_with("/api/tokens") => Access::Scope(Scope::Admin),
         p if p.starts_with("/api/audit") => Access::Scope(Scope::Audit),
         // The release handler checks its own scope so that a refusal is audited.

@@ -306,10 +306,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
         )
         .service(one("/api/tokens/{id}", web::delete().to(api::token_revoke)))
         .service(one("/api/secrets", web::get().to(api::secret_list)))
-        .service(one(
-            "/api/secrets/rotate-key",
-            web::post().to(api::secret_rotate),
-        ))
+        .service(one("/api/keys/rotate", web::post().to(api::secret_rotate)))
         .service(one(
             "/api/secrets/{name}/release",
             web::post().to(api::secret_release),
