@@ -599,7 +599,7 @@ fn query_filters_and_paging() {
             200,
             "{path}"
         );
-        d.request("GET", path, &[host.clone()], None)
+        d.request("GET", path, std::slice::from_ref(&host), None)
             .assert_error(401, "unauthorized", None);
     }
 }
@@ -851,6 +851,15 @@ fn an_audit_write_failure_is_503_and_never_an_unrecorded_allow() {
     assert_eq!(d.get("/health").status, 200);
     assert_eq!(d.get("/api/status").json()["audit"], before);
     assert!(d.logs().contains("injected I/O error"));
+    // /metrics counts the refused appends (3 over HTTP + 1 from the CLI).
+    let metrics = d.get("/metrics").body;
+    let failed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("hall_audit_failed_total "))
+        .unwrap_or_else(|| panic!("no hall_audit_failed_total in {metrics}"))
+        .parse()
+        .unwrap();
+    assert_eq!(failed, 4, "{metrics}");
 
     std::fs::remove_file(&fault).unwrap();
     let v = route_ok(&d, ALLOW);

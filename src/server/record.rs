@@ -21,14 +21,11 @@ pub async fn decision(
 ) -> Result<(), ApiError> {
     let token_id = super::auth::caller(req).map(|a| a.id().to_string());
     // Compact, canonical JSON text so an export parses back to the same record.
-    let context = match &body.context {
-        None => None,
-        Some(raw) => Some(
-            serde_json::from_str::<serde_json::Value>(raw.get())
-                .map(|v| v.to_string())
-                .unwrap_or_default(),
-        ),
-    };
+    let context = body.context.as_ref().map(|raw| {
+        serde_json::from_str::<serde_json::Value>(raw.get())
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    });
     let entry = AuditEntry {
         decision_id: Some(decision_id.to_string()),
         tenant_id: Some(body.tenant_id.clone()),
@@ -48,10 +45,16 @@ pub async fn decision(
         token_id,
         ..AuditEntry::new(RecordKind::Decision, now_ms())
     };
-    state.stores.audit.append(entry).await.map(|_| ()).map_err(|e| {
-        tracing::error!(error = %e, "audit write failed: refusing to answer the route request");
-        ApiError::unavailable("the audit log cannot be written; no decision can be given")
-    })
+    state
+        .stores
+        .audit
+        .append(entry)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            tracing::error!(error = %e, "audit write failed: refusing to answer the route request");
+            ApiError::unavailable("the audit log cannot be written; no decision can be given")
+        })
 }
 
 /// Append a non-decision record. Failures are logged; the caller decides whether they
@@ -65,10 +68,16 @@ pub async fn event(
     let mut entry = AuditEntry::new(kind, now_ms());
     entry.token_id = token_id.map(str::to_string);
     fill(&mut entry);
-    state.stores.audit.append(entry).await.map(|_| ()).map_err(|e| {
-        tracing::error!(error = %e, ?kind, "audit write failed");
-        ApiError::unavailable("the audit log cannot be written")
-    })
+    state
+        .stores
+        .audit
+        .append(entry)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            tracing::error!(error = %e, ?kind, "audit write failed");
+            ApiError::unavailable("the audit log cannot be written")
+        })
 }
 
 /// The audit head for `/api/status`.

@@ -34,10 +34,13 @@ pub struct Daemon {
     logs: Arc<Mutex<String>>,
 }
 
+/// A change to the temp dir made before the daemon starts.
+type Setup = Box<dyn FnOnce(&Path)>;
+
 pub struct Builder {
     args: Vec<String>,
     env: Vec<(String, String)>,
-    setup: Option<Box<dyn FnOnce(&Path)>>,
+    setup: Option<Setup>,
     wait_ready: bool,
     file_size_limit: Option<u64>,
 }
@@ -272,8 +275,7 @@ impl Daemon {
     pub fn into_dir(mut self) -> tempfile::TempDir {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        dir
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 }
 

@@ -436,14 +436,14 @@ impl AuditLog {
             let e = &r.entry;
             q.tenant_id
                 .as_ref()
-                .map_or(true, |x| e.tenant_id.as_ref() == Some(x))
+                .is_none_or(|x| e.tenant_id.as_ref() == Some(x))
                 && q.capability_id
                     .as_ref()
-                    .map_or(true, |x| e.capability_id.as_ref() == Some(x))
-                && q.allowed.map_or(true, |x| e.allowed == Some(x))
-                && q.kind.map_or(true, |x| e.kind == x)
-                && q.since_ms.map_or(true, |x| e.ts_ms >= x)
-                && q.until_ms.map_or(true, |x| e.ts_ms <= x)
+                    .is_none_or(|x| e.capability_id.as_ref() == Some(x))
+                && q.allowed.is_none_or(|x| e.allowed == Some(x))
+                && q.kind.is_none_or(|x| e.kind == x)
+                && q.since_ms.is_none_or(|x| e.ts_ms >= x)
+                && q.until_ms.is_none_or(|x| e.ts_ms <= x)
         };
         let mut out = Vec::new();
         let index = q
@@ -772,7 +772,7 @@ fn prune_before(t: &Trees, cutoff_ms: i64, max: usize) -> Result<usize, AuditErr
         return Ok(0);
     };
     let new_first = last.seq + 1;
-    if checkpoint.map_or(true, |(first, _)| new_first > first) {
+    if checkpoint.is_none_or(|(first, _)| new_first > first) {
         let mut v = Vec::with_capacity(8 + HASH_LEN);
         v.extend_from_slice(&new_first.to_be_bytes());
         v.extend_from_slice(&last.hash.0);

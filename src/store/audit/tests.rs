@@ -431,14 +431,14 @@ fn query_filters_and_pages_like_a_full_scan() {
                 let e = &r.entry;
                 q.tenant_id
                     .as_ref()
-                    .map_or(true, |x| e.tenant_id.as_ref() == Some(x))
+                    .is_none_or(|x| e.tenant_id.as_ref() == Some(x))
                     && q.capability_id
                         .as_ref()
-                        .map_or(true, |x| e.capability_id.as_ref() == Some(x))
-                    && q.allowed.map_or(true, |x| e.allowed == Some(x))
-                    && q.kind.map_or(true, |x| e.kind == x)
-                    && q.since_ms.map_or(true, |x| e.ts_ms >= x)
-                    && q.until_ms.map_or(true, |x| e.ts_ms <= x)
+                        .is_none_or(|x| e.capability_id.as_ref() == Some(x))
+                    && q.allowed.is_none_or(|x| e.allowed == Some(x))
+                    && q.kind.is_none_or(|x| e.kind == x)
+                    && q.since_ms.is_none_or(|x| e.ts_ms >= x)
+                    && q.until_ms.is_none_or(|x| e.ts_ms <= x)
             })
             .cloned()
             .collect();
