@@ -67,9 +67,29 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .ok;
+    let mut text = state.metrics.render(loaded, failed);
+    text.push_str(&audit_metrics(state.stores.audit.stats()));
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(state.metrics.render(loaded, failed))
+        .body(text)
+}
+
+/// The audit writer's counters: `appended / batches` is the group-commit batch size, the
+/// number to look at when durable throughput lags batched.
+fn audit_metrics(a: crate::store::audit::AuditStats) -> String {
+    format!(
+        "# HELP hall_audit_appended_total Audit records written.\n# TYPE hall_audit_appended_total counter\n\
+         hall_audit_appended_total {}\n\
+         # HELP hall_audit_failed_total Audit appends refused because their batch failed.\n# TYPE hall_audit_failed_total counter\n\
+         hall_audit_failed_total {}\n\
+         # HELP hall_audit_batches_total Audit group commits.\n# TYPE hall_audit_batches_total counter\n\
+         hall_audit_batches_total {}\n\
+         # HELP hall_audit_flushes_total Audit flushes to disk.\n# TYPE hall_audit_flushes_total counter\n\
+         hall_audit_flushes_total {}\n\
+         # HELP hall_audit_queue_depth Audit appends waiting for the writer.\n# TYPE hall_audit_queue_depth gauge\n\
+         hall_audit_queue_depth {}\n",
+        a.appended, a.failed, a.batches, a.flushes, a.queue_depth
+    )
 }
 
 /// `POST /api/reload`: reload now; 422 with the errors if the files are broken.

@@ -42,6 +42,7 @@ pub struct Builder {
     env: Vec<(String, String)>,
     setup: Option<Setup>,
     wait_ready: bool,
+    file_size_limit: Option<u64>,
 }
 
 impl Builder {
@@ -63,6 +64,12 @@ impl Builder {
         self.wait_ready = false;
         self
     }
+    /// Run the daemon under `RLIMIT_FSIZE = bytes`: writes past it fail with `EFBIG`
+    /// (the daemon ignores `SIGXFSZ`), a genuine disk failure for fail-closed tests.
+    pub fn file_size_limit(mut self, bytes: u64) -> Self {
+        self.file_size_limit = Some(bytes);
+        self
+    }
 
     pub fn start(self) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
@@ -71,7 +78,13 @@ impl Builder {
         if let Some(f) = self.setup {
             f(dir.path());
         }
-        Daemon::spawn(dir, &self.args, &self.env, self.wait_ready)
+        Daemon::spawn_limited(
+            dir,
+            &self.args,
+            &self.env,
+            self.wait_ready,
+            self.file_size_limit,
+        )
     }
 }
 
@@ -82,6 +95,7 @@ impl Daemon {
             env: Vec::new(),
             setup: None,
             wait_ready: true,
+            file_size_limit: None,
         }
     }
 
@@ -95,6 +109,17 @@ impl Daemon {
         args: &[String],
         env: &[(String, String)],
         wait_ready: bool,
+    ) -> Daemon {
+        Daemon::spawn_limited(dir, args, env, wait_ready, None)
+    }
+
+    /// [`spawn`](Self::spawn), optionally under a file-size limit (see `Builder::file_size_limit`).
+    pub fn spawn_limited(
+        dir: tempfile::TempDir,
+        args: &[String],
+        env: &[(String, String)],
+        wait_ready: bool,
+        file_size_limit: Option<u64>,
     ) -> Daemon {
         let p = dir.path();
         let mut cmd = Command::new(HALL);
@@ -119,6 +144,22 @@ impl Daemon {
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if let Some(bytes) = file_size_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; it runs in the child between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: bytes as libc::rlim_t,
+                        rlim_max: bytes as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().expect("start hall");
         let stderr = child.stderr.take().unwrap();
