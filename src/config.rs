@@ -186,7 +186,7 @@ impl Config {
             .or(file.audit.durability)
             .map_or(Ok(Durability::default()), |s| s.parse())
             .map_err(ConfigError)?;
-        let audit_retention_days = match env("HALL_AUDIT_RETENTION_DAYS") {
+        let audit_retention_days: Option<u32> = match env("HALL_AUDIT_RETENTION_DAYS") {
             Some(v) => Some(v.parse().map_err(|_| {
                 ConfigError(format!(
                     "HALL_AUDIT_RETENTION_DAYS must be a whole number of days, got {v:?}"
@@ -194,6 +194,14 @@ impl Config {
             })?),
             None => file.audit.retention_days,
         };
+        if audit_retention_days == Some(0) {
+            // 0 would delete every record a minute after it is written, including the
+            // decisions a secret release must find.
+            return Err(ConfigError(
+                "audit retention_days must be at least 1 (leave it unset to keep everything)"
+                    .into(),
+            ));
+        }
         let release_ttl_secs = match env("HALL_SECRETS_RELEASE_TTL") {
             Some(v) => v.parse().map_err(|_| {
                 ConfigError(format!(
@@ -348,6 +356,22 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn zero_retention_is_refused() {
+        let e = Config::resolve_with(
+            &Flags::default(),
+            &env_of(&[("HALL_AUDIT_RETENTION_DAYS", "0")]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("at least 1"), "{e}");
+        let c = Config::resolve_with(
+            &Flags::default(),
+            &env_of(&[("HALL_AUDIT_RETENTION_DAYS", "1")]),
+        )
+        .unwrap();
+        assert_eq!(c.audit_retention_days, Some(1));
     }
 
     #[test]

@@ -1113,3 +1113,33 @@ fn cli_tail_show_verify() {
         "{o:?}"
     );
 }
+
+/// A token whose issue cannot be recorded must not exist: the daemon revokes it and
+/// answers 503, so no unaudited credential is ever live.
+#[test]
+fn a_token_issued_while_the_audit_log_fails_does_not_exist() {
+    let fault_dir = tempfile::tempdir().unwrap();
+    let fault = fault_dir.path().join("fail-audit");
+    let d = Daemon::builder()
+        .env("HALL_FAULT_AUDIT_FAIL_FILE", fault.to_str().unwrap())
+        .start();
+    let before = d.get("/api/tokens").json()["tokens"]
+        .as_array()
+        .unwrap()
+        .len();
+    std::fs::write(&fault, b"").unwrap();
+    let r = d.post_json("/api/tokens", r#"{"name":"ghost","scopes":["route"]}"#);
+    r.assert_error(503, "unavailable", None);
+    assert!(
+        !r.body.contains("hall_"),
+        "no token in a refused answer: {}",
+        r.body
+    );
+    std::fs::remove_file(&fault).unwrap();
+    let tokens = d.get("/api/tokens").json()["tokens"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(tokens.len(), before, "{tokens:?}");
+    assert!(tokens.iter().all(|t| t["name"] != "ghost"));
+}

@@ -220,11 +220,18 @@ pub async fn token_create(
         .map_err(token_error)?;
     let who = caller(&req).map(|a| a.id().to_string());
     let (id, name) = (info.id.clone(), info.name.clone());
-    record::event(&state, RecordKind::TokenIssue, who.as_deref(), |e| {
+    let recorded = record::event(&state, RecordKind::TokenIssue, who.as_deref(), |e| {
         e.tenant_id = info.tenant_id.clone();
         e.detail = Some(format!("issued {id} ({name})"));
     })
-    .await?;
+    .await;
+    if let Err(e) = recorded {
+        // Fail closed: a credential that is not in the audit log must not exist.
+        let tokens = state.stores.tokens.clone();
+        let id = info.id.clone();
+        let _ = web::block(move || tokens.revoke(&id)).await;
+        return Err(e);
+    }
     tracing::info!(token_id = %info.id, name = %info.name, "token issued");
     Ok(HttpResponse::Created().json(json!({"token": issued.expose(), "info": info})))
 }
