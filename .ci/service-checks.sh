@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # .ci/service-checks.sh — checks the service packaging: install.sh, systemd/, launchd/.
 #
-# - shellcheck on install.sh and .ci/*.sh
+# - shellcheck on install.sh, .ci/*.sh and bench/*.sh
 # - `systemd-analyze verify` on both units as install.sh renders them (ExecStart= naming a real,
 #   installed binary). verify exits 0 on unknown keys and bad values and only prints a warning,
 #   so any output at all counts as a failure here.
@@ -51,8 +51,8 @@ trap 'rm -rf "$WORK"' EXIT
 
 # ---------------------------------------------------------------------------------------------
 step "shellcheck"
-shellcheck install.sh .ci/*.sh
-ok "shellcheck install.sh .ci/*.sh"
+shellcheck install.sh .ci/*.sh bench/*.sh
+ok "shellcheck install.sh .ci/*.sh bench/*.sh"
 
 # ---------------------------------------------------------------------------------------------
 step "binary"

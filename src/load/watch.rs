@@ -13,7 +13,12 @@ use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 /// How long the files must be quiet before a reload starts.
-pub const QUIET: Duration = Duration::from_millis(100);
+///
+/// An editor's save (temp file, rename, chmod) lands within a few ms, so 50 ms still
+/// coalesces it into one reload, and it is a quarter of the 200 ms write-to-swap budget
+/// (docs/performance.md). A writer slower than this at worst causes one rejected reload
+/// (last good set kept) followed by a good one on its final close-after-write event.
+pub const QUIET: Duration = Duration::from_millis(50);
 
 /// Start watching `dirs`; every relevant event sends a unit on `tx`.
 /// Keep the returned watcher alive for as long as you want events.

@@ -54,11 +54,19 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// sled's page cache bound. Its default (1 GiB) let the daemon grow to 1.3 GB of RSS over a
+/// million audited decisions (docs/performance.md): the audit log is written far more than
+/// it is read, so a small cache costs little and keeps RSS bounded.
+const DB_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Open the sled database in `state_dir/db`, creating the state dir 0700 first.
 pub fn open_db(state_dir: &Path) -> Result<sled::Db, sled::Error> {
     ensure_private_dir(state_dir)?;
     let path = state_dir.join("db");
-    let db = sled::Config::new().path(&path).open()?;
+    let db = sled::Config::new()
+        .path(&path)
+        .cache_capacity(DB_CACHE_BYTES)
+        .open()?;
     // sled creates its files with the process umask; tighten them.
     tighten_tree(&path);
     Ok(db)
