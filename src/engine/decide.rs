@@ -10,8 +10,9 @@ use super::snapshot::{Effect, Rule, Snapshot, Worker};
 /// worker in rank order (none: `no_eligible_worker`). An `Err` is not a policy outcome but a
 /// malformed request (unknown env or label, bad id): the caller answers 400.
 ///
-/// With `explain`, the decision carries a trace. The traced path walks every rule in order
-/// instead of the per-(capability, env) index; both paths must agree (a property test says so).
+/// With `explain`, the decision carries a trace. The traced path walks every rule for the
+/// capability (any env) instead of the per-(capability, env) index; both paths must agree
+/// (a property test says so).
 pub fn decide<'s>(
     snap: &'s Snapshot,
     req: &Request<'_>,
@@ -58,7 +59,7 @@ pub fn decide<'s>(
             .iter()
             .map(|&ri| &snap.rules[ri as usize])
             .find(|r| r.compiled.label_mask & (1 << label) != 0 && r.tenant_matches(req.tenant_id)),
-        Some(t) => first_match_traced(snap, req, env, label, t),
+        Some(t) => first_match_traced(snap, req, cap, env, label, t),
     };
     let Some(rule) = found else {
         let mut d = Decision::deny(NO_MATCHING_RULE);
@@ -128,18 +129,20 @@ pub fn decide<'s>(
     Ok(d)
 }
 
-/// The traced first-match: every rule in file order, each with the first condition that failed.
+/// The traced first-match: every rule whose capability patterns match the request, in file
+/// order, each with the first condition that failed. Rules for other capabilities are not
+/// "tried" and not listed, so a trace stays small on a large policy set.
 fn first_match_traced<'s>(
     snap: &'s Snapshot,
     req: &Request<'_>,
+    cap: u32,
     env: usize,
     label: usize,
     t: &mut Explain<'s>,
 ) -> Option<&'s Rule> {
-    for r in &snap.rules {
-        let mismatch = if !r.capability_matches(req.capability_id) {
-            Some("capability")
-        } else if r.compiled.env_mask & (1 << env) == 0 {
+    for &ri in &snap.rules_by_cap[cap as usize] {
+        let r = &snap.rules[ri as usize];
+        let mismatch = if r.compiled.env_mask & (1 << env) == 0 {
             Some("env")
         } else if r.compiled.label_mask & (1 << label) == 0 {
             Some("data_label")

@@ -363,7 +363,10 @@ proptest! {
             prop_assert_eq!(fast.rule_id, Some(rule.id.as_str()));
             let x = traced.explain.as_ref().unwrap();
             let tried: Vec<&str> = x.rules.iter().map(|r| r.rule_id).collect();
-            let expect_tried: Vec<&str> = snap.rules.iter().map(|r| r.id.as_str())
+            // "Tried" = every rule whose capability patterns match, in order, up to the match.
+            let expect_tried: Vec<&str> = snap.rules.iter()
+                .filter(|r| r.capabilities.iter().any(|p| pattern_matches(&p.to_string(), c)))
+                .map(|r| r.id.as_str())
                 .take_while(|id| *id != rule.id).chain([rule.id.as_str()]).collect();
             prop_assert_eq!(tried, expect_tried);
 

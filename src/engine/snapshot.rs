@@ -192,10 +192,6 @@ impl Rule {
             Some(ts) => ts.iter().any(|p| p.matches(tenant)),
         }
     }
-
-    pub(crate) fn capability_matches(&self, cap: &str) -> bool {
-        self.capabilities.iter().any(|p| p.matches(cap))
-    }
 }
 
 /// An immutable, compiled policy set. Cheap to share behind an `Arc`; never mutated:
@@ -215,6 +211,8 @@ pub struct Snapshot {
     pub(crate) controls: Vec<String>,
     /// Rule indices that can match, per (capability, env), in rule order.
     pub(crate) rules_by_cap_env: Vec<Vec<u32>>,
+    /// Rule indices whose capability patterns match, per capability, in rule order (explain).
+    pub(crate) rules_by_cap: Vec<Vec<u32>>,
     /// Workers offering each capability, sorted by id: the default candidates.
     pub(crate) workers_by_cap: Vec<Vec<u32>>,
     /// (capability id, index), sorted by id, for prefix-glob lookups.
@@ -318,11 +316,16 @@ impl Snapshot {
 
         let n_env = settings.environments.len();
         let mut rules_by_cap_env = vec![Vec::new(); capabilities.len() * n_env];
+        let mut rules_by_cap = vec![Vec::new(); capabilities.len()];
         for (ri, r) in rules.iter().enumerate() {
+            let matched = matching_capabilities(&r.capabilities, &cap_index, &caps_sorted);
+            for &ci in &matched {
+                rules_by_cap[ci as usize].push(ri as u32);
+            }
             if r.compiled.env_mask == 0 || r.compiled.label_mask == 0 {
                 continue;
             }
-            for ci in matching_capabilities(&r.capabilities, &cap_index, &caps_sorted) {
+            for ci in matched {
                 for e in 0..n_env {
                     if r.compiled.env_mask & (1 << e) != 0 {
                         rules_by_cap_env[ci as usize * n_env + e].push(ri as u32);
@@ -352,6 +355,7 @@ impl Snapshot {
             worker_index,
             controls,
             rules_by_cap_env,
+            rules_by_cap,
             workers_by_cap,
             caps_sorted,
         }

@@ -1178,13 +1178,12 @@ effect = "deny"
     assert_eq!(
         rules,
         [
-            ("r.cap", false, Some("capability")),
             ("r.env", false, Some("env")),
             ("r.label", false, Some("data_label")),
             ("r.tenant", false, Some("tenant")),
             ("r.hit", true, None),
         ],
-        "rules after the match are not tried"
+        "rules for other capabilities and rules after the match are not tried"
     );
     assert_eq!(
         x.candidates,
@@ -1199,10 +1198,10 @@ effect = "deny"
     let j = serde_json::to_value(&x).unwrap();
     assert_eq!(
         j["rules"][0],
-        serde_json::json!({"rule_id": "r.cap", "matched": false, "mismatch": "capability"})
+        serde_json::json!({"rule_id": "r.env", "matched": false, "mismatch": "env"})
     );
     assert_eq!(
-        j["rules"][4],
+        j["rules"][3],
         serde_json::json!({"rule_id": "r.hit", "matched": true})
     );
     assert_eq!(

@@ -245,11 +245,9 @@ fn waiting_appends_share_one_transaction_and_one_flush() {
         })
         .collect();
     // Wait (bounded) until all 50 are queued behind the held writer.
-    for _ in 0..5000 {
-        if log.stats().queue_depth == 50 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while log.stats().queue_depth != 50 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(log.stats().queue_depth, 50);
     gate_tx.send(()).unwrap();
@@ -609,12 +607,10 @@ fn the_writer_applies_retention_by_itself() {
         ..AuditConfig::default()
     };
     let log = AuditLog::open_with(&db, config, None, None).unwrap();
-    // The writer prunes when it starts; wait (bounded) for it.
-    for _ in 0..5000 {
-        if log.get(3).unwrap().is_none() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
+    // The writer prunes when it starts; wait (bounded, generously: CI machines are busy).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while log.get(3).unwrap().is_some() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(log.get(3).unwrap(), None);
     assert!(log.get(4).unwrap().is_some());
