@@ -103,7 +103,7 @@ impl Metrics {
                 c.load(Relaxed)
             );
         }
-        s.push_str("# HELP hall_route_errors_total Route requests refused before a decision, by error code.\n");
+        s.push_str("# HELP hall_route_errors_total Requests refused before a decision, by error code (route errors, and gate refusals on any endpoint).\n");
         s.push_str("# TYPE hall_route_errors_total counter\n");
         for (r, c) in self.errors.read().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(
