@@ -176,26 +176,7 @@ fn fresh_dir() -> tempfile::TempDir {
 /// Start `hall serve` on `dir` expecting it to exit by itself (a refused start); its status
 /// and stderr. Panics if it is still running after a generous deadline.
 fn serve_expect_exit(dir: &Path, env: &[(&str, &str)]) -> (ExitStatus, String) {
-    let mut cmd = Command::new(HALL);
-    cmd.arg("serve")
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--registry")
-        .arg(dir.join("registry"))
-        .arg("--policies")
-        .arg(dir.join("policies"))
-        .env_remove("HALL_CONFIG")
-        .env_remove("HALL_MASTER_KEY_FILE")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .env_remove("NOTIFY_SOCKET")
-        .env("HALL_KEYRING", "off")
-        .env("RUST_LOG", "debug")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut cmd = common::serve_command(dir);
     for (k, v) in env {
         cmd.env(k, v);
     }

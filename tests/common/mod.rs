@@ -121,27 +121,8 @@ impl Daemon {
         wait_ready: bool,
         file_size_limit: Option<u64>,
     ) -> Daemon {
-        let p = dir.path();
-        let mut cmd = Command::new(HALL);
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--state-dir")
-            .arg(p.join("state"))
-            .arg("--registry")
-            .arg(p.join("registry"))
-            .arg("--policies")
-            .arg(p.join("policies"))
-            .args(args)
-            .env_remove("HALL_CONFIG")
-            .env_remove("HALL_TOKEN")
-            .env_remove("NOTIFY_SOCKET")
-            .env("HALL_KEYRING", "off")
-            .env("RUST_LOG", "debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let mut cmd = serve_command(dir.path());
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -316,6 +297,34 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `hall serve` on a test dir (`registry/`, `policies/`, `state/` inside it), on a free
+/// loopback port, with the keyring off and nothing inherited that would change where it
+/// reads its config, token or key from; stderr piped for the logs.
+pub fn serve_command(p: &Path) -> Command {
+    let mut cmd = Command::new(HALL);
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--state-dir")
+        .arg(p.join("state"))
+        .arg("--registry")
+        .arg(p.join("registry"))
+        .arg("--policies")
+        .arg(p.join("policies"))
+        .env_remove("HALL_CONFIG")
+        .env_remove("HALL_TOKEN")
+        .env_remove("HALL_MASTER_KEY_FILE")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("NOTIFY_SOCKET")
+        .env("HALL_KEYRING", "off")
+        .env("RUST_LOG", "debug")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
 }
 
 /// A parsed HTTP response.
