@@ -595,14 +595,8 @@ fn decode(name: &str, raw: &[u8]) -> Result<Record, SecretError> {
 
 /// Names follow `[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}`.
 pub fn validate_name(name: &str) -> Result<(), SecretError> {
-    let b = name.as_bytes();
-    let ok = !b.is_empty()
-        && b.len() <= MAX_NAME_LEN
-        && b[0].is_ascii_alphanumeric()
-        && b[1..]
-            .iter()
-            .all(|c| c.is_ascii_alphanumeric() || b"._:@/-".contains(c));
-    if ok {
+    // Secret names follow the one id syntax (at most MAX_NAME_LEN = 128 bytes).
+    if crate::engine::valid_id(name) {
         Ok(())
     } else {
         let shown: String = name.chars().take(64).collect();

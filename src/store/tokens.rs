@@ -498,15 +498,9 @@ fn well_formed(token: &str) -> bool {
             .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// Tenant ids as the spec allows them: `[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}`.
+/// Tenant ids as the spec allows them: the one id syntax of [`crate::engine::valid_id`].
 pub fn valid_tenant_id(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && b[0].is_ascii_alphanumeric()
-        && b[1..]
-            .iter()
-            .all(|c| c.is_ascii_alphanumeric() || b"._:@/-".contains(c))
+    crate::engine::valid_id(s)
 }
 
 fn validate(new: &mut NewToken, now_ms: i64) -> Result<(), TokenError> {
