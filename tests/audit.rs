@@ -319,7 +319,7 @@ fn records_hold_every_field_for_allowed_denied_and_dry_run() {
 /// stopped): the first occurrence of `find` becomes `replace`.
 fn tamper(state: &Path, seq: u64, find: &[u8], replace: &[u8]) {
     assert_eq!(find.len(), replace.len());
-    let db = sled::open(state.join("db")).expect("open sled");
+    let db = hall::store::open_db(state).expect("open sled");
     let tree = db.open_tree("audit").unwrap();
     let key = seq.to_be_bytes();
     let mut v = tree.get(key).unwrap().expect("record exists").to_vec();
@@ -394,7 +394,7 @@ fn a_changed_prev_hash_byte_is_named_too() {
     let dir = d.into_dir();
     let state = dir.path().join("state");
     {
-        let db = sled::open(state.join("db")).unwrap();
+        let db = hall::store::open_db(&state).unwrap();
         let tree = db.open_tree("audit").unwrap();
         let mut v = tree.get(seq.to_be_bytes()).unwrap().unwrap().to_vec();
         v[0] ^= 0x01; // the first byte of prev_hash

@@ -13,6 +13,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Create `dir` (and parents) with mode 0700, or tighten an existing one to 0700.
 ///
@@ -59,17 +60,43 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
 /// it is read, so a small cache costs little and keeps RSS bounded.
 const DB_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
+/// How long [`open_db`] waits for the database lock. sled's background flusher can hold the
+/// lock for a moment after the last handle of an earlier instance is dropped (sled issues
+/// #1234, #1289), and a service manager may start the new process while the old one is still
+/// exiting; a second daemon on the same state dir still fails, after this wait.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
 /// Open the sled database in `state_dir/db`, creating the state dir 0700 first.
 pub fn open_db(state_dir: &Path) -> Result<sled::Db, sled::Error> {
     ensure_private_dir(state_dir)?;
     let path = state_dir.join("db");
-    let db = sled::Config::new()
-        .path(&path)
-        .cache_capacity(DB_CACHE_BYTES)
-        .open()?;
+    let db = open_db_waiting(&path, LOCK_WAIT)?;
     // sled creates its files with the process umask; tighten them.
     tighten_tree(&path);
     Ok(db)
+}
+
+/// Open the sled database at `path`, retrying while another handle holds its lock, for at
+/// most `wait`. Any other error is returned at once.
+pub fn open_db_waiting(path: &Path, wait: Duration) -> Result<sled::Db, sled::Error> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .cache_capacity(DB_CACHE_BYTES)
+            .open()
+        {
+            Err(sled::Error::Io(e)) if is_lock_busy(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// sled reports a held lock as a custom `Other` error wrapping the `flock` EWOULDBLOCK.
+fn is_lock_busy(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 
 fn tighten_tree(path: &Path) {
@@ -83,5 +110,54 @@ fn tighten_tree(path: &Path) {
                 }
             }
         }
+    }
+}
+
+/// Open (or reopen) a test database at `path`, waiting out a lock an earlier handle in this
+/// process may still hold.
+#[cfg(test)]
+pub(crate) fn test_db_at(path: &Path) -> sled::Db {
+    open_db_waiting(path, Duration::from_secs(20)).expect("open the test database")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_waits_for_a_lock_that_is_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let first = open_db_waiting(&path, Duration::ZERO).unwrap();
+        first.insert(b"k", b"v").unwrap();
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            first.flush().unwrap();
+            drop(first);
+        });
+        let second = open_db_waiting(&path, Duration::from_secs(20)).unwrap();
+        releaser.join().unwrap();
+        assert_eq!(second.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+    }
+
+    #[test]
+    fn open_gives_up_on_a_lock_that_stays_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let _held = open_db_waiting(&path, Duration::ZERO).unwrap();
+        let start = Instant::now();
+        let err = open_db_waiting(&path, Duration::from_millis(200)).unwrap_err();
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        assert!(err.to_string().contains("could not acquire lock"), "{err}");
+    }
+
+    #[test]
+    fn open_returns_other_errors_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        fs::write(&file, b"x").unwrap();
+        let start = Instant::now();
+        assert!(open_db_waiting(&file.join("db"), Duration::from_secs(20)).is_err());
+        assert!(start.elapsed() < Duration::from_secs(20));
     }
 }

@@ -931,10 +931,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let value = b"plaintext-canary-7c1f9e2a-do-not-store";
         {
-            let db = sled::Config::new()
-                .path(t.path().join("db"))
-                .open()
-                .unwrap();
+            let db = crate::store::test_db_at(&t.path().join("db"));
             let s = SecretStore::open(&db, key(1)).unwrap();
             s.put("canary", value, 1).unwrap();
             s.put("canary2", value, 2).unwrap();
@@ -1007,19 +1004,7 @@ mod tests {
         }
         /// A fresh "process": reopen the db from disk and the keys from their source.
         fn boot(&self) -> (sled::Db, SecretStore, KeySource) {
-            // sled's background flusher can hold the previous instance's file lock for a
-            // moment after the last handle is dropped (a real restart is a new process);
-            // retry instead of failing on WouldBlock.
-            let start = std::time::Instant::now();
-            let db = loop {
-                match sled::Config::new().path(self.dir.path().join("db")).open() {
-                    Ok(db) => break db,
-                    Err(e) if start.elapsed() > std::time::Duration::from_secs(20) => {
-                        panic!("reopen: {e}")
-                    }
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-                }
-            };
+            let db = crate::store::test_db_at(&self.dir.path().join("db"));
             let (s, src) = SecretStore::open_from(&db, &self.sources()).unwrap();
             (db, s, src)
         }

@@ -854,10 +854,7 @@ mod tests {
 
     fn temp_db() -> (tempfile::TempDir, sled::Db) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .open()
-            .unwrap();
+        let db = crate::store::test_db_at(&dir.path().join("db"));
         (dir, db)
     }
 
@@ -946,10 +943,7 @@ mod tests {
         assert!(store.authenticate(keep.expose(), NOW).is_ok());
         drop(store);
         drop(db);
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .open()
-            .unwrap();
+        let db = crate::store::test_db_at(&dir.path().join("db"));
         let store = TokenStore::open(&db).unwrap();
         assert_eq!(
             store.authenticate(tok.expose(), NOW).unwrap_err(),
@@ -1282,10 +1276,7 @@ mod tests {
         assert_eq!(listed[0].last_used_ms, Some(NOW + 1));
         drop(store);
         drop(db);
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .open()
-            .unwrap();
+        let db = crate::store::test_db_at(&dir.path().join("db"));
         let store = TokenStore::open(&db).unwrap();
         let auth = store.authenticate(tok.expose(), NOW + 2).unwrap();
         assert!(auth.allows(Scope::Audit) && !auth.allows(Scope::Route));
