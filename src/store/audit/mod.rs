@@ -3,9 +3,9 @@
 //! Records live in the sled tree `audit`, keyed by big-endian `seq` (gapless, from 1). Each
 //! record's `hash = blake3(prev_hash ‖ rmp-serde body)`, the first `prev_hash` being 32 zero
 //! bytes, so [`AuditLog::verify`] finds the first record that was altered, removed or
-//! re-linked. Secondary trees (`audit_by_tenant`, `audit_by_capability`, `audit_by_time`,
-//! `audit_by_decision`) let [`AuditLog::query`] and [`AuditLog::by_decision`] avoid scanning the
-//! log; they are written in the same sled transaction as the records.
+//! re-linked. `audit_by_decision` (written in the same sled transaction as the records) finds a
+//! decision by id; the tenant and capability indexes are posting lists the writer adds about
+//! once a second ([`index`]); time ranges are binary-searched in the records tree itself.
 //!
 //! Writes go through one writer thread (group commit): it takes every waiting append,
 //! chains and inserts them, calls `db.flush()` once, then answers them all. With
@@ -24,6 +24,7 @@
 //!
 //! Open one `AuditLog` per database and share it by cloning: two writers would fork the chain.
 
+mod index;
 mod record;
 mod writer;
 
@@ -229,21 +230,23 @@ impl Shared {
 pub(crate) struct Trees {
     db: sled::Db,
     records: sled::Tree,
-    by_tenant: sled::Tree,
-    by_capability: sled::Tree,
-    by_time: sled::Tree,
+    postings: sled::Tree,
     by_decision: sled::Tree,
     meta: sled::Tree,
 }
 
 impl Trees {
     fn open(db: &sled::Db) -> Result<Trees, sled::Error> {
+        // Per-record index trees of earlier versions; their content is rebuilt as postings.
+        for old in ["audit_by_tenant", "audit_by_capability", "audit_by_time"] {
+            if db.tree_names().iter().any(|n| n == old.as_bytes()) {
+                db.drop_tree(old)?;
+            }
+        }
         Ok(Trees {
             db: db.clone(),
             records: db.open_tree("audit")?,
-            by_tenant: db.open_tree("audit_by_tenant")?,
-            by_capability: db.open_tree("audit_by_capability")?,
-            by_time: db.open_tree("audit_by_time")?,
+            postings: db.open_tree("audit_postings")?,
             by_decision: db.open_tree("audit_by_decision")?,
             meta: db.open_tree("audit_meta")?,
         })
@@ -304,6 +307,7 @@ impl AuditLog {
     ) -> Result<AuditLog, AuditError> {
         let trees = Trees::open(db)?;
         let (head, last_ts) = recover_head(&trees)?;
+        let index = index::Pending::rebuild(&trees)?;
         let shared = Arc::new(Shared {
             head: ArcSwap::from_pointee(head),
             stats: Counters::default(),
@@ -317,6 +321,9 @@ impl AuditLog {
             fault_file,
             head,
             last_ts,
+            index,
+            index_stale: false,
+            last_index: Instant::now(),
             buf: Vec::with_capacity(1024),
             dirty: false,
             last_flush: Instant::now(),
@@ -421,7 +428,7 @@ impl AuditLog {
 
     /// Records matching `q`, in `seq` order, at most `limit` (see [`AuditQuery`]).
     ///
-    /// Uses the tenant or capability index when one is given and the time index to bound
+    /// Uses the tenant or capability postings when one is given, and binary search for
     /// `since`/`until`; other filters are checked on the records found.
     pub fn query(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, AuditError> {
         let limit = match q.limit {
@@ -432,6 +439,7 @@ impl AuditLog {
         let Some(seqs) = seq_bounds(t, q.after_seq, q.since_ms, q.until_ms)? else {
             return Ok(Vec::new());
         };
+        let (lo, hi) = seqs.into_inner();
         let matches = |r: &AuditRecord| {
             let e = &r.entry;
             q.tenant_id
@@ -446,57 +454,70 @@ impl AuditLog {
                 && q.until_ms.is_none_or(|x| e.ts_ms <= x)
         };
         let mut out = Vec::new();
-        let index = q
-            .tenant_id
-            .as_deref()
-            .map(|v| (&t.by_tenant, v))
-            .or_else(|| q.capability_id.as_deref().map(|v| (&t.by_capability, v)));
-        match index {
-            Some((tree, value)) => {
-                let range = index_key(value, *seqs.start())..=index_key(value, *seqs.end());
-                let mut iter = tree.range(range);
-                while out.len() < limit {
-                    let item = if q.newest {
-                        iter.next_back()
-                    } else {
-                        iter.next()
-                    };
-                    let Some(item) = item else { break };
-                    let (k, _) = item?;
-                    let Some(seq) = seq_from_suffix(&k) else {
-                        continue;
-                    };
-                    if let Some(r) = self.get(seq)? {
-                        if matches(&r) {
-                            out.push(r);
-                        }
-                    }
+        // Scan the records in lo..=hi (decoding each), in query order, until the limit.
+        let scan = |lo: u64, hi: u64, out: &mut Vec<AuditRecord>| -> Result<(), AuditError> {
+            if lo > hi {
+                return Ok(());
+            }
+            let mut iter = t.records.range(seq_key(lo)..=seq_key(hi));
+            while out.len() < limit {
+                let item = if q.newest {
+                    iter.next_back()
+                } else {
+                    iter.next()
+                };
+                let Some(item) = item else { break };
+                let (k, v) = item?;
+                let Some(seq) = seq_from_suffix(&k) else {
+                    continue;
+                };
+                let r = decode(seq, &v)?;
+                if matches(&r) {
+                    out.push(r);
                 }
             }
-            None => {
-                let mut iter = t
-                    .records
-                    .range(seq_key(*seqs.start())..=seq_key(*seqs.end()));
-                while out.len() < limit {
-                    let item = if q.newest {
-                        iter.next_back()
-                    } else {
-                        iter.next()
-                    };
-                    let Some(item) = item else { break };
-                    let (k, v) = item?;
-                    let Some(seq) = seq_from_suffix(&k) else {
-                        continue;
-                    };
-                    let r = decode(seq, &v)?;
+            Ok(())
+        };
+        let prefix = q
+            .tenant_id
+            .as_deref()
+            .map(|v| index::posting_prefix(index::TENANT, v))
+            .or_else(|| {
+                q.capability_id
+                    .as_deref()
+                    .map(|v| index::posting_prefix(index::CAPABILITY, v))
+            });
+        let Some(prefix) = prefix else {
+            scan(lo, hi, &mut out)?;
+            if q.newest {
+                out.reverse();
+            }
+            return Ok(out);
+        };
+        // Postings cover seqs up to the marker; the records after it are scanned.
+        let through = index::indexed_through(t)?;
+        let (tail_lo, indexed_hi) = (lo.max(through.saturating_add(1)), hi.min(through));
+        let indexed = |out: &mut Vec<AuditRecord>| {
+            index::visit_indexed(t, &prefix, lo, indexed_hi, q.newest, &mut |seq| {
+                if let Some(r) = self.get(seq)? {
                     if matches(&r) {
                         out.push(r);
                     }
                 }
-            }
-        }
+                Ok(out.len() < limit)
+            })
+        };
         if q.newest {
+            scan(tail_lo, hi, &mut out)?;
+            if out.len() < limit {
+                indexed(&mut out)?;
+            }
             out.reverse();
+        } else {
+            indexed(&mut out)?;
+            if out.len() < limit {
+                scan(tail_lo, hi, &mut out)?;
+            }
         }
         Ok(out)
     }
@@ -613,6 +634,14 @@ impl AuditLog {
         Ok(n)
     }
 
+    /// Tests: have the writer write its pending index chunks now.
+    #[cfg(test)]
+    pub(crate) fn write_index_now(&self) {
+        let (ack, done) = mpsc::channel();
+        self.inner.tx.send(Msg::WriteIndex(ack)).unwrap();
+        done.recv().unwrap();
+    }
+
     /// Flush everything pending, answer every queued append, and stop the writer. Later
     /// appends get [`AuditError::Closed`]. Blocks until done (call it at SIGTERM, from a
     /// blocking context). Idempotent.
@@ -636,23 +665,6 @@ pub(crate) fn seq_key(seq: u64) -> [u8; 8] {
 fn seq_from_suffix(k: &[u8]) -> Option<u64> {
     let tail = k.get(k.len().checked_sub(8)?..)?;
     Some(u64::from_be_bytes(tail.try_into().ok()?))
-}
-
-/// `value \0 seq_be`: all of one tenant's (or capability's) records, in seq order.
-pub(crate) fn index_key(value: &str, seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(value.len() + 9);
-    k.extend_from_slice(value.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-/// `ts (sign-flipped, big-endian) ‖ seq_be`: byte order is time order.
-pub(crate) fn time_key(ts_ms: i64, seq: u64) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&((ts_ms as u64) ^ (1 << 63)).to_be_bytes());
-    k[8..].copy_from_slice(&seq.to_be_bytes());
-    k
 }
 
 pub(crate) fn decision_key(decision_id: &str) -> &[u8] {
@@ -681,21 +693,16 @@ fn seq_bounds(
     let mut lo = after_seq.map_or(Some(1), |s| s.checked_add(1));
     let mut hi = u64::MAX;
     if let Some(since) = since_ms {
-        match t.by_time.range(time_key(since, 0)..).next() {
-            Some(item) => {
-                let (k, _) = item?;
-                lo = lo.map(|lo| lo.max(seq_from_suffix(&k).unwrap_or(0)));
-            }
+        match index::first_seq_where(t, |ts| ts >= since)? {
+            Some(seq) => lo = lo.map(|lo| lo.max(seq)),
             None => return Ok(None),
         }
     }
     if let Some(until) = until_ms {
-        match t.by_time.range(..=time_key(until, u64::MAX)).next_back() {
-            Some(item) => {
-                let (k, _) = item?;
-                hi = seq_from_suffix(&k).unwrap_or(0);
-            }
-            None => return Ok(None),
+        match index::first_seq_where(t, |ts| ts > until)? {
+            Some(0) => return Ok(None),
+            Some(seq) => hi = seq - 1,
+            None => {}
         }
     }
     Ok(lo.filter(|lo| *lo <= hi).map(|lo| lo..=hi))
@@ -779,19 +786,16 @@ fn prune_before(t: &Trees, cutoff_ms: i64, max: usize) -> Result<usize, AuditErr
         t.meta.insert(CHECKPOINT_KEY, v)?;
     }
     let mut records = sled::Batch::default();
-    let mut by_tenant = sled::Batch::default();
-    let mut by_capability = sled::Batch::default();
-    let mut by_time = sled::Batch::default();
+    let mut prefixes = std::collections::HashSet::new();
     for r in &doomed {
         let e = &r.entry;
         records.remove(&seq_key(r.seq));
         if let Some(x) = &e.tenant_id {
-            by_tenant.remove(index_key(x, r.seq));
+            prefixes.insert(index::posting_prefix(index::TENANT, x));
         }
         if let Some(x) = &e.capability_id {
-            by_capability.remove(index_key(x, r.seq));
+            prefixes.insert(index::posting_prefix(index::CAPABILITY, x));
         }
-        by_time.remove(&time_key(e.ts_ms, r.seq));
         if let Some(d) = &e.decision_id {
             // Only if the index still points at this record.
             let key = decision_key(d);
@@ -800,9 +804,9 @@ fn prune_before(t: &Trees, cutoff_ms: i64, max: usize) -> Result<usize, AuditErr
             }
         }
     }
-    t.by_tenant.apply_batch(by_tenant)?;
-    t.by_capability.apply_batch(by_capability)?;
-    t.by_time.apply_batch(by_time)?;
+    for p in &prefixes {
+        index::prune_chunks(t, p, new_first)?;
+    }
     t.records.apply_batch(records)?;
     Ok(doomed.len())
 }

@@ -9,10 +9,11 @@ use std::time::Instant;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{Batch, Transactional};
 
+use super::index::{self, Pending};
 use super::record::{encode_value, AuditEntry, Durability, RecordKind};
 use super::{
-    decision_key, index_key, seq_key, time_key, Appended, AuditConfig, AuditError, Head, Shared,
-    Trees, PRUNE_EVERY, PRUNE_STEP,
+    decision_key, seq_key, Appended, AuditConfig, AuditError, Head, Shared, Trees, PRUNE_EVERY,
+    PRUNE_STEP,
 };
 
 /// Most appends committed in one sled transaction + flush. Bounds one batch's latency.
@@ -27,6 +28,9 @@ pub(crate) enum Msg {
     Append(AuditEntry, Reply),
     /// Flush what is pending, answer, stop; the sender is told when it is done.
     Shutdown(std::sync::mpsc::Sender<()>),
+    /// Tests: write the pending index chunks now.
+    #[cfg(test)]
+    WriteIndex(std::sync::mpsc::Sender<()>),
 }
 
 pub(crate) struct Writer {
@@ -41,6 +45,11 @@ pub(crate) struct Writer {
     pub(crate) head: Head,
     /// Time of the last record, to keep the log time-ordered.
     pub(crate) last_ts: i64,
+    /// Index postings of the records after the stored marker, not yet written.
+    pub(crate) index: Pending,
+    /// `index` could not be rebuilt after a failed batch: rebuild before writing it.
+    pub(crate) index_stale: bool,
+    pub(crate) last_index: Instant,
     /// Reused encode buffer.
     pub(crate) buf: Vec<u8>,
     /// Batched mode: inserted but not yet flushed.
@@ -83,6 +92,14 @@ impl Writer {
                             shutdown = Some(ack);
                             break;
                         }
+                        #[cfg(test)]
+                        Msg::WriteIndex(ack) => {
+                            if !pending.is_empty() {
+                                self.commit(&mut pending);
+                            }
+                            self.write_index();
+                            let _ = ack.send(());
+                        }
                     }
                     if pending.len() < MAX_BATCH {
                         next = rx.try_recv().ok();
@@ -91,6 +108,13 @@ impl Writer {
                 if !pending.is_empty() {
                     self.commit(&mut pending);
                 }
+            }
+            if self.index.records > 0
+                && (shutdown.is_some()
+                    || self.index.records >= index::INDEX_MAX_PENDING
+                    || self.last_index.elapsed() >= index::INDEX_INTERVAL)
+            {
+                self.write_index();
             }
             if self.dirty
                 && (shutdown.is_some() || self.last_flush.elapsed() >= self.config.batch_interval)
@@ -106,6 +130,9 @@ impl Writer {
             }
         }
         // Every `AuditLog` is gone: make what was answered durable before the thread ends.
+        if self.index.records > 0 {
+            self.write_index();
+        }
         if self.dirty {
             self.periodic_flush();
         }
@@ -116,9 +143,37 @@ impl Writer {
             .dirty
             .then(|| self.last_flush + self.config.batch_interval);
         let prune = self.config.retention_days.map(|_| self.next_prune);
-        match (flush, prune) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let index = (self.index.records > 0).then(|| {
+            if self.index.records >= index::INDEX_MAX_PENDING {
+                Instant::now()
+            } else {
+                self.last_index + index::INDEX_INTERVAL
+            }
+        });
+        [flush, prune, index].into_iter().flatten().min()
+    }
+
+    /// Write the pending index chunks (a failure leaves them pending for the next try).
+    fn write_index(&mut self) {
+        self.last_index = Instant::now();
+        if self.index_stale {
+            match Pending::rebuild(&self.trees) {
+                Ok(p) => {
+                    self.index = p;
+                    self.index_stale = false;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not rebuild the audit index");
+                    return;
+                }
+            }
+        }
+        match self.index.write(&self.trees, self.head.seq) {
+            // Reaches the disk with the next flush (batched mode's timer, or shutdown).
+            Ok(()) => self.dirty = true,
+            Err(e) => {
+                tracing::error!(error = %e, "could not write the audit index; queries scan instead")
+            }
         }
     }
 
@@ -151,6 +206,11 @@ impl Writer {
                         self.head = *self.shared.head.load_full();
                     }
                 }
+                // Nor the pending postings: sled may hold some of the failed batch.
+                match Pending::rebuild(&self.trees) {
+                    Ok(p) => self.index = p,
+                    Err(_) => self.index_stale = true,
+                }
                 for (_, reply) in pending.drain(..) {
                     let _ = reply.send(Err(e.clone()));
                 }
@@ -173,9 +233,6 @@ impl Writer {
             }
         }
         let mut records = Batch::default();
-        let mut by_tenant = Batch::default();
-        let mut by_capability = Batch::default();
-        let mut by_time = Batch::default();
         let mut by_decision = Batch::default();
         let mut appended = Vec::with_capacity(pending.len());
         let mut head = self.head;
@@ -187,13 +244,6 @@ impl Writer {
             let hash = encode_value(&mut self.buf, &head.hash, seq, entry)
                 .map_err(|e| AuditError::Write(format!("encoding failed: {e}")))?;
             records.insert(&seq_key(seq), self.buf.as_slice());
-            if let Some(t) = &entry.tenant_id {
-                by_tenant.insert(index_key(t, seq), &[]);
-            }
-            if let Some(c) = &entry.capability_id {
-                by_capability.insert(index_key(c, seq), &[]);
-            }
-            by_time.insert(&time_key(entry.ts_ms, seq), &[]);
             if entry.kind == RecordKind::Decision {
                 if let Some(d) = &entry.decision_id {
                     by_decision.insert(decision_key(d), &seq_key(seq));
@@ -203,18 +253,9 @@ impl Writer {
             appended.push(Appended { seq, hash });
         }
         let t = &self.trees;
-        (
-            &t.records,
-            &t.by_tenant,
-            &t.by_capability,
-            &t.by_time,
-            &t.by_decision,
-        )
-            .transaction(|(r, bt, bc, bti, bd)| {
+        (&t.records, &t.by_decision)
+            .transaction(|(r, bd)| {
                 r.apply_batch(&records)?;
-                bt.apply_batch(&by_tenant)?;
-                bc.apply_batch(&by_capability)?;
-                bti.apply_batch(&by_time)?;
                 bd.apply_batch(&by_decision)?;
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
@@ -225,6 +266,9 @@ impl Writer {
         // The records are in sled's memory: the chain continues from them whatever happens next.
         self.head = head;
         self.last_ts = last_ts;
+        for ((entry, _), a) in pending.iter().zip(&appended) {
+            self.index.add(a.seq, entry);
+        }
         if self.config.durability == Durability::Durable || self.flush_failed {
             self.flush()?;
         } else {

@@ -1,0 +1,280 @@
+//! The tenant and capability indexes, kept as **posting lists** off the append path.
+//!
+//! Inserting one index key per record into sled cost more than the record itself (each
+//! insert lands in a different leaf: docs/performance.md). Instead the writer collects, in
+//! memory, the seqs of each tenant and capability it appends, and about once a second (or
+//! every [`INDEX_MAX_PENDING`] records, and at shutdown) writes them as one chunk per value
+//! into the tree `audit_postings`, together with the marker "indexed through seq N", in one
+//! sled batch (atomic on one tree):
+//!
+//! ```text
+//! key   = kind ('t' tenant | 'c' capability) ‖ value ‖ 0x00 ‖ last seq in the chunk (BE u64)
+//! value = the chunk's seqs, ascending, each a BE u64
+//! "indexed_through" → N (BE u64): every record ≤ N is in a chunk
+//! ```
+//!
+//! Chunks of one value cover disjoint, ascending seq ranges, so they sort in seq order.
+//! A query reads chunks for the seqs up to the marker and scans the records after it (at
+//! most about one interval's worth) directly, so it sees every committed record. A crash
+//! loses at most the unwritten chunks; `open` rebuilds them from the records after the
+//! marker. Every candidate is re-checked against its record, so a stale chunk (left behind
+//! by retention, or tampered with) can hide nothing and add nothing.
+//!
+//! There is no time index: the writer keeps `ts_ms` non-decreasing along seqs, so the
+//! records tree itself is binary-searched for the bounds of a time range.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::record::decode_value;
+use super::{seq_key, AuditEntry, AuditError, Trees};
+
+/// The longest records wait for their chunk while the writer is busy.
+pub(crate) const INDEX_INTERVAL: Duration = Duration::from_secs(1);
+/// Write the chunks early once this many records are waiting (bounds a query's tail scan).
+pub(crate) const INDEX_MAX_PENDING: usize = 16_384;
+const INDEXED_THROUGH_KEY: &[u8] = b"indexed_through";
+
+pub(crate) const TENANT: u8 = b't';
+pub(crate) const CAPABILITY: u8 = b'c';
+
+/// `kind ‖ value ‖ 0x00`: what every chunk key of one value starts with.
+pub(crate) fn posting_prefix(kind: u8, value: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(value.len() + 10);
+    k.push(kind);
+    k.extend_from_slice(value.as_bytes());
+    k.push(0);
+    k
+}
+
+fn chunk_key(prefix: &[u8], last_seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 8);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(&last_seq.to_be_bytes());
+    k
+}
+
+/// The seqs in a chunk value (trailing bytes that do not make a whole seq are ignored).
+pub(crate) fn chunk_seqs(v: &[u8]) -> impl DoubleEndedIterator<Item = u64> + '_ {
+    v.chunks_exact(8)
+        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+}
+
+/// The marker: every record up to this seq is in a chunk (0: none).
+pub(crate) fn indexed_through(t: &Trees) -> Result<u64, AuditError> {
+    Ok(match t.postings.get(INDEXED_THROUGH_KEY)? {
+        Some(v) if v.len() == 8 => u64::from_be_bytes(v[..].try_into().expect("8 bytes")),
+        Some(_) => {
+            return Err(AuditError::Corrupt {
+                seq: 0,
+                reason: "the audit index marker is malformed",
+            })
+        }
+        None => 0,
+    })
+}
+
+/// The writer's chunks not yet written: the postings of every record in `(through, head]`.
+#[derive(Default)]
+pub(crate) struct Pending {
+    /// The marker as stored.
+    pub(crate) through: u64,
+    /// Records added since the marker.
+    pub(crate) records: usize,
+    lists: HashMap<Vec<u8>, Vec<u64>>,
+    scratch: Vec<u8>,
+}
+
+impl Pending {
+    /// Rebuild from what sled holds: the marker, and every record after it.
+    pub(crate) fn rebuild(t: &Trees) -> Result<Pending, AuditError> {
+        let mut p = Pending {
+            through: indexed_through(t)?,
+            ..Default::default()
+        };
+        for item in t.records.range(seq_key(p.through.saturating_add(1))..) {
+            let (k, v) = item?;
+            let seq = u64::from_be_bytes(k[..].try_into().map_err(|_| AuditError::Corrupt {
+                seq: 0,
+                reason: "record key is not a seq",
+            })?);
+            // An undecodable record cannot be indexed; verify names it, queries skip it.
+            if let Ok(r) = decode_value(seq, &v, false) {
+                p.add(seq, &r.entry);
+            } else {
+                p.records += 1;
+            }
+        }
+        Ok(p)
+    }
+
+    pub(crate) fn add(&mut self, seq: u64, e: &AuditEntry) {
+        self.records += 1;
+        if let Some(t) = &e.tenant_id {
+            self.push(TENANT, t, seq);
+        }
+        if let Some(c) = &e.capability_id {
+            self.push(CAPABILITY, c, seq);
+        }
+    }
+
+    fn push(&mut self, kind: u8, value: &str, seq: u64) {
+        self.scratch.clear();
+        self.scratch.push(kind);
+        self.scratch.extend_from_slice(value.as_bytes());
+        self.scratch.push(0);
+        match self.lists.get_mut(self.scratch.as_slice()) {
+            Some(list) => list.push(seq),
+            None => {
+                self.lists.insert(self.scratch.clone(), vec![seq]);
+            }
+        }
+    }
+
+    /// Write every chunk and move the marker to `head` in one batch. On error nothing
+    /// changed and the postings stay pending.
+    pub(crate) fn write(&mut self, t: &Trees, head: u64) -> Result<(), AuditError> {
+        let mut batch = sled::Batch::default();
+        let mut buf = Vec::new();
+        for (prefix, seqs) in &self.lists {
+            let last = *seqs.last().expect("lists are never empty");
+            buf.clear();
+            for s in seqs {
+                buf.extend_from_slice(&s.to_be_bytes());
+            }
+            batch.insert(chunk_key(prefix, last), buf.as_slice());
+        }
+        batch.insert(INDEXED_THROUGH_KEY, &head.to_be_bytes());
+        t.postings.apply_batch(batch)?;
+        self.lists.clear();
+        self.records = 0;
+        self.through = head;
+        Ok(())
+    }
+}
+
+/// Call `visit` with every indexed seq of `prefix` in `lo..=hi` (ascending, or descending
+/// with `newest`) until it returns `false`. Only chunks are read: seqs after the marker are
+/// the caller's (clamp `hi` to the marker).
+pub(crate) fn visit_indexed(
+    t: &Trees,
+    prefix: &[u8],
+    lo: u64,
+    hi: u64,
+    newest: bool,
+    visit: &mut dyn FnMut(u64) -> Result<bool, AuditError>,
+) -> Result<(), AuditError> {
+    if lo > hi {
+        return Ok(());
+    }
+    let end = chunk_key(prefix, u64::MAX);
+    // Seqs are visited strictly in order even if a chunk was altered to repeat or reorder.
+    let mut prev: Option<u64> = None;
+    if !newest {
+        // Every chunk whose last seq is ≥ lo, until one starts after hi.
+        for item in t.postings.range(chunk_key(prefix, lo)..=end) {
+            let (_, v) = item?;
+            for s in chunk_seqs(&v) {
+                if s > hi {
+                    return Ok(());
+                }
+                if s < lo || prev.is_some_and(|p| s <= p) {
+                    continue;
+                }
+                prev = Some(s);
+                if !visit(s)? {
+                    return Ok(());
+                }
+            }
+        }
+        return Ok(());
+    }
+    // Newest first: the one chunk that may straddle hi, then the chunks wholly below it.
+    let straddling = t.postings.range(chunk_key(prefix, hi)..=end).next();
+    let below = t
+        .postings
+        .range(chunk_key(prefix, lo)..chunk_key(prefix, hi))
+        .rev();
+    for item in straddling.into_iter().chain(below) {
+        let (_, v) = item?;
+        for s in chunk_seqs(&v).rev() {
+            if s < lo {
+                return Ok(());
+            }
+            if s > hi || prev.is_some_and(|p| s >= p) {
+                continue;
+            }
+            prev = Some(s);
+            if !visit(s)? {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Remove the chunks of `prefix` that hold only seqs below `first_kept` (retention). A chunk
+/// straddling `first_kept` stays; its pruned seqs no longer resolve to a record.
+pub(crate) fn prune_chunks(t: &Trees, prefix: &[u8], first_kept: u64) -> Result<(), AuditError> {
+    if first_kept == 0 {
+        return Ok(());
+    }
+    let mut batch = sled::Batch::default();
+    for item in t
+        .postings
+        .range(chunk_key(prefix, 0)..=chunk_key(prefix, first_kept - 1))
+    {
+        batch.remove(item?.0);
+    }
+    t.postings.apply_batch(batch)?;
+    Ok(())
+}
+
+/// The first record's seq whose `ts_ms` satisfies `pred`, given that `pred` is false then
+/// true along seqs (the log is time-ordered); `None` if no record does. O(log n) reads.
+pub(crate) fn first_seq_where(
+    t: &Trees,
+    pred: impl Fn(i64) -> bool,
+) -> Result<Option<u64>, AuditError> {
+    let (Some((first, _)), Some((last, _))) = (t.records.first()?, t.records.last()?) else {
+        return Ok(None);
+    };
+    let last = key_seq(&last);
+    // The first record at or after seq x, and whether it satisfies pred. Monotonic in x.
+    let at_or_after = |x: u64| -> Result<(u64, bool), AuditError> {
+        let (k, v) =
+            t.records
+                .range(seq_key(x)..)
+                .next()
+                .transpose()?
+                .ok_or(AuditError::Storage(
+                    "the audit log shrank during a query".into(),
+                ))?;
+        let seq = key_seq(&k);
+        let ts = decode_value(seq, &v, false)
+            .map_err(|d| AuditError::Corrupt {
+                seq,
+                reason: d.as_str(),
+            })?
+            .entry
+            .ts_ms;
+        Ok((seq, pred(ts)))
+    };
+    // Smallest x in [first, last + 1] whose next record satisfies pred (last + 1: none does).
+    let (mut lo, mut hi) = (key_seq(&first), last + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match at_or_after(mid)? {
+            (_, true) => hi = mid,
+            (seq, false) => lo = seq + 1,
+        }
+    }
+    if lo > last {
+        return Ok(None);
+    }
+    Ok(Some(at_or_after(lo)?.0))
+}
+
+fn key_seq(k: &[u8]) -> u64 {
+    u64::from_be_bytes(k.try_into().unwrap_or([0; 8]))
+}
