@@ -146,7 +146,7 @@ impl AppState {
 /// threads, so in several malloc arenas); glibc keeps those pages after they are freed,
 /// which left the idle daemon at ~35 MB of RSS, ~24 MB once trimmed (docs/performance.md).
 /// `malloc_trim` runs off the runtime threads: it can take a few ms.
-fn release_freed_memory() {
+pub(crate) fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::task::spawn_blocking(|| {
         // SAFETY: malloc_trim only returns free heap pages to the kernel.
