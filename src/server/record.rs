@@ -9,16 +9,16 @@ use super::state::{now_ms, AppState};
 use crate::engine::Decision;
 use crate::store::audit::{AuditEntry, RecordKind};
 
-/// Record a route decision; an error means the response must be 503.
+/// Record a route decision and return its id (the audit writer makes it, see
+/// `store::audit`); an error means the response must be 503.
 pub async fn decision(
     state: &AppState,
     req: &HttpRequest,
     body: &RouteBody,
     decision: &Decision<'_>,
     policy_version: &str,
-    decision_id: &str,
     dry_run: bool,
-) -> Result<(), ApiError> {
+) -> Result<uuid::Uuid, ApiError> {
     let token_id = super::auth::caller(req).map(|a| a.id().to_string());
     // Compact, canonical JSON text so an export parses back to the same record.
     let context = body.context.as_ref().map(|raw| {
@@ -27,7 +27,6 @@ pub async fn decision(
             .unwrap_or_default()
     });
     let entry = AuditEntry {
-        decision_id: Some(decision_id.to_string()),
         tenant_id: Some(body.tenant_id.clone()),
         capability_id: Some(body.capability_id.clone()),
         env: Some(body.env.clone()),
@@ -50,11 +49,12 @@ pub async fn decision(
         .audit
         .append(entry)
         .await
-        .map(|_| ())
         .map_err(|e| {
             tracing::error!(error = %e, "audit write failed: refusing to answer the route request");
             ApiError::unavailable("the audit log cannot be written; no decision can be given")
-        })
+        })?
+        .decision_id
+        .ok_or_else(|| ApiError::new(500, "internal", "the audit log gave no decision id"))
 }
 
 /// Append a non-decision record. Failures are logged; the caller decides whether they

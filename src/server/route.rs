@@ -271,22 +271,14 @@ async fn route_inner(
     };
     let decision =
         decide(&snap, &request, explain).map_err(|e| ApiError::invalid(e.field, e.message))?;
-    let decision_id = uuid::Uuid::now_v7().to_string();
     let dry_run = body.dry_run.unwrap_or(false);
-
-    super::record::decision(
-        &state,
-        req,
-        &body,
-        &decision,
-        &snap.version,
-        &decision_id,
-        dry_run,
-    )
-    .await?;
+    let decision_id =
+        super::record::decision(&state, req, &body, &decision, &snap.version, dry_run).await?;
+    let mut id_buf = uuid::Uuid::encode_buffer();
+    let decision_id = &*decision_id.hyphenated().encode_lower(&mut id_buf);
 
     let resp = RouteResponse {
-        decision_id: &decision_id,
+        decision_id,
         allowed: decision.allowed,
         worker_id: decision.worker_id,
         deny_reason: decision.deny_reason,

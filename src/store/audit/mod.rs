@@ -3,8 +3,8 @@
 //! Records live in the sled tree `audit`, keyed by big-endian `seq` (gapless, from 1). Each
 //! record's `hash = blake3(prev_hash ‖ rmp-serde body)`, the first `prev_hash` being 32 zero
 //! bytes, so [`AuditLog::verify`] finds the first record that was altered, removed or
-//! re-linked. `audit_by_decision` (written in the same sled transaction as the records) finds a
-//! decision by id; the tenant and capability indexes are posting lists the writer adds about
+//! re-linked. A decision id carries its record's seq (`record::decision_uuid`), so a lookup by
+//! id is one read; the tenant and capability indexes are posting lists the writer adds about
 //! once a second ([`index`]); time ranges are binary-searched in the records tree itself.
 //!
 //! Writes go through one writer thread (group commit): it takes every waiting append,
@@ -110,6 +110,8 @@ impl From<sled::Error> for AuditError {
 pub struct Appended {
     pub seq: u64,
     pub hash: Hash32,
+    /// The id the writer gave a decision record (its entry had none).
+    pub decision_id: Option<uuid::Uuid>,
 }
 
 /// The newest record: `seq` 0 and the zero hash for an empty log. Serializes as
@@ -192,7 +194,7 @@ pub struct AuditStats {
     pub appended: u64,
     /// Appends refused because their batch failed.
     pub failed: u64,
-    /// Group commits (one sled transaction each).
+    /// Group commits (one sled batch each).
     pub batches: u64,
     /// `db.flush()` calls.
     pub flushes: u64,
@@ -231,7 +233,9 @@ pub(crate) struct Trees {
     db: sled::Db,
     records: sled::Tree,
     postings: sled::Tree,
-    by_decision: sled::Tree,
+    /// `audit_by_decision` of logs written before decision ids carried their seq: decision id
+    /// → seq, read for those ids only. Not created for a new log.
+    legacy_by_decision: Option<sled::Tree>,
     meta: sled::Tree,
 }
 
@@ -247,7 +251,10 @@ impl Trees {
             db: db.clone(),
             records: db.open_tree("audit")?,
             postings: db.open_tree("audit_postings")?,
-            by_decision: db.open_tree("audit_by_decision")?,
+            legacy_by_decision: match db.tree_names().iter().any(|n| n == b"audit_by_decision") {
+                true => Some(db.open_tree("audit_by_decision")?),
+                false => None,
+            },
             meta: db.open_tree("audit_meta")?,
         })
     }
@@ -409,21 +416,25 @@ impl AuditLog {
 
     /// The decision record with this `decision_id` (kind `decision` only).
     pub fn by_decision(&self, decision_id: &str) -> Result<Option<AuditRecord>, AuditError> {
-        let Some(seq) = self
-            .inner
-            .trees
-            .by_decision
-            .get(decision_key(decision_id))?
-        else {
-            return Ok(None);
-        };
-        let Some(seq) = seq_from_suffix(&seq) else {
-            return Ok(None);
-        };
-        Ok(self.get(seq)?.filter(|r| {
+        let is_it = |r: &AuditRecord| {
             r.entry.kind == RecordKind::Decision
                 && r.entry.decision_id.as_deref() == Some(decision_id)
-        }))
+        };
+        if let Some(seq) = record::seq_of_decision_id(decision_id) {
+            if let Some(r) = self.get(seq)?.filter(is_it) {
+                return Ok(Some(r));
+            }
+        }
+        let Some(legacy) = &self.inner.trees.legacy_by_decision else {
+            return Ok(None);
+        };
+        let Some(seq) = legacy.get(decision_id.as_bytes())? else {
+            return Ok(None);
+        };
+        match seq_from_suffix(&seq) {
+            Some(seq) => Ok(self.get(seq)?.filter(is_it)),
+            None => Ok(None),
+        }
     }
 
     /// Records matching `q`, in `seq` order, at most `limit` (see [`AuditQuery`]).
@@ -667,10 +678,6 @@ fn seq_from_suffix(k: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(tail.try_into().ok()?))
 }
 
-pub(crate) fn decision_key(decision_id: &str) -> &[u8] {
-    decision_id.as_bytes()
-}
-
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -796,11 +803,10 @@ fn prune_before(t: &Trees, cutoff_ms: i64, max: usize) -> Result<usize, AuditErr
         if let Some(x) = &e.capability_id {
             prefixes.insert(index::posting_prefix(index::CAPABILITY, x));
         }
-        if let Some(d) = &e.decision_id {
+        if let (Some(d), Some(legacy)) = (&e.decision_id, &t.legacy_by_decision) {
             // Only if the index still points at this record.
-            let key = decision_key(d);
-            if t.by_decision.get(key)?.as_deref() == Some(&seq_key(r.seq)[..]) {
-                t.by_decision.remove(key)?;
+            if legacy.get(d.as_bytes())?.as_deref() == Some(&seq_key(r.seq)[..]) {
+                legacy.remove(d.as_bytes())?;
             }
         }
     }

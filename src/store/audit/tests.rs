@@ -32,7 +32,8 @@ fn decision(
     AuditEntry {
         ts_ms,
         kind: RecordKind::Decision,
-        decision_id: Some(format!("dec-{n}")),
+        // The writer gives each decision its id.
+        decision_id: None,
         tenant_id: Some(tenant.into()),
         capability_id: Some(cap.into()),
         env: Some("dev".into()),
@@ -83,9 +84,21 @@ fn allowed_denied_and_dry_run_records_round_trip_with_every_field() {
         decision(1_700_000_000_125, 3, "org.beta", "cap.mail", true, true),
     ];
     let mut prev = Hash32::ZERO;
+    let mut ids = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         let a = log.append_blocking(e.clone()).unwrap();
         assert_eq!(a.seq, i as u64 + 1);
+        let id = a.decision_id.expect("a decision gets an id");
+        ids.push(id);
+        // A UUIDv7 carrying the seq and the record's time, with random bits.
+        assert_eq!(id.get_version_num(), 7);
+        assert_eq!(record::seq_of_decision_id(&id.to_string()), Some(a.seq));
+        let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
+        assert_eq!(secs as i64 * 1000 + i64::from(nanos / 1_000_000), e.ts_ms);
+        let e = &AuditEntry {
+            decision_id: Some(id.to_string()),
+            ..e.clone()
+        };
         assert_eq!(
             log.head(),
             Head {
@@ -101,11 +114,25 @@ fn allowed_denied_and_dry_run_records_round_trip_with_every_field() {
         assert_eq!(r.prev_hash, prev);
         assert_eq!(r.hash, a.hash);
         assert_ne!(r.hash, Hash32::ZERO);
-        let by_id = log.by_decision(e.decision_id.as_deref().unwrap()).unwrap();
+        let by_id = log.by_decision(&id.to_string()).unwrap();
         assert_eq!(by_id.as_ref(), Some(&r));
         prev = r.hash;
     }
+    // Ids are time-ordered, and the random bits differ from id to id.
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    assert_ne!(ids[0].as_u128() & 0x3f_ffff, ids[1].as_u128() & 0x3f_ffff);
     assert_eq!(log.by_decision("dec-unknown").unwrap(), None);
+    assert!(!db.tree_names().iter().any(|n| n == b"audit_by_decision"));
+    // The right seq with other random bits, or another record's seq: not this decision.
+    let forged = record::decision_uuid(1_700_000_000_123, 1, !0).to_string();
+    assert_ne!(forged, ids[0].to_string());
+    assert_eq!(log.by_decision(&forged).unwrap(), None);
+    let other_seq = record::decision_uuid(1_700_000_000_123, 2, 0).to_string();
+    assert_eq!(log.by_decision(&other_seq).unwrap(), None);
+    assert_eq!(
+        log.by_decision(&ids[0].to_string().to_uppercase()).unwrap(),
+        None
+    );
     assert_eq!(log.get(4).unwrap(), None);
 
     // JSON: flat, every field, time in RFC 3339 ms, context an object.
@@ -133,18 +160,54 @@ fn allowed_denied_and_dry_run_records_round_trip_with_every_field() {
 }
 
 #[test]
+fn decisions_of_older_logs_are_found_through_their_index_until_pruned() {
+    let (_dir, db) = temp_db();
+    // A log from before decision ids carried their seq: ids chosen by the caller, and the
+    // `audit_by_decision` tree mapping them to seqs.
+    let legacy = db.open_tree("audit_by_decision").unwrap();
+    let config = AuditConfig {
+        retention_days: Some(1),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config, None, None).unwrap();
+    let base = now_ms() + 10 * MS_PER_DAY;
+    let old_id = "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b";
+    let old = AuditEntry {
+        decision_id: Some(old_id.into()),
+        ..decision(base, 1, "t", "c", true, false)
+    };
+    let a = log.append_blocking(old).unwrap();
+    assert_eq!(a.decision_id, None, "an id the caller set is kept");
+    legacy.insert(old_id, &seq_key(a.seq)).unwrap();
+    let fresh = log
+        .append_blocking(decision(base + 2 * MS_PER_DAY, 2, "t", "c", true, false))
+        .unwrap();
+    assert_eq!(log.by_decision(old_id).unwrap().unwrap().seq, 1);
+    let fresh_id = fresh.decision_id.unwrap().to_string();
+    assert_eq!(log.by_decision(&fresh_id).unwrap().unwrap().seq, 2);
+    assert_eq!(log.prune(base + 2 * MS_PER_DAY).unwrap(), 1);
+    assert_eq!(log.by_decision(old_id).unwrap(), None);
+    assert!(legacy.is_empty());
+    assert_eq!(log.by_decision(&fresh_id).unwrap().unwrap().seq, 2);
+}
+
+#[test]
 fn non_decision_records_do_not_shadow_the_decision_lookup() {
     let (_dir, db) = temp_db();
     let log = open(&db);
-    log.append_blocking(decision(10, 1, "t", "c", true, false))
-        .unwrap();
+    let id = log
+        .append_blocking(decision(10, 1, "t", "c", true, false))
+        .unwrap()
+        .decision_id
+        .unwrap()
+        .to_string();
     let release = AuditEntry {
-        decision_id: Some("dec-1".into()),
+        decision_id: Some(id.clone()),
         detail: Some("db-password".into()),
         ..AuditEntry::new(RecordKind::SecretRelease, 20)
     };
     log.append_blocking(release).unwrap();
-    let r = log.by_decision("dec-1").unwrap().unwrap();
+    let r = log.by_decision(&id).unwrap().unwrap();
     assert_eq!((r.seq, r.entry.kind), (1, RecordKind::Decision));
     let j = serde_json::to_value(log.get(2).unwrap().unwrap()).unwrap();
     assert_eq!(j["kind"], "secret_release");
@@ -579,15 +642,20 @@ fn retention_prunes_old_records_and_their_indexes_and_verify_still_passes() {
     let log = AuditLog::open_with(&db, config.clone(), None, None).unwrap();
     // Timestamps in the future, so the writer's own (real-clock) pruning never touches them.
     let base = now_ms() + 10 * MS_PER_DAY;
+    let mut ids = vec![String::new()]; // ids[seq]
     for n in 1..=5u64 {
-        log.append_blocking(decision(base + n as i64, n, "t", "c", true, false))
+        let a = log
+            .append_blocking(decision(base + n as i64, n, "t", "c", true, false))
             .unwrap();
+        ids.push(a.decision_id.unwrap().to_string());
     }
     // Chunks for 1..=5 (to be pruned whole) and, below, for 6..=8.
     log.write_index_now();
     for n in 6..=8u64 {
-        log.append_blocking(decision(base + 2 * MS_PER_DAY, n, "t", "c", true, false))
+        let a = log
+            .append_blocking(decision(base + 2 * MS_PER_DAY, n, "t", "c", true, false))
             .unwrap();
+        ids.push(a.decision_id.unwrap().to_string());
     }
     let head = log.head();
     assert_eq!(log.prune(base + 2 * MS_PER_DAY).unwrap(), 5);
@@ -600,8 +668,8 @@ fn retention_prunes_old_records_and_their_indexes_and_verify_still_passes() {
         }
     );
     assert_eq!(log.get(5).unwrap(), None);
-    assert_eq!(log.by_decision("dec-5").unwrap(), None);
-    assert!(log.by_decision("dec-6").unwrap().is_some());
+    assert_eq!(log.by_decision(&ids[5]).unwrap(), None);
+    assert!(log.by_decision(&ids[6]).unwrap().is_some());
     let seqs: Vec<u64> = log
         .query(&AuditQuery {
             tenant_id: Some("t".into()),
@@ -612,7 +680,6 @@ fn retention_prunes_old_records_and_their_indexes_and_verify_still_passes() {
         .map(|r| r.seq)
         .collect();
     assert_eq!(seqs, [6, 7, 8]);
-    assert_eq!(db.open_tree("audit_by_decision").unwrap().len(), 3);
     // Chunks holding only pruned seqs are gone; what is left still names kept records.
     log.write_index_now();
     for item in db.open_tree("audit_postings").unwrap().iter() {
@@ -709,7 +776,8 @@ async fn the_fault_hook_fails_appends_without_recording_and_recovery_continues_t
     assert!(matches!(err2, AuditError::Write(_)));
     assert_eq!(log.head(), head);
     assert_eq!(records_tree(&db).len(), 1);
-    assert_eq!(log.by_decision("dec-2").unwrap(), None);
+    let seq2 = record::decision_uuid(2, 2, 0).to_string();
+    assert_eq!(log.by_decision(&seq2).unwrap(), None);
     assert_eq!(log.stats().failed, 2);
 
     std::fs::remove_file(&flag).unwrap();

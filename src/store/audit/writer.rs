@@ -6,17 +6,15 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::{Batch, Transactional};
+use sled::Batch;
 
 use super::index::{self, Pending};
-use super::record::{encode_value, AuditEntry, Durability, RecordKind};
+use super::record::{decision_uuid, encode_value, AuditEntry, Durability, RecordKind, MAX_SEQ};
 use super::{
-    decision_key, seq_key, Appended, AuditConfig, AuditError, Head, Shared, Trees, PRUNE_EVERY,
-    PRUNE_STEP,
+    seq_key, Appended, AuditConfig, AuditError, Head, Shared, Trees, PRUNE_EVERY, PRUNE_STEP,
 };
 
-/// Most appends committed in one sled transaction + flush. Bounds one batch's latency.
+/// Most appends committed in one sled batch + flush. Bounds one batch's latency.
 const MAX_BATCH: usize = 4096;
 
 /// Where a waiting `append` gets its answer.
@@ -233,36 +231,39 @@ impl Writer {
             }
         }
         let mut records = Batch::default();
-        let mut by_decision = Batch::default();
         let mut appended = Vec::with_capacity(pending.len());
         let mut head = self.head;
         let mut last_ts = self.last_ts;
         for (entry, _) in pending.iter_mut() {
             let seq = head.seq + 1;
+            if seq > MAX_SEQ {
+                return Err(AuditError::Write(format!(
+                    "the audit log holds its maximum of {MAX_SEQ} records"
+                )));
+            }
             entry.ts_ms = entry.ts_ms.max(last_ts);
             last_ts = entry.ts_ms;
+            let mut decision_id = None;
+            if entry.kind == RecordKind::Decision && entry.decision_id.is_none() {
+                let id = decision_uuid(entry.ts_ms, seq, rand::random());
+                entry.decision_id = Some(id.to_string());
+                decision_id = Some(id);
+            }
             let hash = encode_value(&mut self.buf, &head.hash, seq, entry)
                 .map_err(|e| AuditError::Write(format!("encoding failed: {e}")))?;
             records.insert(&seq_key(seq), self.buf.as_slice());
-            if entry.kind == RecordKind::Decision {
-                if let Some(d) = &entry.decision_id {
-                    by_decision.insert(decision_key(d), &seq_key(seq));
-                }
-            }
             head = Head { seq, hash };
-            appended.push(Appended { seq, hash });
+            appended.push(Appended {
+                seq,
+                hash,
+                decision_id,
+            });
         }
-        let t = &self.trees;
-        (&t.records, &t.by_decision)
-            .transaction(|(r, bd)| {
-                r.apply_batch(&records)?;
-                bd.apply_batch(&by_decision)?;
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => AuditError::Write(e.to_string()),
-                TransactionError::Abort(()) => AuditError::Write("transaction aborted".into()),
-            })?;
+        // One tree: the batch is atomic without a transaction.
+        self.trees
+            .records
+            .apply_batch(records)
+            .map_err(|e| AuditError::Write(e.to_string()))?;
         // The records are in sled's memory: the chain continues from them whatever happens next.
         self.head = head;
         self.last_ts = last_ts;
