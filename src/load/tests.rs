@@ -154,3 +154,127 @@ fn the_version_depends_on_contents_and_names_not_on_where_the_files_live() {
     );
     assert_eq!(v1, v(&reg1, &pol1));
 }
+
+/// Everything a load produces, as comparable text: the snapshot's version, files, settings,
+/// capabilities, workers and rules (with their locations), and every diagnostic, in order.
+fn outcome(r: &Result<Loaded, LoadError>) -> String {
+    match r {
+        Ok(l) => {
+            let s = &l.snapshot;
+            let body = serde_json::json!({
+                "version": s.version,
+                "files": s.files,
+                "settings": s.settings,
+                "capabilities": s.capabilities,
+                "workers": s.workers,
+                "rules": s.rules,
+                "locations": s.rules.iter().map(|r| r.location.to_string()).collect::<Vec<_>>(),
+                "warnings": l.warnings.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            });
+            format!("ok {body}")
+        }
+        Err(e) => {
+            let all: Vec<String> = e.diagnostics.iter().map(|d| d.to_string()).collect();
+            format!("err {}", all.join("\n"))
+        }
+    }
+}
+
+#[test]
+fn a_reload_with_the_parse_cache_gives_exactly_what_a_fresh_load_gives() {
+    let (_tmp, reg, pol) = dirs();
+    let mut reloader = Reloader::default();
+    // After each edit: the cached reload equals a load from scratch, and parsed only `n` files.
+    let mut check = |step: &str, n: usize| {
+        let cached = reloader.load_dirs(&reg, &pol);
+        assert_eq!(outcome(&cached), outcome(&load_dirs(&reg, &pol)), "{step}");
+        assert_eq!(reloader.files_parsed(), n, "{step}: files parsed");
+        cached
+    };
+    let a = "[[rule]]\nid = \"a1\"\neffect = \"deny\"\n\n[[rule]]\nid = \"a2\"\neffect = \"allow\"\nreason = \"ignored_on_allow\"\n";
+    let b = "[[rule]]\nid = \"b1\"\neffect = \"allow\"\nenvs = [\"dev\"]\n";
+    write(&pol, "10-a.toml", a);
+    write(&pol, "20-b.toml", b);
+    let first = check("first load", 3);
+    assert!(
+        first
+            .as_ref()
+            .unwrap()
+            .warnings
+            .iter()
+            .any(|d| d.key == "rule[a2].reason"),
+        "the reason warning"
+    );
+    check("nothing changed", 0).unwrap();
+
+    // One file edited: only it is parsed again, and its new rule shows up in order.
+    write(
+        &pol,
+        "10-a.toml",
+        &format!("{a}\n[[rule]]\nid = \"a3\"\neffect = \"allow\"\n"),
+    );
+    let l = check("one file edited", 1).unwrap();
+    let ids: Vec<&str> = l.snapshot.rules.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["a1", "a2", "a3", "b1"]);
+
+    // A rename moves the file's rules (and its locations) even though its bytes are the same.
+    fs::rename(pol.join("20-b.toml"), pol.join("05-b.toml")).unwrap();
+    let l = check("renamed", 1).unwrap();
+    assert_eq!(l.snapshot.rules[0].id, "b1");
+    assert!(l.snapshot.rules[0].location.file.ends_with("05-b.toml"));
+
+    // A removed file's rules are gone.
+    fs::remove_file(pol.join("10-a.toml")).unwrap();
+    let l = check("removed", 0).unwrap();
+    assert_eq!(l.snapshot.rules.len(), 1);
+
+    // A broken edit fails with the same diagnostics; the good edit after it loads.
+    write(&pol, "05-b.toml", "[[rule]]\nid = \"b1\"\neffect = \n");
+    let e = check("broken edit", 1).unwrap_err();
+    assert!(e.to_string().contains("05-b.toml:3:"), "{e}");
+    write(&pol, "05-b.toml", &format!("{b}workers = [\"w.a\"]\n"));
+    let l = check("fixed", 1).unwrap();
+    assert_eq!(
+        l.snapshot.rules[0].workers.as_deref(),
+        Some(&["w.a".to_string()][..])
+    );
+
+    // An error that depends on another file (a duplicate id) is found with cached parses too,
+    // and a registry edit reaches rules in unchanged files (w.a is gone: unknown worker).
+    write(&pol, "06-dup.toml", b);
+    let e = check("duplicate in a new file", 1).unwrap_err();
+    assert!(e.to_string().contains("duplicate rule id"), "{e}");
+    fs::remove_file(pol.join("06-dup.toml")).unwrap();
+    write(&reg, "reg.toml", &REG.replace("w.a", "w.b"));
+    let e = check("registry edit", 1).unwrap_err();
+    assert!(e.to_string().contains("unknown worker \"w.a\""), "{e}");
+
+    // Going back to earlier bytes under the same name is the same load again.
+    write(&reg, "reg.toml", REG);
+    write(&pol, "05-b.toml", b);
+    check("reverted", 2).unwrap();
+    let back = reloader.load_dirs(&reg, &pol);
+    fs::rename(pol.join("05-b.toml"), pol.join("20-b.toml")).unwrap();
+    write(&pol, "10-a.toml", a);
+    let again = reloader.load_dirs(&reg, &pol);
+    assert_eq!(outcome(&again), outcome(&first), "the first set again");
+    assert_ne!(outcome(&back), outcome(&first));
+}
+
+#[test]
+fn the_parse_cache_keeps_only_the_files_of_the_last_load() {
+    let (_tmp, reg, pol) = dirs();
+    let mut reloader = Reloader::default();
+    for i in 0..5 {
+        write(
+            &pol,
+            "10.toml",
+            &format!("[[rule]]\nid = \"r{i}\"\neffect = \"allow\"\n"),
+        );
+        reloader.load_dirs(&reg, &pol).unwrap();
+        assert_eq!(reloader.cached_files(), 2, "round {i}");
+    }
+    fs::remove_file(pol.join("10.toml")).unwrap();
+    reloader.load_dirs(&reg, &pol).unwrap();
+    assert_eq!(reloader.cached_files(), 1);
+}
