@@ -3,7 +3,7 @@
 //! `cargo run --release --example reload_timing -- DIR [ROUNDS]`, where DIR holds `registry/`
 //! and `policies/` (as `gen_policies` writes them). Each round appends a comment to the first
 //! `*-rules.toml` file (as `bench/load.sh` does), then times: the notify event and the
-//! debounce, a reload with a warm parse cache (what the daemon does), a cold load (what
+//! debounce, a reload that reuses the unchanged files (what the daemon does), a cold load (what
 //! `hall check` and startup do), and dropping a snapshot. The file is restored at the end.
 //! Per-stage times (read, parse, validate, version, compile, lint) are the `hall::load`
 //! debug events, printed to stderr.

@@ -4,7 +4,7 @@ use std::fs;
 use std::path::Path;
 
 use super::*;
-use crate::engine::{decide, Request};
+use crate::engine::{decide, Request, Snapshot};
 
 const REG: &str = "[[capability]]\nid = \"cap.a\"\n\n[[worker]]\nid = \"w.a\"\ncapabilities = [\"cap.a\"]\nenvironments = [\"dev\"]\nmax_data_label = \"PUBLIC\"\nblast_radius = 0\n";
 
@@ -157,10 +157,9 @@ fn the_version_depends_on_contents_and_names_not_on_where_the_files_live() {
 
 /// Everything a load produces, as comparable text: the snapshot's version, files, settings,
 /// capabilities, workers and rules (with their locations), and every diagnostic, in order.
-fn outcome(r: &Result<Loaded, LoadError>) -> String {
+fn outcome(r: Result<(&Snapshot, &[Diagnostic]), &LoadError>) -> String {
     match r {
-        Ok(l) => {
-            let s = &l.snapshot;
+        Ok((s, warnings)) => {
             let body = serde_json::json!({
                 "version": s.version,
                 "files": s.files,
@@ -169,7 +168,7 @@ fn outcome(r: &Result<Loaded, LoadError>) -> String {
                 "workers": s.workers,
                 "rules": s.rules,
                 "locations": s.rules.iter().map(|r| r.location.to_string()).collect::<Vec<_>>(),
-                "warnings": l.warnings.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+                "warnings": warnings.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
             });
             format!("ok {body}")
         }
@@ -180,32 +179,37 @@ fn outcome(r: &Result<Loaded, LoadError>) -> String {
     }
 }
 
+fn fresh(r: &Result<Loaded, LoadError>) -> String {
+    outcome(r.as_ref().map(|l| (&l.snapshot, &l.warnings[..])))
+}
+
+fn reloaded(r: &Result<Reloaded, LoadError>) -> String {
+    outcome(r.as_ref().map(|l| (&*l.snapshot, &l.warnings[..])))
+}
+
 #[test]
-fn a_reload_with_the_parse_cache_gives_exactly_what_a_fresh_load_gives() {
+fn a_reload_reusing_unchanged_files_gives_exactly_what_a_fresh_load_gives() {
     let (_tmp, reg, pol) = dirs();
     let mut reloader = Reloader::default();
-    // After each edit: the cached reload equals a load from scratch, and parsed only `n` files.
+    // After each edit: the reload equals a load from scratch, and parsed `n` files (the
+    // registry's one file is always parsed).
     let mut check = |step: &str, n: usize| {
-        let cached = reloader.load_dirs(&reg, &pol);
-        assert_eq!(outcome(&cached), outcome(&load_dirs(&reg, &pol)), "{step}");
+        let r = reloader.load_dirs(&reg, &pol);
+        assert_eq!(reloaded(&r), fresh(&load_dirs(&reg, &pol)), "{step}");
         assert_eq!(reloader.files_parsed(), n, "{step}: files parsed");
-        cached
+        r
     };
     let a = "[[rule]]\nid = \"a1\"\neffect = \"deny\"\n\n[[rule]]\nid = \"a2\"\neffect = \"allow\"\nreason = \"ignored_on_allow\"\n";
     let b = "[[rule]]\nid = \"b1\"\neffect = \"allow\"\nenvs = [\"dev\"]\n";
     write(&pol, "10-a.toml", a);
     write(&pol, "20-b.toml", b);
-    let first = check("first load", 3);
+    let first = check("first load", 3).unwrap();
+    // Reused files bring their validation warnings along (the lint ones are recomputed).
     assert!(
-        first
-            .as_ref()
-            .unwrap()
-            .warnings
-            .iter()
-            .any(|d| d.key == "rule[a2].reason"),
+        first.warnings.iter().any(|d| d.key == "rule[a2].reason"),
         "the reason warning"
     );
-    check("nothing changed", 0).unwrap();
+    check("nothing changed", 1).unwrap();
 
     // One file edited: only it is parsed again, and its new rule shows up in order.
     write(
@@ -213,68 +217,109 @@ fn a_reload_with_the_parse_cache_gives_exactly_what_a_fresh_load_gives() {
         "10-a.toml",
         &format!("{a}\n[[rule]]\nid = \"a3\"\neffect = \"allow\"\n"),
     );
-    let l = check("one file edited", 1).unwrap();
+    let l = check("one file edited", 2).unwrap();
     let ids: Vec<&str> = l.snapshot.rules.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["a1", "a2", "a3", "b1"]);
 
     // A rename moves the file's rules (and its locations) even though its bytes are the same.
     fs::rename(pol.join("20-b.toml"), pol.join("05-b.toml")).unwrap();
-    let l = check("renamed", 1).unwrap();
+    let l = check("renamed", 2).unwrap();
     assert_eq!(l.snapshot.rules[0].id, "b1");
     assert!(l.snapshot.rules[0].location.file.ends_with("05-b.toml"));
 
     // A removed file's rules are gone.
     fs::remove_file(pol.join("10-a.toml")).unwrap();
-    let l = check("removed", 0).unwrap();
+    let l = check("removed", 1).unwrap();
     assert_eq!(l.snapshot.rules.len(), 1);
 
     // A broken edit fails with the same diagnostics; the good edit after it loads.
     write(&pol, "05-b.toml", "[[rule]]\nid = \"b1\"\neffect = \n");
-    let e = check("broken edit", 1).unwrap_err();
+    let e = check("broken edit", 2).unwrap_err();
     assert!(e.to_string().contains("05-b.toml:3:"), "{e}");
     write(&pol, "05-b.toml", &format!("{b}workers = [\"w.a\"]\n"));
-    let l = check("fixed", 1).unwrap();
+    let l = check("fixed", 2).unwrap();
     assert_eq!(
         l.snapshot.rules[0].workers.as_deref(),
         Some(&["w.a".to_string()][..])
     );
 
-    // An error that depends on another file (a duplicate id) is found with cached parses too,
-    // and a registry edit reaches rules in unchanged files (w.a is gone: unknown worker).
-    write(&pol, "06-dup.toml", b);
-    let e = check("duplicate in a new file", 1).unwrap_err();
+    // Errors that involve an unchanged file send the load back to a full parse, so they
+    // read as a fresh load's: its rule id defined again in a file before it...
+    write(&pol, "01-dup.toml", b);
+    let e = check("duplicate in an earlier file", 3).unwrap_err();
+    assert!(e.to_string().contains("05-b.toml:2:"), "{e}");
     assert!(e.to_string().contains("duplicate rule id"), "{e}");
-    fs::remove_file(pol.join("06-dup.toml")).unwrap();
+    fs::remove_file(pol.join("01-dup.toml")).unwrap();
+    check("duplicate removed", 1).unwrap();
+    // ... a registry edit that removes a worker it names...
     write(&reg, "reg.toml", &REG.replace("w.a", "w.b"));
-    let e = check("registry edit", 1).unwrap_err();
+    let e = check("registry edit", 2).unwrap_err();
     assert!(e.to_string().contains("unknown worker \"w.a\""), "{e}");
-
-    // Going back to earlier bytes under the same name is the same load again.
     write(&reg, "reg.toml", REG);
-    write(&pol, "05-b.toml", b);
-    check("reverted", 2).unwrap();
-    let back = reloader.load_dirs(&reg, &pol);
-    fs::rename(pol.join("05-b.toml"), pol.join("20-b.toml")).unwrap();
+    check("registry restored", 1).unwrap();
+    // ... or settings that drop an environment or a data label it names.
+    write(
+        &pol,
+        "30-env.toml",
+        "[[rule]]\nid = \"e1\"\neffect = \"deny\"\nenvs = [\"staging\"]\ndata_labels = [\"INTERNAL\"]\n",
+    );
+    check("a file naming staging and INTERNAL", 2).unwrap();
+    write(
+        &pol,
+        "00-settings.toml",
+        "[settings]\nenvironments = [\"dev\"]\n",
+    );
+    let e = check("an environment dropped", 4).unwrap_err();
+    assert!(
+        e.to_string().contains("unknown environment \"staging\""),
+        "{e}"
+    );
+    write(
+        &pol,
+        "00-settings.toml",
+        "[settings]\ndata_labels = [\"PUBLIC\"]\n",
+    );
+    let e = check("a data label dropped", 4).unwrap_err();
+    assert!(
+        e.to_string().contains("unknown data label \"INTERNAL\""),
+        "{e}"
+    );
+    fs::remove_file(pol.join("00-settings.toml")).unwrap();
+    fs::remove_file(pol.join("30-env.toml")).unwrap();
+
+    // Back to the first files: the first set again.
+    fs::remove_file(pol.join("05-b.toml")).unwrap();
     write(&pol, "10-a.toml", a);
-    let again = reloader.load_dirs(&reg, &pol);
-    assert_eq!(outcome(&again), outcome(&first), "the first set again");
-    assert_ne!(outcome(&back), outcome(&first));
+    write(&pol, "20-b.toml", b);
+    let again = check("the first files again", 3).unwrap();
+    assert_eq!(again.snapshot.version, first.snapshot.version);
 }
 
 #[test]
-fn the_parse_cache_keeps_only_the_files_of_the_last_load() {
+fn a_reloader_keeps_only_the_files_of_the_last_set_that_loaded() {
     let (_tmp, reg, pol) = dirs();
     let mut reloader = Reloader::default();
-    for i in 0..5 {
-        write(
-            &pol,
-            "10.toml",
-            &format!("[[rule]]\nid = \"r{i}\"\neffect = \"allow\"\n"),
-        );
+    write(
+        &pol,
+        "20.toml",
+        "[[rule]]\nid = \"other\"\neffect = \"deny\"\n",
+    );
+    for i in 0..3 {
+        let rule = format!("[[rule]]\nid = \"r{i}\"\neffect = \"allow\"\n");
+        write(&pol, "10.toml", &rule);
         reloader.load_dirs(&reg, &pol).unwrap();
-        assert_eq!(reloader.cached_files(), 2, "round {i}");
+        assert_eq!(reloader.reusable_files(), 2, "round {i}");
     }
+    // A failed load keeps the last good set's files reusable.
+    write(&pol, "10.toml", "[[rule]]\nid = ");
+    reloader.load_dirs(&reg, &pol).unwrap_err();
+    assert_eq!(reloader.reusable_files(), 2);
     fs::remove_file(pol.join("10.toml")).unwrap();
     reloader.load_dirs(&reg, &pol).unwrap();
-    assert_eq!(reloader.cached_files(), 1);
+    assert_eq!(reloader.reusable_files(), 1);
+    assert_eq!(
+        reloader.files_parsed(),
+        1,
+        "only the registry: 20.toml was reused"
+    );
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::metrics::Metrics;
 use crate::config::Config;
 use crate::engine::Snapshot;
-use crate::load::{Loaded, Reloader};
+use crate::load::{Reloaded, Reloader};
 use crate::store::audit::AuditLog;
 use crate::store::keys::{KeySource, KeySources};
 use crate::store::secrets::SecretStore;
@@ -109,7 +109,7 @@ impl AppState {
         };
         let mut old = None;
         let result = match loaded {
-            Ok(Loaded { snapshot, warnings }) => {
+            Ok(Reloaded { snapshot, warnings }) => {
                 let version = snapshot.version.clone();
                 let counts = (
                     snapshot.rules.len(),
@@ -117,7 +117,7 @@ impl AppState {
                     snapshot.workers.len(),
                 );
                 // Swap first: formatting warnings and logging need not delay the new set.
-                old = self.snapshot.swap(Some(Arc::new(snapshot)));
+                old = self.snapshot.swap(Some(snapshot));
                 *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
                 status.ok = true;
                 status.warnings = warnings.iter().map(|d| d.to_string()).collect();
@@ -161,7 +161,7 @@ impl AppState {
 /// Dropping a 10,000-rule snapshot frees ~100,000 allocations (5–10 ms): done here, not in
 /// the reload, so `/api/reload` answers and the audit record is written without waiting for
 /// it. (Requests still holding the old snapshot keep it alive until they finish; then the
-/// last of them frees it.) Parsing allocates many MB of short-lived TOML trees, on several
+/// last of them frees it. The reloader holds only the new one.) Parsing allocates many MB of short-lived TOML trees, on several
 /// threads and so in several malloc arenas; glibc keeps those pages after they are freed,
 /// which left the idle daemon at ~35 MB of RSS, ~24 MB once trimmed (docs/performance.md).
 /// `malloc_trim` can take a few ms.
