@@ -425,9 +425,9 @@ fn parse_files<T: for<'de> Deserialize<'de> + Send>(files: &[&Source]) -> Vec<Pa
 /// means any byte change is a miss. A rule depends only on its file's bytes; what depends on
 /// the other files (duplicate ids, known environments, labels and workers) is checked again
 /// on every load, and if anything is wrong the load is redone from a full parse, so errors
-/// and warnings are exactly those of a fresh load. Registry files and files holding
-/// `[settings]` are always parsed (they are small). Nothing is kept but the last set itself
-/// (shared with whoever uses it) and a range of its rules per file: caching the parsed TOML
+/// and warnings are exactly those of a fresh load. Files holding `[settings]`
+/// are always parsed (they are small). Nothing is kept but the last set itself (shared with
+/// whoever uses it) and, per file, ranges of its entries: caching the parsed TOML
 /// instead held ~20 MB for 10,000 rules.
 #[derive(Default)]
 pub struct Reloader {
@@ -435,10 +435,36 @@ pub struct Reloader {
     parsed: usize,
 }
 
-/// The last set that loaded, and what each of its reusable policy files contributed.
+/// The last set that loaded, and what each of its reusable files contributed.
 struct LastGood {
     snapshot: Arc<Snapshot>,
+    registry: HashMap<FileKey, RegistryShare>,
     files: HashMap<FileKey, FileRules>,
+}
+
+/// A registry file's share of a set that loaded: ranges of the snapshot's capabilities and
+/// workers, and where each was defined (for lint and for duplicate-id messages).
+#[derive(Clone, Default)]
+struct RegistryShare {
+    capabilities: std::ops::Range<usize>,
+    cap_locations: Vec<Location>,
+    workers: std::ops::Range<usize>,
+    worker_locations: Vec<Location>,
+}
+
+/// What each file contributed to a set, for the next load to reuse (`None`: not reusable).
+#[derive(Default)]
+struct Shares {
+    registry: Vec<Option<RegistryShare>>,
+    policies: Vec<Option<FileRules>>,
+}
+
+/// A registry file as validation sees it.
+enum RegistryInput<'a> {
+    /// Parsed for this load.
+    Parsed(&'a Parsed<RegistryFile>),
+    /// Unchanged since the last set that loaded: what it gave then.
+    Reused(&'a [Capability], &'a [Worker], &'a RegistryShare),
 }
 
 /// A policy file's share of a set that loaded: its rules (a range of the snapshot's rules)
@@ -465,9 +491,11 @@ impl Reloader {
         self.parsed
     }
 
-    /// How many policy files the next load can reuse if they are unchanged.
+    /// How many files the next load can reuse if they are unchanged.
     pub fn reusable_files(&self) -> usize {
-        self.last.as_ref().map_or(0, |l| l.files.len())
+        self.last
+            .as_ref()
+            .map_or(0, |l| l.registry.len() + l.files.len())
     }
 
     /// Read every `*.toml` in both directories (lexical order) and load them.
@@ -497,12 +525,25 @@ impl Reloader {
         policies: &[Source],
     ) -> Result<Reloaded, LoadError> {
         let t = Instant::now();
-        let keys: Vec<FileKey> = policies
+        let key = |s: &Source| (s.name.clone(), blake3::hash(s.text.as_bytes()));
+        let reg_keys: Vec<FileKey> = registry.iter().map(key).collect();
+        let keys: Vec<FileKey> = policies.iter().map(key).collect();
+        let reg_reuse: Vec<Option<RegistryInput>> = reg_keys
             .iter()
-            .map(|s| (s.name.clone(), blake3::hash(s.text.as_bytes())))
+            .map(|k| {
+                let last = self.last.as_ref()?;
+                let f = last.registry.get(k)?;
+                let caps = last.snapshot.capabilities.get(f.capabilities.clone())?;
+                let workers = last.snapshot.workers.get(f.workers.clone())?;
+                Some(RegistryInput::Reused(caps, workers, f))
+            })
             .collect();
-        let reg_parsed = parse_files::<RegistryFile>(&registry.iter().collect::<Vec<_>>());
-        let reg_refs: Vec<&Parsed<RegistryFile>> = reg_parsed.iter().collect();
+        let reg_stale: Vec<&Source> = registry
+            .iter()
+            .zip(&reg_reuse)
+            .filter(|(_, r)| r.is_none())
+            .map(|(s, _)| s)
+            .collect();
         let reuse: Vec<Option<(&[Rule], &FileRules)>> = keys
             .iter()
             .map(|k| {
@@ -517,7 +558,19 @@ impl Reloader {
             .filter(|(_, r)| r.is_none())
             .map(|(s, _)| s)
             .collect();
-        let mut parsed = registry.len() + stale.len();
+        let mut parsed = reg_stale.len() + stale.len();
+        let reg_fresh = parse_files::<RegistryFile>(&reg_stale);
+        let mut reg_fresh_iter = reg_fresh.iter();
+        let reg_inputs: Vec<RegistryInput> = reg_reuse
+            .into_iter()
+            .map(|r| match r {
+                Some(r) => r,
+                None => reg_fresh_iter.next().map_or(
+                    RegistryInput::Reused(&[], &[], &EMPTY_SHARE),
+                    RegistryInput::Parsed,
+                ),
+            })
+            .collect();
         let fresh = parse_files::<PolicyFile>(&stale);
         let mut fresh_iter = fresh.iter();
         let inputs: Vec<PolicyInput> = reuse
@@ -530,16 +583,14 @@ impl Reloader {
             })
             .collect();
         let parse_us = t.elapsed().as_micros() as u64;
-        let (result, file_rules) = match assemble(registry, &reg_refs, policies, &inputs) {
+        let (result, shares) = match assemble(registry, &reg_inputs, policies, &inputs) {
             Ok(done) => done,
             Err(NeedsFullParse) => {
-                let all = parse_files::<PolicyFile>(&policies.iter().collect::<Vec<_>>());
                 parsed = registry.len() + policies.len();
-                let inputs: Vec<PolicyInput> = all.iter().map(PolicyInput::Parsed).collect();
-                assemble_full(registry, &reg_refs, policies, &inputs)
+                full_load(registry, policies)
             }
         };
-        drop(inputs);
+        drop((inputs, reg_inputs));
         self.parsed = parsed;
         tracing::debug!(
             files = registry.len() + policies.len(),
@@ -552,9 +603,14 @@ impl Reloader {
         let snapshot = Arc::new(loaded.snapshot);
         self.last = Some(LastGood {
             snapshot: snapshot.clone(),
+            registry: reg_keys
+                .into_iter()
+                .zip(shares.registry)
+                .filter_map(|(k, f)| Some((k, f?)))
+                .collect(),
             files: keys
                 .into_iter()
-                .zip(file_rules)
+                .zip(shares.policies)
                 .filter_map(|(k, f)| Some((k, f?)))
                 .collect(),
         });
@@ -567,12 +623,38 @@ impl Reloader {
 
 /// Load from in-memory sources: registry files then policy files, each in the order given.
 pub fn load_sources(registry: &[Source], policies: &[Source]) -> Result<Loaded, LoadError> {
+    full_load(registry, policies).0
+}
+
+/// Parse every file and assemble the set (no reuse, so no second try is ever needed).
+fn full_load(registry: &[Source], policies: &[Source]) -> (Result<Loaded, LoadError>, Shares) {
     let reg = parse_files::<RegistryFile>(&registry.iter().collect::<Vec<_>>());
     let pol = parse_files::<PolicyFile>(&policies.iter().collect::<Vec<_>>());
-    let reg: Vec<&Parsed<RegistryFile>> = reg.iter().collect();
-    let inputs: Vec<PolicyInput> = pol.iter().map(PolicyInput::Parsed).collect();
-    assemble_full(registry, &reg, policies, &inputs).0
+    let reg: Vec<RegistryInput> = reg.iter().map(RegistryInput::Parsed).collect();
+    let pol: Vec<PolicyInput> = pol.iter().map(PolicyInput::Parsed).collect();
+    assemble(registry, &reg, policies, &pol).unwrap_or_else(|NeedsFullParse| {
+        let d = Diagnostic {
+            severity: Severity::Error,
+            location: Location::default(),
+            key: String::new(),
+            message: "internal error: a load with nothing reused asked for a full parse".into(),
+        };
+        (
+            Err(LoadError {
+                diagnostics: vec![d],
+            }),
+            Shares::default(),
+        )
+    })
 }
+
+/// Stands in for a missing parse result (never expected: one result per file parsed).
+static EMPTY_SHARE: RegistryShare = RegistryShare {
+    capabilities: 0..0,
+    cap_locations: Vec::new(),
+    workers: 0..0,
+    worker_locations: Vec::new(),
+};
 
 /// A policy file as validation sees it.
 enum PolicyInput<'a> {
@@ -586,46 +668,24 @@ enum PolicyInput<'a> {
 /// diagnostics are exactly those of a fresh load.
 struct NeedsFullParse;
 
-/// [`assemble`] with every file parsed, which never asks for a full parse.
-fn assemble_full(
-    registry: &[Source],
-    reg_parsed: &[&Parsed<RegistryFile>],
-    policies: &[Source],
-    pol_in: &[PolicyInput],
-) -> (Result<Loaded, LoadError>, Vec<Option<FileRules>>) {
-    assemble(registry, reg_parsed, policies, pol_in).unwrap_or_else(|NeedsFullParse| {
-        let d = Diagnostic {
-            severity: Severity::Error,
-            location: Location::default(),
-            key: String::new(),
-            message: "internal error: a full load asked for a full parse".into(),
-        };
-        (
-            Err(LoadError {
-                diagnostics: vec![d],
-            }),
-            Vec::new(),
-        )
-    })
-}
-
 /// Validate, compile and lint a set (`pol_in[i]` is `policies[i]`, parsed or reused). Also
 /// returns what each policy file contributed, for the next load to reuse (`None`: not
 /// reusable, e.g. it holds `[settings]`).
-#[allow(clippy::type_complexity)]
 fn assemble(
     registry: &[Source],
-    reg_parsed: &[&Parsed<RegistryFile>],
+    reg_in: &[RegistryInput],
     policies: &[Source],
     pol_in: &[PolicyInput],
-) -> Result<(Result<Loaded, LoadError>, Vec<Option<FileRules>>), NeedsFullParse> {
+) -> Result<(Result<Loaded, LoadError>, Shares), NeedsFullParse> {
     let t = Instant::now();
     // Stage 1 (parse) is done: every file was parsed, so one bad file does not hide
     // another's errors. Its diagnostics come first, in file order.
-    let mut diags: Vec<Diagnostic> = reg_parsed
-        .iter()
-        .flat_map(|(_, d)| d.iter().cloned())
-        .collect();
+    let mut diags: Vec<Diagnostic> = Vec::new();
+    for r in reg_in {
+        if let RegistryInput::Parsed((_, d)) = r {
+            diags.extend(d.iter().cloned());
+        }
+    }
     for p in pol_in {
         if let PolicyInput::Parsed((_, d)) = p {
             diags.extend(d.iter().cloned());
@@ -633,7 +693,10 @@ fn assemble(
     }
     let reg_files: Vec<(&Source, Option<&RegistryFile>)> = registry
         .iter()
-        .zip(reg_parsed.iter().map(|(f, _)| f.as_ref()))
+        .zip(reg_in.iter().map(|r| match r {
+            RegistryInput::Parsed((f, _)) => f.as_ref(),
+            RegistryInput::Reused(..) => None,
+        }))
         .collect();
     let pol_files: Vec<(&Source, Option<&PolicyFile>)> = policies
         .iter()
@@ -642,7 +705,10 @@ fn assemble(
             PolicyInput::Reused(..) => None,
         }))
         .collect();
-    let reused_any = pol_in.iter().any(|p| matches!(p, PolicyInput::Reused(..)));
+    let reused_any = pol_in.iter().any(|p| matches!(p, PolicyInput::Reused(..)))
+        || reg_in
+            .iter()
+            .any(|r| matches!(r, RegistryInput::Reused(..)));
 
     // Stage 2a: settings, at most one file.
     let mut settings = Settings::default();
@@ -704,7 +770,23 @@ fn assemble(
     let mut capabilities: Vec<Capability> = Vec::new();
     let mut cap_locations: Vec<Location> = Vec::new();
     let mut cap_seen: HashMap<String, Location> = HashMap::new();
-    for (src, file) in &reg_files {
+    let mut reg_shares: Vec<RegistryShare> = vec![RegistryShare::default(); registry.len()];
+    for ((input, (src, file)), share) in reg_in.iter().zip(&reg_files).zip(&mut reg_shares) {
+        let first = capabilities.len();
+        if let RegistryInput::Reused(caps, _, was) = input {
+            // Ids were checked when these loaded; only a duplicate in another file is new.
+            for (c, at) in caps.iter().zip(&was.cap_locations) {
+                if cap_seen.contains_key(&c.id) {
+                    return Err(NeedsFullParse);
+                }
+                cap_seen.insert(c.id.clone(), at.clone());
+                cap_locations.push(at.clone());
+                capabilities.push(c.clone());
+            }
+            share.capabilities = first..capabilities.len();
+            share.cap_locations = was.cap_locations.clone();
+            continue;
+        }
         let Some(file) = file else { continue };
         let mut ck = Checker::new(src, &mut diags);
         for c in &file.capability {
@@ -730,10 +812,33 @@ fn assemble(
                 contact: c.contact.clone(),
             });
         }
+        share.capabilities = first..capabilities.len();
+        share.cap_locations = cap_locations[first..].to_vec();
     }
     let mut workers: Vec<Worker> = Vec::new();
     let mut worker_seen: HashMap<String, Location> = HashMap::new();
-    for (src, file) in &reg_files {
+    for ((input, (src, file)), share) in reg_in.iter().zip(&reg_files).zip(&mut reg_shares) {
+        let first = workers.len();
+        if let RegistryInput::Reused(_, ws, was) = input {
+            // As for reused rules: check what depends on the other files, as below.
+            for (w, at) in ws.iter().zip(&was.worker_locations) {
+                if worker_seen.contains_key(&w.id)
+                    || !w.capabilities.iter().all(|c| cap_seen.contains_key(c))
+                    || !w
+                        .environments
+                        .iter()
+                        .all(|e| settings.environments.contains(e))
+                    || !settings.data_labels.contains(&w.max_data_label)
+                {
+                    return Err(NeedsFullParse);
+                }
+                worker_seen.insert(w.id.clone(), at.clone());
+                workers.push(w.clone());
+            }
+            share.workers = first..workers.len();
+            share.worker_locations = was.worker_locations.clone();
+            continue;
+        }
         let Some(file) = file else { continue };
         let mut ck = Checker::new(src, &mut diags);
         for w in &file.worker {
@@ -804,7 +909,9 @@ fn assemble(
                 contact: w.contact.clone(),
                 compiled: Default::default(),
             });
+            share.worker_locations.push(ck.loc(w.id.span().start));
         }
+        share.workers = first..workers.len();
     }
 
     // Stage 2c: rules, in file order.
@@ -1006,7 +1113,7 @@ fn assemble(
         if reused_any {
             return Err(NeedsFullParse);
         }
-        return Ok((Err(LoadError { diagnostics: diags }), file_rules));
+        return Ok((Err(LoadError { diagnostics: diags }), Shares::default()));
     }
 
     // Stage 3: compile and lint.
@@ -1028,12 +1135,24 @@ fn assemble(
         lint_us = t.elapsed().as_micros() as u64 - validate_us - version_us - compile_us,
         "policy set validated, compiled and linted"
     );
+    let shares = Shares {
+        registry: reg_files
+            .iter()
+            .zip(reg_in)
+            .zip(reg_shares)
+            .map(|(((_, file), input), share)| {
+                // A file that did not parse contributed nothing reusable.
+                (file.is_some() || matches!(input, RegistryInput::Reused(..))).then_some(share)
+            })
+            .collect(),
+        policies: file_rules,
+    };
     Ok((
         Ok(Loaded {
             snapshot,
             warnings: diags,
         }),
-        file_rules,
+        shares,
     ))
 }
 

@@ -191,8 +191,7 @@ fn reloaded(r: &Result<Reloaded, LoadError>) -> String {
 fn a_reload_reusing_unchanged_files_gives_exactly_what_a_fresh_load_gives() {
     let (_tmp, reg, pol) = dirs();
     let mut reloader = Reloader::default();
-    // After each edit: the reload equals a load from scratch, and parsed `n` files (the
-    // registry's one file is always parsed).
+    // After each edit: the reload equals a load from scratch, and parsed `n` files.
     let mut check = |step: &str, n: usize| {
         let r = reloader.load_dirs(&reg, &pol);
         assert_eq!(reloaded(&r), fresh(&load_dirs(&reg, &pol)), "{step}");
@@ -209,7 +208,7 @@ fn a_reload_reusing_unchanged_files_gives_exactly_what_a_fresh_load_gives() {
         first.warnings.iter().any(|d| d.key == "rule[a2].reason"),
         "the reason warning"
     );
-    check("nothing changed", 1).unwrap();
+    check("nothing changed", 0).unwrap();
 
     // One file edited: only it is parsed again, and its new rule shows up in order.
     write(
@@ -217,27 +216,28 @@ fn a_reload_reusing_unchanged_files_gives_exactly_what_a_fresh_load_gives() {
         "10-a.toml",
         &format!("{a}\n[[rule]]\nid = \"a3\"\neffect = \"allow\"\n"),
     );
-    let l = check("one file edited", 2).unwrap();
+    let l = check("one file edited", 1).unwrap();
     let ids: Vec<&str> = l.snapshot.rules.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["a1", "a2", "a3", "b1"]);
 
     // A rename moves the file's rules (and its locations) even though its bytes are the same.
     fs::rename(pol.join("20-b.toml"), pol.join("05-b.toml")).unwrap();
-    let l = check("renamed", 2).unwrap();
+    let l = check("renamed", 1).unwrap();
     assert_eq!(l.snapshot.rules[0].id, "b1");
     assert!(l.snapshot.rules[0].location.file.ends_with("05-b.toml"));
 
     // A removed file's rules are gone.
     fs::remove_file(pol.join("10-a.toml")).unwrap();
-    let l = check("removed", 1).unwrap();
+    let l = check("removed", 0).unwrap();
     assert_eq!(l.snapshot.rules.len(), 1);
 
     // A broken edit fails with the same diagnostics; the good edit after it loads.
+    // (The registry was reused, so the error sends the load back to a full parse.)
     write(&pol, "05-b.toml", "[[rule]]\nid = \"b1\"\neffect = \n");
     let e = check("broken edit", 2).unwrap_err();
     assert!(e.to_string().contains("05-b.toml:3:"), "{e}");
     write(&pol, "05-b.toml", &format!("{b}workers = [\"w.a\"]\n"));
-    let l = check("fixed", 2).unwrap();
+    let l = check("fixed", 1).unwrap();
     assert_eq!(
         l.snapshot.rules[0].workers.as_deref(),
         Some(&["w.a".to_string()][..])
@@ -250,20 +250,26 @@ fn a_reload_reusing_unchanged_files_gives_exactly_what_a_fresh_load_gives() {
     assert!(e.to_string().contains("05-b.toml:2:"), "{e}");
     assert!(e.to_string().contains("duplicate rule id"), "{e}");
     fs::remove_file(pol.join("01-dup.toml")).unwrap();
-    check("duplicate removed", 1).unwrap();
+    check("duplicate removed", 0).unwrap();
     // ... a registry edit that removes a worker it names...
     write(&reg, "reg.toml", &REG.replace("w.a", "w.b"));
     let e = check("registry edit", 2).unwrap_err();
     assert!(e.to_string().contains("unknown worker \"w.a\""), "{e}");
     write(&reg, "reg.toml", REG);
-    check("registry restored", 1).unwrap();
+    check("registry restored", 0).unwrap();
+    // A registry file reused after another one that defines the same capability.
+    write(&reg, "00-dup.toml", "[[capability]]\nid = \"cap.a\"\n");
+    let e = check("duplicate capability in an earlier file", 3).unwrap_err();
+    assert!(e.to_string().contains("duplicate capability id"), "{e}");
+    fs::remove_file(reg.join("00-dup.toml")).unwrap();
+    check("duplicate capability removed", 0).unwrap();
     // ... or settings that drop an environment or a data label it names.
     write(
         &pol,
         "30-env.toml",
         "[[rule]]\nid = \"e1\"\neffect = \"deny\"\nenvs = [\"staging\"]\ndata_labels = [\"INTERNAL\"]\n",
     );
-    check("a file naming staging and INTERNAL", 2).unwrap();
+    check("a file naming staging and INTERNAL", 1).unwrap();
     write(
         &pol,
         "00-settings.toml",
@@ -291,7 +297,7 @@ fn a_reload_reusing_unchanged_files_gives_exactly_what_a_fresh_load_gives() {
     fs::remove_file(pol.join("05-b.toml")).unwrap();
     write(&pol, "10-a.toml", a);
     write(&pol, "20-b.toml", b);
-    let again = check("the first files again", 3).unwrap();
+    let again = check("the first files again", 2).unwrap();
     assert_eq!(again.snapshot.version, first.snapshot.version);
 }
 
@@ -308,18 +314,45 @@ fn a_reloader_keeps_only_the_files_of_the_last_set_that_loaded() {
         let rule = format!("[[rule]]\nid = \"r{i}\"\neffect = \"allow\"\n");
         write(&pol, "10.toml", &rule);
         reloader.load_dirs(&reg, &pol).unwrap();
-        assert_eq!(reloader.reusable_files(), 2, "round {i}");
+        assert_eq!(reloader.reusable_files(), 3, "round {i}");
     }
     // A failed load keeps the last good set's files reusable.
     write(&pol, "10.toml", "[[rule]]\nid = ");
     reloader.load_dirs(&reg, &pol).unwrap_err();
-    assert_eq!(reloader.reusable_files(), 2);
+    assert_eq!(reloader.reusable_files(), 3);
     fs::remove_file(pol.join("10.toml")).unwrap();
     reloader.load_dirs(&reg, &pol).unwrap();
-    assert_eq!(reloader.reusable_files(), 1);
-    assert_eq!(
-        reloader.files_parsed(),
-        1,
-        "only the registry: 20.toml was reused"
+    assert_eq!(reloader.reusable_files(), 2);
+    assert_eq!(reloader.files_parsed(), 0, "both files left were reused");
+}
+
+#[test]
+fn a_reused_registry_file_is_checked_against_the_files_that_changed() {
+    let (_tmp, reg, pol) = dirs();
+    // Only this (unchanged, reused) worker names staging, INTERNAL and, later, a
+    // capability defined in the other registry file.
+    write(
+        &reg,
+        "zz-w.toml",
+        "[[worker]]\nid = \"w.z\"\ncapabilities = [\"cap.a\"]\nenvironments = [\"staging\"]\nmax_data_label = \"INTERNAL\"\nblast_radius = 0\n",
     );
+    let mut reloader = Reloader::default();
+    reloader.load_dirs(&reg, &pol).unwrap();
+    let mut check = |step: &str, want: &str| {
+        let r = reloader.load_dirs(&reg, &pol);
+        assert_eq!(reloaded(&r), fresh(&load_dirs(&reg, &pol)), "{step}");
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("zz-w.toml") && e.contains(want), "{step}: {e}");
+    };
+    write(&pol, "00-s.toml", "[settings]\nenvironments = [\"dev\"]\n");
+    check("staging dropped", "unknown environment \"staging\"");
+    write(
+        &pol,
+        "00-s.toml",
+        "[settings]\ndata_labels = [\"PUBLIC\"]\n",
+    );
+    check("INTERNAL dropped", "unknown data label \"INTERNAL\"");
+    fs::remove_file(pol.join("00-s.toml")).unwrap();
+    write(&reg, "reg.toml", &REG.replace("cap.a", "cap.b"));
+    check("cap.a gone", "unknown capability \"cap.a\"");
 }
