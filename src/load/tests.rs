@@ -4,7 +4,7 @@ use std::fs;
 use std::path::Path;
 
 use super::*;
-use crate::engine::{decide, Request};
+use crate::engine::{decide, Request, Snapshot};
 
 const REG: &str = "[[capability]]\nid = \"cap.a\"\n\n[[worker]]\nid = \"w.a\"\ncapabilities = [\"cap.a\"]\nenvironments = [\"dev\"]\nmax_data_label = \"PUBLIC\"\nblast_radius = 0\n";
 
@@ -153,4 +153,206 @@ fn the_version_depends_on_contents_and_names_not_on_where_the_files_live() {
         "[[rule]]\nid = \"r\"\neffect = \"allow\"\n",
     );
     assert_eq!(v1, v(&reg1, &pol1));
+}
+
+/// Everything a load produces, as comparable text: the snapshot's version, files, settings,
+/// capabilities, workers and rules (with their locations), and every diagnostic, in order.
+fn outcome(r: Result<(&Snapshot, &[Diagnostic]), &LoadError>) -> String {
+    match r {
+        Ok((s, warnings)) => {
+            let body = serde_json::json!({
+                "version": s.version,
+                "files": s.files,
+                "settings": s.settings,
+                "capabilities": s.capabilities,
+                "workers": s.workers,
+                "rules": s.rules,
+                "locations": s.rules.iter().map(|r| r.location.to_string()).collect::<Vec<_>>(),
+                "warnings": warnings.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            });
+            format!("ok {body}")
+        }
+        Err(e) => {
+            let all: Vec<String> = e.diagnostics.iter().map(|d| d.to_string()).collect();
+            format!("err {}", all.join("\n"))
+        }
+    }
+}
+
+fn fresh(r: &Result<Loaded, LoadError>) -> String {
+    outcome(r.as_ref().map(|l| (&l.snapshot, &l.warnings[..])))
+}
+
+fn reloaded(r: &Result<Reloaded, LoadError>) -> String {
+    outcome(r.as_ref().map(|l| (&*l.snapshot, &l.warnings[..])))
+}
+
+#[test]
+fn a_reload_reusing_unchanged_files_gives_exactly_what_a_fresh_load_gives() {
+    let (_tmp, reg, pol) = dirs();
+    let mut reloader = Reloader::default();
+    // After each edit: the reload equals a load from scratch, and parsed `n` files.
+    let mut check = |step: &str, n: usize| {
+        let r = reloader.load_dirs(&reg, &pol);
+        assert_eq!(reloaded(&r), fresh(&load_dirs(&reg, &pol)), "{step}");
+        assert_eq!(reloader.files_parsed(), n, "{step}: files parsed");
+        r
+    };
+    let a = "[[rule]]\nid = \"a1\"\neffect = \"deny\"\n\n[[rule]]\nid = \"a2\"\neffect = \"allow\"\nreason = \"ignored_on_allow\"\n";
+    let b = "[[rule]]\nid = \"b1\"\neffect = \"allow\"\nenvs = [\"dev\"]\n";
+    write(&pol, "10-a.toml", a);
+    write(&pol, "20-b.toml", b);
+    let first = check("first load", 3).unwrap();
+    // Reused files bring their validation warnings along (the lint ones are recomputed).
+    assert!(
+        first.warnings.iter().any(|d| d.key == "rule[a2].reason"),
+        "the reason warning"
+    );
+    check("nothing changed", 0).unwrap();
+
+    // One file edited: only it is parsed again, and its new rule shows up in order.
+    write(
+        &pol,
+        "10-a.toml",
+        &format!("{a}\n[[rule]]\nid = \"a3\"\neffect = \"allow\"\n"),
+    );
+    let l = check("one file edited", 1).unwrap();
+    let ids: Vec<&str> = l.snapshot.rules.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["a1", "a2", "a3", "b1"]);
+
+    // A rename moves the file's rules (and its locations) even though its bytes are the same.
+    fs::rename(pol.join("20-b.toml"), pol.join("05-b.toml")).unwrap();
+    let l = check("renamed", 1).unwrap();
+    assert_eq!(l.snapshot.rules[0].id, "b1");
+    assert!(l.snapshot.rules[0].location.file.ends_with("05-b.toml"));
+
+    // A removed file's rules are gone.
+    fs::remove_file(pol.join("10-a.toml")).unwrap();
+    let l = check("removed", 0).unwrap();
+    assert_eq!(l.snapshot.rules.len(), 1);
+
+    // A broken edit fails with the same diagnostics; the good edit after it loads.
+    // (The registry was reused, so the error sends the load back to a full parse.)
+    write(&pol, "05-b.toml", "[[rule]]\nid = \"b1\"\neffect = \n");
+    let e = check("broken edit", 2).unwrap_err();
+    assert!(e.to_string().contains("05-b.toml:3:"), "{e}");
+    write(&pol, "05-b.toml", &format!("{b}workers = [\"w.a\"]\n"));
+    let l = check("fixed", 1).unwrap();
+    assert_eq!(
+        l.snapshot.rules[0].workers.as_deref(),
+        Some(&["w.a".to_string()][..])
+    );
+
+    // Errors that involve an unchanged file send the load back to a full parse, so they
+    // read as a fresh load's: its rule id defined again in a file before it...
+    write(&pol, "01-dup.toml", b);
+    let e = check("duplicate in an earlier file", 3).unwrap_err();
+    assert!(e.to_string().contains("05-b.toml:2:"), "{e}");
+    assert!(e.to_string().contains("duplicate rule id"), "{e}");
+    fs::remove_file(pol.join("01-dup.toml")).unwrap();
+    check("duplicate removed", 0).unwrap();
+    // ... a registry edit that removes a worker it names...
+    write(&reg, "reg.toml", &REG.replace("w.a", "w.b"));
+    let e = check("registry edit", 2).unwrap_err();
+    assert!(e.to_string().contains("unknown worker \"w.a\""), "{e}");
+    write(&reg, "reg.toml", REG);
+    check("registry restored", 0).unwrap();
+    // A registry file reused after another one that defines the same capability.
+    write(&reg, "00-dup.toml", "[[capability]]\nid = \"cap.a\"\n");
+    let e = check("duplicate capability in an earlier file", 3).unwrap_err();
+    assert!(e.to_string().contains("duplicate capability id"), "{e}");
+    fs::remove_file(reg.join("00-dup.toml")).unwrap();
+    check("duplicate capability removed", 0).unwrap();
+    // ... or settings that drop an environment or a data label it names.
+    write(
+        &pol,
+        "30-env.toml",
+        "[[rule]]\nid = \"e1\"\neffect = \"deny\"\nenvs = [\"staging\"]\ndata_labels = [\"INTERNAL\"]\n",
+    );
+    check("a file naming staging and INTERNAL", 1).unwrap();
+    write(
+        &pol,
+        "00-settings.toml",
+        "[settings]\nenvironments = [\"dev\"]\n",
+    );
+    let e = check("an environment dropped", 4).unwrap_err();
+    assert!(
+        e.to_string().contains("unknown environment \"staging\""),
+        "{e}"
+    );
+    write(
+        &pol,
+        "00-settings.toml",
+        "[settings]\ndata_labels = [\"PUBLIC\"]\n",
+    );
+    let e = check("a data label dropped", 4).unwrap_err();
+    assert!(
+        e.to_string().contains("unknown data label \"INTERNAL\""),
+        "{e}"
+    );
+    fs::remove_file(pol.join("00-settings.toml")).unwrap();
+    fs::remove_file(pol.join("30-env.toml")).unwrap();
+
+    // Back to the first files: the first set again.
+    fs::remove_file(pol.join("05-b.toml")).unwrap();
+    write(&pol, "10-a.toml", a);
+    write(&pol, "20-b.toml", b);
+    let again = check("the first files again", 2).unwrap();
+    assert_eq!(again.snapshot.version, first.snapshot.version);
+}
+
+#[test]
+fn a_reloader_keeps_only_the_files_of_the_last_set_that_loaded() {
+    let (_tmp, reg, pol) = dirs();
+    let mut reloader = Reloader::default();
+    write(
+        &pol,
+        "20.toml",
+        "[[rule]]\nid = \"other\"\neffect = \"deny\"\n",
+    );
+    for i in 0..3 {
+        let rule = format!("[[rule]]\nid = \"r{i}\"\neffect = \"allow\"\n");
+        write(&pol, "10.toml", &rule);
+        reloader.load_dirs(&reg, &pol).unwrap();
+        assert_eq!(reloader.reusable_files(), 3, "round {i}");
+    }
+    // A failed load keeps the last good set's files reusable.
+    write(&pol, "10.toml", "[[rule]]\nid = ");
+    reloader.load_dirs(&reg, &pol).unwrap_err();
+    assert_eq!(reloader.reusable_files(), 3);
+    fs::remove_file(pol.join("10.toml")).unwrap();
+    reloader.load_dirs(&reg, &pol).unwrap();
+    assert_eq!(reloader.reusable_files(), 2);
+    assert_eq!(reloader.files_parsed(), 0, "both files left were reused");
+}
+
+#[test]
+fn a_reused_registry_file_is_checked_against_the_files_that_changed() {
+    let (_tmp, reg, pol) = dirs();
+    // Only this (unchanged, reused) worker names staging, INTERNAL and, later, a
+    // capability defined in the other registry file.
+    write(
+        &reg,
+        "zz-w.toml",
+        "[[worker]]\nid = \"w.z\"\ncapabilities = [\"cap.a\"]\nenvironments = [\"staging\"]\nmax_data_label = \"INTERNAL\"\nblast_radius = 0\n",
+    );
+    let mut reloader = Reloader::default();
+    reloader.load_dirs(&reg, &pol).unwrap();
+    let mut check = |step: &str, want: &str| {
+        let r = reloader.load_dirs(&reg, &pol);
+        assert_eq!(reloaded(&r), fresh(&load_dirs(&reg, &pol)), "{step}");
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("zz-w.toml") && e.contains(want), "{step}: {e}");
+    };
+    write(&pol, "00-s.toml", "[settings]\nenvironments = [\"dev\"]\n");
+    check("staging dropped", "unknown environment \"staging\"");
+    write(
+        &pol,
+        "00-s.toml",
+        "[settings]\ndata_labels = [\"PUBLIC\"]\n",
+    );
+    check("INTERNAL dropped", "unknown data label \"INTERNAL\"");
+    fs::remove_file(pol.join("00-s.toml")).unwrap();
+    write(&reg, "reg.toml", &REG.replace("cap.a", "cap.b"));
+    check("cap.a gone", "unknown capability \"cap.a\"");
 }

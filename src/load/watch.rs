@@ -50,6 +50,12 @@ pub async fn next_quiet(rx: &mut mpsc::Receiver<()>, quiet: Duration) -> bool {
     if rx.recv().await.is_none() {
         return false;
     }
+    settle(rx, quiet).await
+}
+
+/// Wait until `quiet` passes without a trigger, then return `true`.
+/// Returns `false` when the sender side is gone.
+pub async fn settle(rx: &mut mpsc::Receiver<()>, quiet: Duration) -> bool {
     loop {
         match tokio::time::timeout(quiet, rx.recv()).await {
             Ok(Some(())) => continue,

@@ -250,7 +250,7 @@ fn spawn_memory_trim(state: &Arc<AppState>) {
             let now = st.stores.audit.stats().appended;
             if now != seen {
                 seen = now;
-                state::release_freed_memory();
+                tokio::task::spawn_blocking(state::trim_heap);
             }
         }
     });
