@@ -750,7 +750,8 @@ fn retention_prunes_old_records_and_verify_still_passes() {
         .start();
     assert_eq!(query(&d, "tenant_id=org.old").len(), 5);
     route_ok(&d, ALLOW);
-    assert_eq!(assert_verifies(&d), 5 + 2); // + startup reload + one decision
+    // + the admin token's issue + startup reload + one decision
+    assert_eq!(assert_verifies(&d), 5 + 3);
     d.stop();
 
     // 2. The config says 7 days but HALL_AUDIT_RETENTION_DAYS=30 overrides it: still kept.
@@ -760,7 +761,7 @@ fn retention_prunes_old_records_and_verify_still_passes() {
     route_ok(&d, ALLOW);
     route_ok(&d, ALLOW);
     assert_eq!(query(&d, "tenant_id=org.old").len(), 5);
-    assert_eq!(assert_verifies(&d), 5 + 2 + 3);
+    assert_eq!(assert_verifies(&d), 5 + 3 + 3);
     d.stop();
 
     // 3. `[audit] retention_days = 7`: the old records go, the chain still verifies.
@@ -1066,8 +1067,8 @@ fn cli_tail_show_verify() {
     assert_eq!(o.status.code(), Some(0), "{o:?}");
     assert_eq!(
         stdout_json(&o)["records"].as_array().unwrap().len(),
-        3,
-        "reload + 2 decisions"
+        4,
+        "admin token issue + reload + 2 decisions"
     );
 
     let o = hall_audit(&d, &["show", &decision_id(&b)]);
@@ -1085,7 +1086,7 @@ fn cli_tail_show_verify() {
     assert_eq!(o.status.code(), Some(0), "{o:?}");
     let v = stdout_json(&o);
     assert_eq!(v["ok"], true);
-    assert_eq!(v["entries"], 3);
+    assert_eq!(v["entries"], 4);
 
     // Usage errors exit 2; a wrong token or no daemon exit 1 with a message.
     let o = hall_audit(&d, &["show"]);

@@ -1091,3 +1091,42 @@ fn tenant_bound_token_releases_only_for_its_tenant() {
         "the value is never audited"
     );
 }
+
+#[test]
+fn a_lost_admin_token_file_gets_a_new_token_and_the_old_one_stops_working() {
+    let d = Daemon::start();
+    let old = d.admin_token().unwrap();
+    let dir = d.into_dir();
+    std::fs::remove_file(dir.path().join("state/admin.token")).unwrap();
+    let d = Daemon::spawn(dir, &[], &[], true);
+    let new = d.admin_token().expect("a new admin token file");
+    assert_ne!(new, old);
+    assert_eq!(d.get("/api/tokens").status, 200);
+    let with_old = vec![
+        ("Host".to_string(), d.addr.to_string()),
+        ("Authorization".to_string(), format!("Bearer {old}")),
+    ];
+    assert_401(&d.request("GET", "/api/tokens", &with_old, None));
+    // Both the issue and the revoke are in the audit log.
+    let records = d.get("/api/audit?limit=100").json()["records"].clone();
+    let details: Vec<String> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["detail"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        details
+            .iter()
+            .any(|x| x.starts_with("revoked tok_") && x.ends_with("(replaced admin token file)")),
+        "{details:?}"
+    );
+    assert_eq!(
+        details
+            .iter()
+            .filter(|x| x.starts_with("issued tok_"))
+            .count(),
+        2,
+        "{details:?}"
+    );
+}

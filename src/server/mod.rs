@@ -95,10 +95,30 @@ fn open_stores(config: &Config) -> Result<state::Stores, Box<dyn std::error::Err
     let boot = tokens
         .ensure_admin_token(dir, state::now_ms())
         .map_err(|e| format!("cannot create the admin token: {e}"))?;
-    if boot.created {
-        tracing::info!(path = %boot.path.display(), "created an admin token (mode 0600); the CLI reads it from there");
-    } else {
-        tracing::info!(path = %boot.path.display(), "admin token file");
+    match &boot.created {
+        Some(id) => {
+            tracing::info!(path = %boot.path.display(), token_id = %id, "created an admin token (mode 0600); the CLI reads it from there");
+            // Like any token issue, it is in the audit log, or the daemon does not start.
+            let mut records = vec![(
+                audit::RecordKind::TokenIssue,
+                format!("issued {id} (admin)"),
+            )];
+            if let Some(old) = &boot.revoked {
+                tracing::warn!(token_id = %old, "revoked the earlier admin token: its file was missing or no longer held it");
+                records.push((
+                    audit::RecordKind::TokenRevoke,
+                    format!("revoked {old} (replaced admin token file)"),
+                ));
+            }
+            for (kind, detail) in records {
+                let mut e = audit::AuditEntry::new(kind, state::now_ms());
+                e.detail = Some(detail);
+                audit
+                    .append_blocking(e)
+                    .map_err(|e| format!("cannot record the admin token in the audit log: {e}"))?;
+            }
+        }
+        None => tracing::info!(path = %boot.path.display(), "admin token file"),
     }
     let key_sources = keys::KeySources::new(
         keys::KeyEnv::from_process_env(dir).map_err(|e| format!("master key: {e}"))?,

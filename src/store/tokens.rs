@@ -31,6 +31,9 @@ use zeroize::Zeroizing;
 
 /// sled tree holding one [`TokenRecord`] per token, keyed by token id.
 const TREE: &str = "tokens";
+/// Small facts about the token set: which token the admin token file holds.
+const META_TREE: &str = "tokens_meta";
+const BOOTSTRAP_KEY: &[u8] = b"bootstrap_admin_id";
 /// Every token starts with this, so leaked tokens are recognisable by secret scanners.
 pub const TOKEN_PREFIX: &str = "hall_";
 /// Random bytes per token (256 bits; the spec asks for at least 128).
@@ -202,8 +205,11 @@ impl fmt::Debug for IssuedToken {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdminBootstrap {
     pub path: PathBuf,
-    /// `true` when a new admin token was issued and the file (re)written.
-    pub created: bool,
+    /// The id of the admin token issued now, when the file was (re)written.
+    pub created: Option<String>,
+    /// The earlier bootstrap token this one replaces (its file was lost or no longer held
+    /// a valid admin token), now revoked.
+    pub revoked: Option<String>,
 }
 
 /// The outcome of one rate-limit check, with what the `X-RateLimit-*` headers need.
@@ -462,6 +468,7 @@ pub struct TokenStore {
 
 struct Inner {
     tree: sled::Tree,
+    meta: sled::Tree,
     by_hash: ArcSwap<TokenMap>,
     /// Serializes issue/revoke so concurrent writers never publish a map missing the other's
     /// change. Never taken on the request path.
@@ -588,6 +595,7 @@ impl TokenStore {
         Ok(TokenStore {
             inner: Arc::new(Inner {
                 tree,
+                meta: db.open_tree(META_TREE)?,
                 by_hash: ArcSwap::from_pointee(map),
                 writer: Mutex::new(()),
             }),
@@ -795,11 +803,17 @@ impl TokenStore {
                     .map_err(io_err(&path))?;
                 return Ok(AdminBootstrap {
                     path,
-                    created: false,
+                    created: None,
+                    revoked: None,
                 });
             }
         }
-        let (token, _info) = self.issue(
+        let earlier = self
+            .inner
+            .meta
+            .get(BOOTSTRAP_KEY)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        let (token, info) = self.issue(
             NewToken {
                 name: ADMIN_TOKEN_NAME.to_string(),
                 scopes: vec![Scope::Admin],
@@ -813,9 +827,21 @@ impl TokenStore {
         contents.extend_from_slice(token.expose().as_bytes());
         contents.push(b'\n');
         super::write_private_file(&path, &contents).map_err(io_err(&path))?;
+        self.inner.meta.insert(BOOTSTRAP_KEY, info.id.as_bytes())?;
+        self.inner.meta.flush()?;
+        // The file is the bootstrap credential: the token it held must not outlive it (someone
+        // who deleted the file to rotate it expects the old token to stop working). Revoked
+        // only now, so a crash before this point leaves a working admin token in the file.
+        let mut revoked = None;
+        if let Some(old) = earlier.filter(|old| *old != info.id) {
+            if self.revoke(&old)? {
+                revoked = Some(old);
+            }
+        }
         Ok(AdminBootstrap {
             path,
-            created: true,
+            created: Some(info.id),
+            revoked,
         })
     }
 }
@@ -1492,7 +1518,8 @@ mod tests {
         let store = TokenStore::open(&db).unwrap();
 
         let first = store.ensure_admin_token(&state, NOW).unwrap();
-        assert!(first.created);
+        assert!(first.created.is_some());
+        assert_eq!(first.revoked, None);
         assert_eq!(first.path, state.join("admin.token"));
         let mode = std::fs::metadata(&first.path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -1503,19 +1530,25 @@ mod tests {
         assert_eq!(auth.name(), "admin");
 
         let second = store.ensure_admin_token(&state, NOW + 1).unwrap();
-        assert!(!second.created);
+        assert!(second.created.is_none());
         assert_eq!(std::fs::read_to_string(&second.path).unwrap(), token1);
         assert_eq!(store.list().len(), 1);
 
         // A loosened file is tightened again.
         std::fs::set_permissions(&first.path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(!store.ensure_admin_token(&state, NOW + 2).unwrap().created);
+        assert!(store
+            .ensure_admin_token(&state, NOW + 2)
+            .unwrap()
+            .created
+            .is_none());
         let mode = std::fs::metadata(&first.path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
         assert!(store.revoke(auth.id()).unwrap());
         let third = store.ensure_admin_token(&state, NOW + 3).unwrap();
-        assert!(third.created);
+        assert!(third.created.is_some());
+        // It was revoked already: nothing more to revoke.
+        assert_eq!(third.revoked, None);
         let token3 = std::fs::read_to_string(&third.path).unwrap();
         assert_ne!(token3, token1);
         assert!(store
@@ -1534,16 +1567,38 @@ mod tests {
         let store = TokenStore::open(&db).unwrap();
         let path = state.join("admin.token");
 
-        assert!(store.ensure_admin_token(&state, NOW).unwrap().created);
+        // A user's own token named "admin" is not the bootstrap token: never revoked here.
+        let (namesake, _) = issue(&store, new_token("admin", &[Scope::Admin]));
+        let first = store.ensure_admin_token(&state, NOW).unwrap();
+        let token1 = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
-        assert!(store.ensure_admin_token(&state, NOW).unwrap().created);
+        // A lost file: a new token, and the one it held stops working.
+        let second = store.ensure_admin_token(&state, NOW).unwrap();
+        assert!(second.created.is_some());
+        assert_eq!(second.revoked, first.created);
+        assert_eq!(
+            store.authenticate(token1.trim(), NOW).unwrap_err(),
+            AuthFailure::Unknown
+        );
 
         std::fs::write(&path, b"\xff\xfe not a token").unwrap();
-        assert!(store.ensure_admin_token(&state, NOW).unwrap().created);
+        let third = store.ensure_admin_token(&state, NOW).unwrap();
+        assert!(third.created.is_some());
+        assert_eq!(third.revoked, second.created);
 
         let (route_only, _) = issue(&store, new_token("r", &[Scope::Route]));
         std::fs::write(&path, route_only.expose()).unwrap();
-        assert!(store.ensure_admin_token(&state, NOW).unwrap().created);
+        let fourth = store.ensure_admin_token(&state, NOW).unwrap();
+        assert_eq!(fourth.revoked, third.created);
+        // Tokens the file did not come from are untouched.
+        assert!(store.authenticate(route_only.expose(), NOW).is_ok());
+        assert!(store.authenticate(namesake.expose(), NOW).is_ok());
+        // The bootstrap id survives a reopen of the store.
+        drop(store);
+        let store = TokenStore::open(&db).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let fifth = store.ensure_admin_token(&state, NOW).unwrap();
+        assert_eq!(fifth.revoked, fourth.created);
         let now_in_file = std::fs::read_to_string(&path).unwrap();
         assert!(store
             .authenticate(now_in_file.trim(), NOW)
