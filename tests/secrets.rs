@@ -1154,3 +1154,35 @@ fn a_secret_may_be_named_like_an_endpoint() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// A secret change whose audit record cannot be written is taken back before the 503: no
+/// unaudited change stays (like a token issue).
+#[test]
+fn secret_changes_that_cannot_be_audited_are_undone() {
+    let fault_dir = tempfile::tempdir().unwrap();
+    let fault = fault_dir.path().join("fail-audit");
+    let d = Daemon::builder()
+        .env("HALL_FAULT_AUDIT_FAIL_FILE", fault.to_str().unwrap())
+        .start();
+    assert_eq!(put(&d, "openai_api_key", "old-value").status, 200);
+    let listed = || call(&d, "GET", "/api/secrets", &admin(&d), None).json()["secrets"].clone();
+    let before = listed();
+
+    std::fs::write(&fault, b"").unwrap();
+    put(&d, "openai_api_key", "new-value").assert_error(503, "unavailable", None);
+    put(&d, "brand_new", "x").assert_error(503, "unavailable", None);
+    call(
+        &d,
+        "DELETE",
+        "/api/secrets/openai_api_key",
+        &admin(&d),
+        None,
+    )
+    .assert_error(503, "unavailable", None);
+    std::fs::remove_file(&fault).unwrap();
+
+    // Names and times as before, and the old value is the one released.
+    assert_eq!(listed(), before);
+    assert_eq!(released_value(&d, "openai_api_key"), "old-value");
+    assert!(d.logs().contains("secret change undone"));
+}

@@ -307,15 +307,37 @@ pub async fn secret_put(
     let who = caller(&req).map(|a| a.id().to_string());
     let st = state.clone();
     let n = name.clone();
-    let meta = web::block(move || st.stores.secrets.put(&n, body.value.as_bytes(), now_ms()))
-        .await
-        .map_err(internal)?
-        .map_err(secret_error)?;
-    record::event(&state, RecordKind::SecretStore, who.as_deref(), |e| {
+    let (meta, undo) = web::block(move || {
+        st.stores
+            .secrets
+            .put_undoable(&n, body.value.as_bytes(), now_ms())
+    })
+    .await
+    .map_err(internal)?
+    .map_err(secret_error)?;
+    let recorded = record::event(&state, RecordKind::SecretStore, who.as_deref(), |e| {
         e.detail = Some(name.clone())
     })
-    .await?;
+    .await;
+    if let Err(e) = recorded {
+        undo_secret_change(&state, undo).await;
+        return Err(e);
+    }
     Ok(HttpResponse::Ok().json(meta))
+}
+
+/// Fail closed: a secret change that is not in the audit log must not stay. Take it back
+/// (unless a later change already replaced it) before answering 503.
+async fn undo_secret_change(state: &web::Data<AppState>, undo: crate::store::secrets::Undo) {
+    let st = state.clone();
+    match web::block(move || st.stores.secrets.undo(undo)).await {
+        Ok(Ok(true)) => tracing::warn!("secret change undone: it could not be audited"),
+        Ok(Ok(false)) => tracing::error!(
+            "a secret change could not be audited and was not undone: a later change replaced it"
+        ),
+        Ok(Err(e)) => tracing::error!(error = %e, "could not undo an unaudited secret change"),
+        Err(e) => tracing::error!(error = %e, "could not undo an unaudited secret change"),
+    }
 }
 
 /// `GET /api/secrets`: names and times, never values.
@@ -333,18 +355,22 @@ pub async fn secret_delete(
     let name = path.into_inner();
     let st = state.clone();
     let n = name.clone();
-    let found = web::block(move || st.stores.secrets.delete(&n))
+    let undo = web::block(move || st.stores.secrets.delete_undoable(&n))
         .await
         .map_err(internal)?
         .map_err(secret_error)?;
-    if !found {
+    let Some(undo) = undo else {
         return Err(ApiError::not_found("no secret with this name"));
-    }
+    };
     let who = caller(&req).map(|a| a.id().to_string());
-    record::event(&state, RecordKind::SecretDelete, who.as_deref(), |e| {
+    let recorded = record::event(&state, RecordKind::SecretDelete, who.as_deref(), |e| {
         e.detail = Some(name.clone())
     })
-    .await?;
+    .await;
+    if let Err(e) = recorded {
+        undo_secret_change(&state, undo).await;
+        return Err(e);
+    }
     Ok(HttpResponse::Ok().json(json!({"deleted": name})))
 }
 

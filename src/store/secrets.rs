@@ -85,6 +85,20 @@ pub enum SecretError {
 }
 
 /// What may be shown about a secret: never its value.
+/// How to take back one `put` or `delete`: the sealed record before and after it (never a
+/// plaintext value). Used by [`SecretStore::undo`].
+pub struct Undo {
+    name: String,
+    before: Option<sled::IVec>,
+    after: Option<sled::IVec>,
+}
+
+impl std::fmt::Debug for Undo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Undo").field("name", &self.name).finish()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SecretMeta {
     pub name: String,
@@ -345,6 +359,16 @@ impl SecretStore {
 
     /// Store (or replace) a secret; durable when this returns.
     pub fn put(&self, name: &str, value: &[u8], now_ms: i64) -> Result<SecretMeta, SecretError> {
+        self.put_undoable(name, value, now_ms).map(|(meta, _)| meta)
+    }
+
+    /// [`put`](Self::put), also returning how to take the change back (see [`Undo`]).
+    pub fn put_undoable(
+        &self,
+        name: &str,
+        value: &[u8],
+        now_ms: i64,
+    ) -> Result<(SecretMeta, Undo), SecretError> {
         validate_name(name)?;
         if value.len() > MAX_VALUE_LEN {
             return Err(SecretError::ValueTooLarge {
@@ -363,17 +387,23 @@ impl SecretStore {
                 None => now_ms,
             };
             let rec = key.seal(name, value, created_ms, now_ms);
-            let bytes = rmp_serde::to_vec_named(&rec).expect("record encodes");
+            let bytes = sled::IVec::from(rmp_serde::to_vec_named(&rec).expect("record encodes"));
             match self
                 .tree
-                .compare_and_swap(name, old.as_ref(), Some(bytes))?
+                .compare_and_swap(name, old.as_ref(), Some(bytes.clone()))?
             {
                 Ok(()) => {
-                    break SecretMeta {
+                    let meta = SecretMeta {
                         name: name.to_string(),
                         created_ms,
                         updated_ms: now_ms,
-                    }
+                    };
+                    let undo = Undo {
+                        name: name.to_string(),
+                        before: old,
+                        after: Some(bytes),
+                    };
+                    break (meta, undo);
                 }
                 Err(cas) => old = cas.current,
             }
@@ -381,6 +411,22 @@ impl SecretStore {
         drop(keys);
         self.db.flush()?;
         Ok(meta)
+    }
+
+    /// Take back a change, only if the record is still exactly what that change left (a
+    /// later write or a key rotation wins). Returns whether it was undone. The daemon uses it
+    /// when a change cannot be written to the audit log: no unaudited change stays.
+    pub fn undo(&self, undo: Undo) -> Result<bool, SecretError> {
+        // Under the read lock, like a write: a rotation re-seals after, not during.
+        let _keys = self.read_keys();
+        let done = self
+            .tree
+            .compare_and_swap(&undo.name, undo.after, undo.before)?
+            .is_ok();
+        if done {
+            self.db.flush()?;
+        }
+        Ok(done)
     }
 
     /// The value, or `None` if no secret has this name. Only `release` should hand it out.
@@ -420,12 +466,21 @@ impl SecretStore {
 
     /// Remove a secret; `false` if there was none. Durable when this returns.
     pub fn delete(&self, name: &str) -> Result<bool, SecretError> {
+        self.delete_undoable(name).map(|u| u.is_some())
+    }
+
+    /// [`delete`](Self::delete), returning how to take it back; `None` if there was none.
+    pub fn delete_undoable(&self, name: &str) -> Result<Option<Undo>, SecretError> {
         validate_name(name)?;
-        let existed = self.tree.remove(name)?.is_some();
-        if existed {
-            self.db.flush()?;
-        }
-        Ok(existed)
+        let Some(before) = self.tree.remove(name)? else {
+            return Ok(None);
+        };
+        self.db.flush()?;
+        Ok(Some(Undo {
+            name: name.to_string(),
+            before: Some(before),
+            after: None,
+        }))
     }
 
     /// Check [`check_release`], then return the value (or [`Refusal::UnknownSecret`]).
@@ -788,6 +843,39 @@ mod tests {
 
     fn raw(store: &SecretStore, name: &str) -> Record {
         decode(name, &store.tree.get(name).unwrap().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_change_is_undone_only_while_it_is_the_latest() {
+        let db = mem_db();
+        let s = SecretStore::open(&db, key(1)).unwrap();
+        // A new secret, undone: gone.
+        let (_, undo) = s.put_undoable("a", b"one", 1).unwrap();
+        assert!(s.undo(undo).unwrap());
+        assert_eq!(s.get("a").unwrap(), None);
+        // A replaced value, undone: the old value (and times) are back.
+        s.put("a", b"one", 1).unwrap();
+        let (_, undo) = s.put_undoable("a", b"two", 2).unwrap();
+        assert!(s.undo(undo).unwrap());
+        assert_eq!(&s.get("a").unwrap().unwrap()[..], b"one");
+        assert_eq!(s.list().unwrap()[0].updated_ms, 1);
+        // A delete, undone: back.
+        let undo = s.delete_undoable("a").unwrap().unwrap();
+        assert!(s.undo(undo).unwrap());
+        assert_eq!(&s.get("a").unwrap().unwrap()[..], b"one");
+        assert!(s.delete_undoable("nope").unwrap().is_none());
+        // A later write wins: the earlier change is not undone over it.
+        let (_, undo) = s.put_undoable("a", b"two", 2).unwrap();
+        s.put("a", b"three", 3).unwrap();
+        assert!(!s.undo(undo).unwrap());
+        assert_eq!(&s.get("a").unwrap().unwrap()[..], b"three");
+        let undo = s.delete_undoable("a").unwrap().unwrap();
+        s.put("a", b"four", 4).unwrap();
+        assert!(!s.undo(undo).unwrap());
+        assert_eq!(&s.get("a").unwrap().unwrap()[..], b"four");
+        // Debug output names the secret, never the sealed bytes.
+        let (_, undo) = s.put_undoable("b", b"five", 5).unwrap();
+        assert_eq!(format!("{undo:?}"), r#"Undo { name: "b" }"#);
     }
 
     #[test]
