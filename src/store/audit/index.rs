@@ -1,4 +1,5 @@
-//! The tenant and capability indexes, kept as **posting lists** off the append path.
+//! The tenant, capability and outcome (allowed/denied) indexes, kept as **posting lists**
+//! off the append path.
 //!
 //! Inserting one index key per record into sled cost more than the record itself (each
 //! insert lands in a different leaf: docs/performance.md). Instead the writer collects, in
@@ -8,7 +9,8 @@
 //! sled batch (atomic on one tree):
 //!
 //! ```text
-//! key   = kind ('t' tenant | 'c' capability) ‖ value ‖ 0x00 ‖ last seq in the chunk (BE u64)
+//! key   = kind ('t' tenant | 'c' capability | 'o' outcome) ‖ value ‖ 0x00 ‖ last seq in the
+//!         chunk (BE u64)
 //! value = the chunk's seqs, ascending, each a BE u64
 //! "indexed_through" → N (BE u64): every record ≤ N is in a chunk
 //! ```
@@ -37,6 +39,25 @@ const INDEXED_THROUGH_KEY: &[u8] = b"indexed_through";
 
 pub(crate) const TENANT: u8 = b't';
 pub(crate) const CAPABILITY: u8 = b'c';
+/// A decision's outcome: value "allowed" or "denied".
+pub(crate) const OUTCOME: u8 = b'o';
+
+/// The outcome posting value for `allowed`.
+pub(crate) fn outcome_value(allowed: bool) -> &'static str {
+    if allowed {
+        "allowed"
+    } else {
+        "denied"
+    }
+}
+
+/// Every posting list `e` belongs to, as (kind, value).
+pub(crate) fn postings_of(e: &AuditEntry) -> impl Iterator<Item = (u8, &str)> {
+    let tenant = e.tenant_id.as_deref().map(|t| (TENANT, t));
+    let capability = e.capability_id.as_deref().map(|c| (CAPABILITY, c));
+    let outcome = e.allowed.map(|a| (OUTCOME, outcome_value(a)));
+    tenant.into_iter().chain(capability).chain(outcome)
+}
 
 /// `kind ‖ value ‖ 0x00`: what every chunk key of one value starts with.
 pub(crate) fn posting_prefix(kind: u8, value: &str) -> Vec<u8> {
@@ -110,11 +131,8 @@ impl Pending {
 
     pub(crate) fn add(&mut self, seq: u64, e: &AuditEntry) {
         self.records += 1;
-        if let Some(t) = &e.tenant_id {
-            self.push(TENANT, t, seq);
-        }
-        if let Some(c) = &e.capability_id {
-            self.push(CAPABILITY, c, seq);
+        for (kind, value) in postings_of(e) {
+            self.push(kind, value, seq);
         }
     }
 

@@ -439,7 +439,7 @@ impl AuditLog {
 
     /// Records matching `q`, in `seq` order, at most `limit` (see [`AuditQuery`]).
     ///
-    /// Uses the tenant or capability postings when one is given, and binary search for
+    /// Uses the tenant, capability or outcome postings when one is given, and binary search for
     /// `since`/`until`; other filters are checked on the records found.
     pub fn query(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, AuditError> {
         let limit = match q.limit {
@@ -497,6 +497,10 @@ impl AuditLog {
                 q.capability_id
                     .as_deref()
                     .map(|v| index::posting_prefix(index::CAPABILITY, v))
+            })
+            .or_else(|| {
+                q.allowed
+                    .map(|a| index::posting_prefix(index::OUTCOME, index::outcome_value(a)))
             });
         let Some(prefix) = prefix else {
             scan(lo, hi, &mut out)?;
@@ -797,11 +801,8 @@ fn prune_before(t: &Trees, cutoff_ms: i64, max: usize) -> Result<usize, AuditErr
     for r in &doomed {
         let e = &r.entry;
         records.remove(&seq_key(r.seq));
-        if let Some(x) = &e.tenant_id {
-            prefixes.insert(index::posting_prefix(index::TENANT, x));
-        }
-        if let Some(x) = &e.capability_id {
-            prefixes.insert(index::posting_prefix(index::CAPABILITY, x));
+        for (kind, value) in index::postings_of(e) {
+            prefixes.insert(index::posting_prefix(kind, value));
         }
         if let (Some(d), Some(legacy)) = (&e.decision_id, &t.legacy_by_decision) {
             // Only if the index still points at this record.

@@ -974,6 +974,7 @@ proptest! {
         lose_index in proptest::bool::weighted(0.25),
         tenant in proptest::option::weighted(0.6, 0usize..3),
         cap in proptest::option::weighted(0.4, 0usize..3),
+        allowed in proptest::option::weighted(0.4, any::<bool>()),
         since in proptest::option::weighted(0.4, 0i64..50),
         until in proptest::option::weighted(0.4, 0i64..60),
         after in proptest::option::weighted(0.3, 0u64..40),
@@ -1003,6 +1004,7 @@ proptest! {
         let q = AuditQuery {
             tenant_id: tenant.map(|i| names("t", i)),
             capability_id: cap.map(|i| names("c", i)),
+            allowed,
             since_ms: since,
             until_ms: until,
             after_seq: after,
@@ -1016,6 +1018,7 @@ proptest! {
                 let e = &r.entry;
                 q.tenant_id.as_ref().is_none_or(|x| e.tenant_id.as_ref() == Some(x))
                     && q.capability_id.as_ref().is_none_or(|x| e.capability_id.as_ref() == Some(x))
+                    && allowed.is_none_or(|x| e.allowed == Some(x))
                     && since.is_none_or(|x| e.ts_ms >= x)
                     && until.is_none_or(|x| e.ts_ms <= x)
                     && after.is_none_or(|x| r.seq > x)
