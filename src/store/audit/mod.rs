@@ -56,6 +56,7 @@ pub const DEFAULT_QUERY_LIMIT: usize = 100;
 /// The most records one query returns, whatever `limit` asks for.
 pub const MAX_QUERY_LIMIT: usize = 1000;
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
+const ID_KEY: &[u8] = b"decision_id_key";
 const MS_PER_DAY: i64 = 86_400_000;
 
 /// Settings for the audit log (`[audit]` in hall.toml).
@@ -216,6 +217,8 @@ pub(crate) struct Counters {
 pub(crate) struct Shared {
     head: ArcSwap<Head>,
     stats: Counters,
+    /// Masks the seq in decision ids (`record::decision_uuid`).
+    pub(crate) id_key: [u8; 32],
     /// Serializes pruning (the writer's tick and explicit `prune` calls) so checkpoints only
     /// move forward.
     prune_lock: Mutex<()>,
@@ -318,6 +321,7 @@ impl AuditLog {
         let shared = Arc::new(Shared {
             head: ArcSwap::from_pointee(head),
             stats: Counters::default(),
+            id_key: id_key(&trees)?,
             prune_lock: Mutex::new(()),
         });
         let retention_days = config.retention_days;
@@ -420,7 +424,7 @@ impl AuditLog {
             r.entry.kind == RecordKind::Decision
                 && r.entry.decision_id.as_deref() == Some(decision_id)
         };
-        if let Some(seq) = record::seq_of_decision_id(decision_id) {
+        if let Some(seq) = record::seq_of_decision_id(&self.inner.shared.id_key, decision_id) {
             if let Some(r) = self.get(seq)?.filter(is_it) {
                 return Ok(Some(r));
             }
@@ -717,6 +721,28 @@ fn seq_bounds(
         }
     }
     Ok(lo.filter(|lo| *lo <= hi).map(|lo| lo..=hi))
+}
+
+/// The log's decision-id key: made once (random), then read from `audit_meta`.
+fn id_key(t: &Trees) -> Result<[u8; 32], AuditError> {
+    if let Some(v) = t.meta.get(ID_KEY)? {
+        return <[u8; 32]>::try_from(&v[..]).map_err(|_| AuditError::Corrupt {
+            seq: 0,
+            reason: "the decision id key is malformed",
+        });
+    }
+    let key: [u8; 32] = rand::random();
+    // Another opener may have raced us: whichever key landed first is the key.
+    match t
+        .meta
+        .compare_and_swap(ID_KEY, None as Option<&[u8]>, Some(&key[..]))?
+    {
+        Ok(()) => {
+            t.db.flush()?;
+            Ok(key)
+        }
+        Err(_) => id_key(t),
+    }
 }
 
 /// `(first kept seq, its prev_hash)` written by pruning.

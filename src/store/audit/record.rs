@@ -360,26 +360,35 @@ impl<'de> Deserialize<'de> for AuditRecord {
 pub(crate) const MAX_SEQ: u64 = (1 << 40) - 1;
 
 /// The id of the decision recorded at `seq`: a UUIDv7 (RFC 9562) whose 48-bit time is
-/// `ts_ms`, with `seq` in the top 40 bits of `rand_b` and 34 random bits (`rand_a` and the
-/// rest of `rand_b`). Time-ordered like any v7 id, and strictly increasing within a
-/// millisecond; a lookup by id is one read of record `seq` (no index to write per decision),
-/// which must then name this exact id. Knowing an id grants nothing by itself (a release also
-/// needs a token entitled to the decision's tenant), and the random bits keep ids unguessable
-/// from the seq alone.
-pub(crate) fn decision_uuid(ts_ms: i64, seq: u64, random: u64) -> uuid::Uuid {
+/// `ts_ms`, with the seq in the top 40 bits of `rand_b` and 34 random bits (`rand_a` and the
+/// rest of `rand_b`). Time-ordered like any v7 id; a lookup by id is one read of record `seq`
+/// (no index to write per decision), which must then name this exact id, so a forged or
+/// altered id finds nothing.
+///
+/// The seq is masked with `keyed_hash(key, ts_ms)`, `key` being a random per-log secret:
+/// otherwise a client could read the log's size, and so other tenants' traffic, off its ids.
+pub(crate) fn decision_uuid(key: &[u8; 32], ts_ms: i64, seq: u64, random: u64) -> uuid::Uuid {
     let ts = (ts_ms.max(0) as u128) & ((1 << 48) - 1);
     let rand_a = u128::from(random >> 22) & 0xfff;
-    let rand_b = (u128::from(seq & MAX_SEQ) << 22) | (u128::from(random) & 0x3f_ffff);
+    let hidden = (seq ^ seq_mask(key, ts as u64)) & MAX_SEQ;
+    let rand_b = (u128::from(hidden) << 22) | (u128::from(random) & 0x3f_ffff);
     uuid::Uuid::from_u128((ts << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b)
 }
 
-/// The seq a decision id made by [`decision_uuid`] points at (`None`: not such an id).
-pub(crate) fn seq_of_decision_id(id: &str) -> Option<u64> {
+/// The seq a decision id made by [`decision_uuid`] with `key` points at (`None`: not a v7 id).
+pub(crate) fn seq_of_decision_id(key: &[u8; 32], id: &str) -> Option<u64> {
     let u = uuid::Uuid::try_parse(id).ok()?;
     if u.get_version_num() != 7 {
         return None;
     }
-    Some(((u.as_u128() & ((1 << 62) - 1)) >> 22) as u64)
+    let v = u.as_u128();
+    let hidden = ((v & ((1 << 62) - 1)) >> 22) as u64;
+    Some((hidden ^ seq_mask(key, (v >> 80) as u64)) & MAX_SEQ)
+}
+
+fn seq_mask(key: &[u8; 32], ts: u64) -> u64 {
+    let h = blake3::keyed_hash(key, &ts.to_be_bytes());
+    u64::from_be_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) & MAX_SEQ
 }
 
 /// Encode record `seq` into `buf` (cleared first) as `prev ‖ body ‖ hash`; returns the hash.

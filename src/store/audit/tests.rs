@@ -92,7 +92,10 @@ fn allowed_denied_and_dry_run_records_round_trip_with_every_field() {
         ids.push(id);
         // A UUIDv7 carrying the seq and the record's time, with random bits.
         assert_eq!(id.get_version_num(), 7);
-        assert_eq!(record::seq_of_decision_id(&id.to_string()), Some(a.seq));
+        assert_eq!(
+            record::seq_of_decision_id(&log.inner.shared.id_key, &id.to_string()),
+            Some(a.seq)
+        );
         let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
         assert_eq!(secs as i64 * 1000 + i64::from(nanos / 1_000_000), e.ts_ms);
         let e = &AuditEntry {
@@ -118,16 +121,36 @@ fn allowed_denied_and_dry_run_records_round_trip_with_every_field() {
         assert_eq!(by_id.as_ref(), Some(&r));
         prev = r.hash;
     }
+    // The seq field is masked: not the seq itself, and another log's key masks it otherwise.
+    let field = |u: &uuid::Uuid| ((u.as_u128() & ((1 << 62) - 1)) >> 22) as u64;
+    assert!(ids.iter().zip(1u64..).any(|(u, seq)| field(u) != seq));
+    let other_key = [7u8; 32];
+    assert_ne!(
+        field(&record::decision_uuid(&other_key, 1_700_000_000_123, 1, 0)),
+        field(&record::decision_uuid(
+            &log.inner.shared.id_key,
+            1_700_000_000_123,
+            1,
+            0
+        ))
+    );
+    assert_eq!(
+        record::seq_of_decision_id(&other_key, &ids[0].to_string()).filter(|s| *s == 1),
+        None,
+        "another key does not find the seq"
+    );
     // Ids are time-ordered, and the random bits differ from id to id.
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
     assert_ne!(ids[0].as_u128() & 0x3f_ffff, ids[1].as_u128() & 0x3f_ffff);
     assert_eq!(log.by_decision("dec-unknown").unwrap(), None);
     assert!(!db.tree_names().iter().any(|n| n == b"audit_by_decision"));
     // The right seq with other random bits, or another record's seq: not this decision.
-    let forged = record::decision_uuid(1_700_000_000_123, 1, !0).to_string();
+    let forged =
+        record::decision_uuid(&log.inner.shared.id_key, 1_700_000_000_123, 1, !0).to_string();
     assert_ne!(forged, ids[0].to_string());
     assert_eq!(log.by_decision(&forged).unwrap(), None);
-    let other_seq = record::decision_uuid(1_700_000_000_123, 2, 0).to_string();
+    let other_seq =
+        record::decision_uuid(&log.inner.shared.id_key, 1_700_000_000_123, 2, 0).to_string();
     assert_eq!(log.by_decision(&other_seq).unwrap(), None);
     assert_eq!(
         log.by_decision(&ids[0].to_string().to_uppercase()).unwrap(),
@@ -776,7 +799,7 @@ async fn the_fault_hook_fails_appends_without_recording_and_recovery_continues_t
     assert!(matches!(err2, AuditError::Write(_)));
     assert_eq!(log.head(), head);
     assert_eq!(records_tree(&db).len(), 1);
-    let seq2 = record::decision_uuid(2, 2, 0).to_string();
+    let seq2 = record::decision_uuid(&log.inner.shared.id_key, 2, 2, 0).to_string();
     assert_eq!(log.by_decision(&seq2).unwrap(), None);
     assert_eq!(log.stats().failed, 2);
 

@@ -245,7 +245,7 @@ impl Writer {
             last_ts = entry.ts_ms;
             let mut decision_id = None;
             if entry.kind == RecordKind::Decision && entry.decision_id.is_none() {
-                let id = decision_uuid(entry.ts_ms, seq, rand::random());
+                let id = decision_uuid(&self.shared.id_key, entry.ts_ms, seq, rand::random());
                 entry.decision_id = Some(id.to_string());
                 decision_id = Some(id);
             }
