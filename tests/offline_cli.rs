@@ -241,3 +241,34 @@ fn route_offline_unknown_env_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// `hall … | head` must end quietly when the reader is gone (killed by SIGPIPE like any Unix
+/// tool), not panic on EPIPE.
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader); // every write to stdout now fails with EPIPE
+    let out = Command::new(env!("CARGO_BIN_EXE_hall"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "route",
+            "--offline",
+            "--capability",
+            "cap.code.deploy",
+            "--env",
+            "dev",
+            "--label",
+            "INTERNAL",
+            "--tenant",
+            "org.acme",
+            "--explain",
+        ])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(13), "{:?} {stderr}", out.status);
+}

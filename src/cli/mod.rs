@@ -225,6 +225,15 @@ pub enum AuditCmd {
 /// (0 ok, 1 failure or a denied route, 2 usage error).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // A command whose output is piped into `head` should stop quietly when the reader
+        // goes away, like any Unix tool, not panic on EPIPE. (Rust ignores SIGPIPE by
+        // default, which the daemon keeps: a client hanging up must not kill it.)
+        // SAFETY: setting a signal's disposition to the default, before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Serve(a) => crate::server::run(a),
         Command::Check(a) => offline::check(&a),
