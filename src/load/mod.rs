@@ -538,12 +538,7 @@ impl Reloader {
                 Some(RegistryInput::Reused(caps, workers, f))
             })
             .collect();
-        let reg_stale: Vec<&Source> = registry
-            .iter()
-            .zip(&reg_reuse)
-            .filter(|(_, r)| r.is_none())
-            .map(|(s, _)| s)
-            .collect();
+        let reg_stale = not_reused(registry, &reg_reuse);
         let reuse: Vec<Option<(&[Rule], &FileRules)>> = keys
             .iter()
             .map(|k| {
@@ -552,12 +547,7 @@ impl Reloader {
                 Some((last.snapshot.rules.get(f.rules.clone())?, f))
             })
             .collect();
-        let stale: Vec<&Source> = policies
-            .iter()
-            .zip(&reuse)
-            .filter(|(_, r)| r.is_none())
-            .map(|(s, _)| s)
-            .collect();
+        let stale = not_reused(policies, &reuse);
         let mut parsed = reg_stale.len() + stale.len();
         let reg_fresh = parse_files::<RegistryFile>(&reg_stale);
         let mut reg_fresh_iter = reg_fresh.iter();
@@ -1154,6 +1144,16 @@ fn assemble(
         }),
         shares,
     ))
+}
+
+/// The sources with nothing to reuse (`None` at their index): the ones to parse.
+fn not_reused<'a, T>(sources: &'a [Source], reuse: &[Option<T>]) -> Vec<&'a Source> {
+    sources
+        .iter()
+        .zip(reuse)
+        .filter(|(_, r)| r.is_none())
+        .map(|(s, _)| s)
+        .collect()
 }
 
 fn strings(v: &[S]) -> Vec<String> {
