@@ -304,7 +304,6 @@ pub async fn secret_put(
     // serde_json's error text can quote input; never echo it for a secret body.
     let body = parsed
         .map_err(|_| ApiError::invalid("body", "the body must be {\"value\": \"<string>\"}"))?;
-    let who = caller(&req).map(|a| a.id().to_string());
     let st = state.clone();
     let n = name.clone();
     let (meta, undo) = web::block(move || {
@@ -315,20 +314,27 @@ pub async fn secret_put(
     .await
     .map_err(internal)?
     .map_err(secret_error)?;
-    let recorded = record::event(&state, RecordKind::SecretStore, who.as_deref(), |e| {
-        e.detail = Some(name.clone())
-    })
-    .await;
-    if let Err(e) = recorded {
-        undo_secret_change(&state, undo).await;
-        return Err(e);
-    }
+    record_secret_change(&state, &req, RecordKind::SecretStore, &name, undo).await?;
     Ok(HttpResponse::Ok().json(meta))
 }
 
-/// Fail closed: a secret change that is not in the audit log must not stay. Take it back
-/// (unless a later change already replaced it) before answering 503.
-async fn undo_secret_change(state: &web::Data<AppState>, undo: crate::store::secrets::Undo) {
+/// Audit a secret change. Fail closed: a change that is not in the audit log must not stay,
+/// so on failure it is taken back (unless a later change already replaced it) before the 503.
+async fn record_secret_change(
+    state: &web::Data<AppState>,
+    req: &HttpRequest,
+    kind: RecordKind,
+    name: &str,
+    undo: crate::store::secrets::Undo,
+) -> Result<(), ApiError> {
+    let who = caller(req).map(|a| a.id().to_string());
+    let recorded = record::event(state, kind, who.as_deref(), |e| {
+        e.detail = Some(name.to_string())
+    })
+    .await;
+    let Err(err) = recorded else {
+        return Ok(());
+    };
     let st = state.clone();
     match web::block(move || st.stores.secrets.undo(undo)).await {
         Ok(Ok(true)) => tracing::warn!("secret change undone: it could not be audited"),
@@ -338,6 +344,7 @@ async fn undo_secret_change(state: &web::Data<AppState>, undo: crate::store::sec
         Ok(Err(e)) => tracing::error!(error = %e, "could not undo an unaudited secret change"),
         Err(e) => tracing::error!(error = %e, "could not undo an unaudited secret change"),
     }
+    Err(err)
 }
 
 /// `GET /api/secrets`: names and times, never values.
@@ -362,15 +369,7 @@ pub async fn secret_delete(
     let Some(undo) = undo else {
         return Err(ApiError::not_found("no secret with this name"));
     };
-    let who = caller(&req).map(|a| a.id().to_string());
-    let recorded = record::event(&state, RecordKind::SecretDelete, who.as_deref(), |e| {
-        e.detail = Some(name.clone())
-    })
-    .await;
-    if let Err(e) = recorded {
-        undo_secret_change(&state, undo).await;
-        return Err(e);
-    }
+    record_secret_change(&state, &req, RecordKind::SecretDelete, &name, undo).await?;
     Ok(HttpResponse::Ok().json(json!({"deleted": name})))
 }
 
