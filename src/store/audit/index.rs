@@ -95,11 +95,10 @@ pub(crate) fn indexed_through(t: &Trees) -> Result<u64, AuditError> {
     })
 }
 
-/// The writer's chunks not yet written: the postings of every record in `(through, head]`.
+/// The writer's chunks not yet written: the postings of every record after the stored
+/// marker.
 #[derive(Default)]
 pub(crate) struct Pending {
-    /// The marker as stored.
-    pub(crate) through: u64,
     /// Records added since the marker.
     pub(crate) records: usize,
     lists: HashMap<Vec<u8>, Vec<u64>>,
@@ -109,11 +108,9 @@ pub(crate) struct Pending {
 impl Pending {
     /// Rebuild from what sled holds: the marker, and every record after it.
     pub(crate) fn rebuild(t: &Trees) -> Result<Pending, AuditError> {
-        let mut p = Pending {
-            through: indexed_through(t)?,
-            ..Default::default()
-        };
-        for item in t.records.range(seq_key(p.through.saturating_add(1))..) {
+        let mut p = Pending::default();
+        let through = indexed_through(t)?;
+        for item in t.records.range(seq_key(through.saturating_add(1))..) {
             let (k, v) = item?;
             let seq = u64::from_be_bytes(k[..].try_into().map_err(|_| AuditError::Corrupt {
                 seq: 0,
@@ -166,7 +163,6 @@ impl Pending {
         t.postings.apply_batch(batch)?;
         self.lists.clear();
         self.records = 0;
-        self.through = head;
         Ok(())
     }
 }
