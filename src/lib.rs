@@ -7,6 +7,7 @@
 //! - [`server`]: the actix-web daemon (`hall serve`).
 //! - [`cli`]: the `hall` command line (offline commands and thin HTTP clients).
 //! - [`config`]: `hall.toml`, `HALL_*` variables and flags, merged.
+//! - [`text`]: the character policy for free text that is recorded or shown.
 
 pub mod cli;
 pub mod config;
@@ -14,3 +15,4 @@ pub mod engine;
 pub mod load;
 pub mod server;
 pub mod store;
+pub mod text;

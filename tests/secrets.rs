@@ -993,7 +993,8 @@ fn a_value_is_absent_from_trace_logs_state_files_exports_and_error_responses() {
     assert_eq!(d.get("/api/secrets").status, 200);
     // Refusals too.
     release(&d, "wrong-token", "openai_api_key", &id).assert_error(401, "unauthorized", None);
-    assert_eq!(release(&d, &acme, "openai_api_key", "nope").status, 404);
+    // A malformed decision id is a 400 before anything is looked up or recorded.
+    assert_eq!(release(&d, &acme, "openai_api_key", "nope").status, 400);
 
     // Malformed writes carrying the value: the error never echoes it.
     let t = admin(&d);

@@ -4,13 +4,13 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::caller;
+use super::auth::{tenant_mismatch, Caller};
 use super::errors::ApiError;
 use super::record;
 use super::route::read_json_body;
 use super::state::{now_ms, AppState};
 use crate::store::audit::{AuditQuery, RecordKind, MAX_QUERY_LIMIT};
-use crate::store::secrets::{Caller, DecisionFacts, ReleaseError, SecretError};
+use crate::store::secrets::{Caller as ReleaseCaller, DecisionFacts, ReleaseError, SecretError};
 use crate::store::tokens::{NewToken, RateLimit, Scope, TokenError};
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -37,6 +37,7 @@ fn parse_time(field: &str, v: &str) -> Result<i64, ApiError> {
 
 /// `GET /api/audit?tenant_id=&capability_id=&allowed=&since=&until=&after_seq=&limit=&tail=`
 pub async fn audit_query(
+    caller: Caller,
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
@@ -84,6 +85,13 @@ pub async fn audit_query(
             }
         }
     }
+    // A tenant-bound token reads its tenant's records only.
+    if let Some(t) = caller.tenant() {
+        match &q.tenant_id {
+            Some(asked) if asked != t => return Err(tenant_mismatch()),
+            _ => q.tenant_id = Some(t.to_string()),
+        }
+    }
     let audit = state.stores.audit.clone();
     let records = web::block(move || audit.query(&q))
         .await
@@ -95,6 +103,7 @@ pub async fn audit_query(
 
 /// `GET /api/audit/{decision_id}`
 pub async fn audit_show(
+    caller: Caller,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
@@ -105,7 +114,12 @@ pub async fn audit_show(
         .map_err(internal)?
         .map_err(internal)?
     {
-        Some(r) => Ok(HttpResponse::Ok().json(r)),
+        Some(r) => {
+            if caller.tenant().is_some() && r.entry.tenant_id.as_deref() != caller.tenant() {
+                return Err(tenant_mismatch());
+            }
+            Ok(HttpResponse::Ok().json(r))
+        }
         None => Err(ApiError::not_found(
             "no decision with this id in the audit log",
         )),
@@ -113,7 +127,19 @@ pub async fn audit_show(
 }
 
 /// `GET /api/audit/verify`
-pub async fn audit_verify(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn audit_verify(
+    caller: Caller,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    // The chain runs through every tenant's records; its length and head are not one
+    // tenant's to see.
+    if caller.tenant().is_some() {
+        return Err(ApiError::new(
+            403,
+            "tenant_mismatch",
+            "verify walks every tenant's records; use a token that is not bound to a tenant",
+        ));
+    }
     let audit = state.stores.audit.clone();
     let report = web::block(move || audit.verify())
         .await
@@ -186,6 +212,7 @@ fn token_error(e: TokenError) -> ApiError {
 
 /// `POST /api/tokens`: the token is in this response and nowhere else, ever.
 pub async fn token_create(
+    caller: Caller,
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
@@ -193,6 +220,12 @@ pub async fn token_create(
     let bytes = read_json_body(&req, payload).await?;
     let b: TokenBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid("body", format!("invalid token request: {e}")))?;
+    // A tenant-bound admin issues tokens for its own tenant only: it cannot mint a wider one.
+    let tenant_id = match (caller.tenant(), b.tenant_id) {
+        (Some(own), None) => Some(own.to_string()),
+        (Some(own), Some(asked)) if asked != own => return Err(tenant_mismatch()),
+        (_, asked) => asked,
+    };
     let mut scopes = Vec::new();
     for s in &b.scopes {
         scopes.push(
@@ -204,7 +237,7 @@ pub async fn token_create(
     let new = NewToken {
         name: b.name,
         scopes,
-        tenant_id: b.tenant_id,
+        tenant_id,
         expires_at_ms: b
             .expires_in_secs
             .map(|s| now.saturating_add((s as i64).saturating_mul(1000))),
@@ -218,9 +251,8 @@ pub async fn token_create(
         .await
         .map_err(internal)?
         .map_err(token_error)?;
-    let who = caller(&req).map(|a| a.id().to_string());
     let (id, name) = (info.id.clone(), info.name.clone());
-    let recorded = record::event(&state, RecordKind::TokenIssue, who.as_deref(), |e| {
+    let recorded = record::event(&state, RecordKind::TokenIssue, Some(caller.id()), |e| {
         e.tenant_id = info.tenant_id.clone();
         e.detail = Some(format!("issued {id} ({name})"));
     })
@@ -237,17 +269,28 @@ pub async fn token_create(
 }
 
 /// `GET /api/tokens`: metadata only.
-pub async fn token_list(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({"tokens": state.stores.tokens.list()}))
+pub async fn token_list(caller: Caller, state: web::Data<AppState>) -> HttpResponse {
+    let mut tokens = state.stores.tokens.list();
+    if let Some(t) = caller.tenant() {
+        tokens.retain(|i| i.tenant_id.as_deref() == Some(t));
+    }
+    HttpResponse::Ok().json(json!({ "tokens": tokens }))
 }
 
 /// `DELETE /api/tokens/{id}`: effective at once.
 pub async fn token_revoke(
-    req: HttpRequest,
+    caller: Caller,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
+    if let Some(t) = caller.tenant() {
+        // Another tenant's token is not this token's to see, let alone revoke.
+        let theirs = state.stores.tokens.list().into_iter().find(|i| i.id == id);
+        if theirs.is_some_and(|i| i.tenant_id.as_deref() != Some(t)) {
+            return Err(ApiError::not_found("no token with this id"));
+        }
+    }
     let tokens = state.stores.tokens.clone();
     let id2 = id.clone();
     let found = web::block(move || tokens.revoke(&id2))
@@ -257,8 +300,7 @@ pub async fn token_revoke(
     if !found {
         return Err(ApiError::not_found("no token with this id"));
     }
-    let who = caller(&req).map(|a| a.id().to_string());
-    record::event(&state, RecordKind::TokenRevoke, who.as_deref(), |e| {
+    record::event(&state, RecordKind::TokenRevoke, Some(caller.id()), |e| {
         e.detail = Some(format!("revoked {id}"))
     })
     .await?;
@@ -284,12 +326,14 @@ fn secret_error(e: SecretError) -> ApiError {
     match e {
         SecretError::InvalidName { .. } => ApiError::invalid("name", e.to_string()),
         SecretError::ValueTooLarge { .. } => ApiError::invalid("value", e.to_string()),
+        SecretError::NotOwner { .. } => ApiError::new(403, "tenant_mismatch", e.to_string()),
         other => internal(other),
     }
 }
 
 /// `PUT /api/secrets/{name}` `{"value": "..."}`
 pub async fn secret_put(
+    caller: Caller,
     req: HttpRequest,
     path: web::Path<String>,
     payload: web::Payload,
@@ -306,15 +350,16 @@ pub async fn secret_put(
         .map_err(|_| ApiError::invalid("body", "the body must be {\"value\": \"<string>\"}"))?;
     let st = state.clone();
     let n = name.clone();
+    let writer = caller.tenant().map(str::to_string);
     let (meta, undo) = web::block(move || {
         st.stores
             .secrets
-            .put_undoable(&n, body.value.as_bytes(), now_ms())
+            .put_undoable(&n, body.value.as_bytes(), now_ms(), writer.as_deref())
     })
     .await
     .map_err(internal)?
     .map_err(secret_error)?;
-    record_secret_change(&state, &req, RecordKind::SecretStore, &name, undo).await?;
+    record_secret_change(&state, &caller, RecordKind::SecretStore, &name, undo).await?;
     Ok(HttpResponse::Ok().json(meta))
 }
 
@@ -322,13 +367,13 @@ pub async fn secret_put(
 /// so on failure it is taken back (unless a later change already replaced it) before the 503.
 async fn record_secret_change(
     state: &web::Data<AppState>,
-    req: &HttpRequest,
+    caller: &Caller,
     kind: RecordKind,
     name: &str,
     undo: crate::store::secrets::Undo,
 ) -> Result<(), ApiError> {
-    let who = caller(req).map(|a| a.id().to_string());
-    let recorded = record::event(state, kind, who.as_deref(), |e| {
+    let recorded = record::event(state, kind, Some(caller.id()), |e| {
+        e.tenant_id = caller.tenant().map(str::to_string);
         e.detail = Some(name.to_string())
     })
     .await;
@@ -347,46 +392,67 @@ async fn record_secret_change(
     Err(err)
 }
 
-/// `GET /api/secrets`: names and times, never values.
-pub async fn secret_list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let list = state.stores.secrets.list().map_err(secret_error)?;
+/// `GET /api/secrets`: names, owners and times, never values. A tenant-bound token sees
+/// its tenant's secrets only.
+pub async fn secret_list(
+    caller: Caller,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let mut list = state.stores.secrets.list().map_err(secret_error)?;
+    if let Some(t) = caller.tenant() {
+        list.retain(|m| m.tenant_id.as_deref() == Some(t));
+    }
     Ok(HttpResponse::Ok().json(json!({"secrets": list})))
 }
 
 /// `DELETE /api/secrets/{name}`
 pub async fn secret_delete(
-    req: HttpRequest,
+    caller: Caller,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let name = path.into_inner();
     let st = state.clone();
     let n = name.clone();
-    let undo = web::block(move || st.stores.secrets.delete_undoable(&n))
+    let writer = caller.tenant().map(str::to_string);
+    let undo = web::block(move || st.stores.secrets.delete_undoable(&n, writer.as_deref()))
         .await
         .map_err(internal)?
         .map_err(secret_error)?;
     let Some(undo) = undo else {
         return Err(ApiError::not_found("no secret with this name"));
     };
-    record_secret_change(&state, &req, RecordKind::SecretDelete, &name, undo).await?;
+    record_secret_change(&state, &caller, RecordKind::SecretDelete, &name, undo).await?;
     Ok(HttpResponse::Ok().json(json!({"deleted": name})))
 }
 
 /// `POST /api/secrets/{name}/release` `{"decision_id"}`: the value, only as SPEC 6 allows.
 /// Every release and every refusal is audited (without the value).
 pub async fn secret_release(
+    auth: Caller,
     req: HttpRequest,
     path: web::Path<String>,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let name = path.into_inner();
-    let auth = caller(&req)
-        .ok_or_else(|| ApiError::new(401, "unauthorized", "a valid bearer token is required"))?;
     let bytes = read_json_body(&req, payload).await?;
     let body: ReleaseBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid("body", format!("invalid release request: {e}")))?;
+    // Malformed input is a 400 before anything is recorded: refusal records hold only a
+    // valid secret name and a well-formed decision id, never unbounded client input.
+    if !crate::engine::valid_id(&name) {
+        return Err(ApiError::invalid(
+            "name",
+            "a secret name is 1 to 128 characters from A-Z a-z 0-9 . _ : @ / -",
+        ));
+    }
+    if uuid::Uuid::try_parse(&body.decision_id).is_err() || body.decision_id.len() != 36 {
+        return Err(ApiError::invalid(
+            "decision_id",
+            "decision_id must be a decision id as /api/route returned it (a hyphenated UUID)",
+        ));
+    }
 
     let audit = state.stores.audit.clone();
     let did = body.decision_id.clone();
@@ -423,7 +489,7 @@ pub async fn secret_release(
             worker_secrets: ws.as_slice(),
             tenant_id: tenant.as_str(),
         });
-    let who = Caller {
+    let who = ReleaseCaller {
         tenant: auth.tenant(),
         is_admin: auth.allows(Scope::Admin),
         has_release_scope: auth.allows(Scope::SecretsRelease),
@@ -500,7 +566,18 @@ fn released_body(name: &str, value: &[u8], decision_id: &str) -> Result<web::Byt
 }
 
 /// `POST /api/keys/rotate` (admin): re-encrypt every secret under a new master key.
-pub async fn secret_rotate(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn secret_rotate(
+    caller: Caller,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    if caller.tenant().is_some() {
+        return Err(ApiError::new(
+            403,
+            "tenant_mismatch",
+            "the master key protects every tenant's secrets; rotate it with a token that is not \
+             bound to a tenant",
+        ));
+    }
     let st = state.clone();
     let report = web::block(move || {
         st.stores
@@ -513,6 +590,24 @@ pub async fn secret_rotate(state: web::Data<AppState>) -> Result<HttpResponse, A
         SecretError::Key(k) => ApiError::new(409, "cannot_rotate", k.to_string()),
         other => internal(other),
     })?;
+    tracing::info!(
+        old_key_id = %report.old_key_id,
+        new_key_id = %report.new_key_id,
+        reencrypted = report.reencrypted,
+        token_id = %caller.id(),
+        "master key rotated"
+    );
+    // The keys already changed; a record that cannot be written is a 503 that says so.
+    record::event(&state, RecordKind::KeyRotate, Some(caller.id()), |e| {
+        e.detail = Some(format!(
+            "{} -> {} ({} re-encrypted{})",
+            report.old_key_id,
+            report.new_key_id,
+            report.reencrypted,
+            if report.resumed { ", resumed" } else { "" }
+        ))
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(json!({
         "old_key_id": report.old_key_id, "new_key_id": report.new_key_id,
         "reencrypted": report.reencrypted, "resumed": report.resumed,

@@ -1,8 +1,18 @@
-//! The gate every request passes: Host and Origin checks (DNS rebinding, cross-site
-//! requests), then the bearer token, its rate limit, and the scope the endpoint needs.
+//! Who may call what. Two layers, both declared where the server is built:
 //!
-//! Handlers never see an unauthenticated request (except `/health` and `/ready`); the
-//! caller's token is in the request extensions as `Arc<Authenticated>`.
+//! 1. [`gate`] wraps the whole app: `Host` (also the authority of an absolute-form target) and
+//!    `Origin` checks (DNS rebinding, cross-site requests), CORS preflights and headers. It
+//!    runs for every request, known path or not.
+//! 2. [`Require`] wraps each endpoint, where `routes()` registers it: the bearer token, its
+//!    rate limit and the scope the endpoint needs. It runs **after** the router matched, so it
+//!    guards exactly the resource the request reaches, however its path was spelled
+//!    (`/api/%74okens` is `/api/tokens` to the router, and so to the check). A path no
+//!    endpoint declares reaches no handler: it is a JSON 404.
+//!
+//! Handlers take the caller as a [`Caller`] argument, which refuses (401) when no token was
+//! checked for the request: an endpoint registered without [`Require`] cannot use a caller
+//! it was never given. Handlers that act on one tenant's data check the token's binding
+//! themselves ([`Caller::check_tenant`]).
 //!
 //! CORS exists only when `allowed_origins` is configured: then a listed Origin gets
 //! `Access-Control-Allow-Origin` on every answer (refusals included), and its preflight
@@ -10,53 +20,34 @@
 //! browsers never send credentials on a preflight. An unlisted Origin is refused 403
 //! `bad_origin`, preflight or not. Without the setting no CORS header is ever sent.
 
+use std::future::{ready, Future, Ready};
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::body::{EitherBody, MessageBody};
-use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::dev::{forward_ready, Payload, Service, ServiceRequest, ServiceResponse, Transform};
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::http::Method;
 use actix_web::middleware::Next;
-use actix_web::{web, HttpMessage, HttpResponse};
+use actix_web::{web, FromRequest, HttpMessage, HttpRequest, HttpResponse};
 
 use super::errors::ApiError;
 use super::guard;
 use super::state::{now_ms, AppState};
 use crate::store::tokens::{bearer_token, Authenticated, Scope};
 
-/// What an endpoint requires of the caller.
+/// What an endpoint requires of the caller, declared where it is registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     /// No token (`/health`, `/ready`).
     Open,
-    /// Any valid token.
+    /// Any valid token; the handler checks more itself (the secret release, whose refusals
+    /// are audited).
     AnyToken,
     /// A token with this scope (admin has every scope).
     Scope(Scope),
-}
-
-/// The access table: one place that says who may call what.
-pub fn access(method: &Method, path: &str) -> Access {
-    match path {
-        "/health" | "/ready" => Access::Open,
-        "/api/route" => Access::Scope(Scope::Route),
-        "/metrics" => Access::Scope(Scope::Metrics),
-        "/api/reload" | "/api/keys/rotate" => Access::Scope(Scope::Admin),
-        p if p.starts_with("/api/tokens") => Access::Scope(Scope::Admin),
-        p if p.starts_with("/api/audit") => Access::Scope(Scope::Audit),
-        // The release handler checks its own scope so that a refusal is audited.
-        p if p.starts_with("/api/secrets/")
-            && p.ends_with("/release")
-            && method == Method::POST =>
-        {
-            Access::AnyToken
-        }
-        p if p == "/api/secrets" || p.starts_with("/api/secrets/") => {
-            Access::Scope(Scope::SecretsWrite)
-        }
-        _ => Access::AnyToken,
-    }
 }
 
 /// The rate-limit response headers (lowercase: the form `HeaderName::from_static` wants).
@@ -74,22 +65,11 @@ const CORS_EXPOSE: &str =
 /// How long a browser may cache a preflight answer (seconds).
 const CORS_MAX_AGE: &str = "600";
 
-/// What the checks decided about a request that may proceed.
-enum Admit {
-    /// An allowed-origin CORS preflight: answered here, never reaches a handler.
-    Preflight,
-    /// `/health`, `/ready`.
-    Open,
-    /// A valid token with the scope the endpoint needs, and its rate-limit headers.
-    Token(Arc<Authenticated>, Vec<(&'static str, String)>),
-}
-
-/// The middleware (`actix_web::middleware::from_fn`).
+/// The app-wide middleware (`actix_web::middleware::from_fn`): Host, Origin, CORS.
 ///
 /// Refusals are turned into responses here (not returned as errors) so that the CORS headers
 /// an allowed browser origin needs are on them too: a page that cannot read a 401 or 429
-/// cannot tell its user why. (Handler errors reach us already as responses; actix converts
-/// them inside the route service.)
+/// cannot tell its user why.
 pub async fn gate<B: MessageBody + 'static>(
     req: ServiceRequest,
     next: Next<B>,
@@ -100,9 +80,9 @@ pub async fn gate<B: MessageBody + 'static>(
             .map_into_right_body());
     };
     let cors_configured = !state.config.allowed_origins.is_empty();
-    let mut res = match admit(&req, &state) {
+    let mut res = match check_host_and_origin(&req, &state) {
         Err(e) => req.error_response(e).map_into_right_body(),
-        Ok(Admit::Preflight) => {
+        Ok(true) => {
             let res = HttpResponse::NoContent()
                 .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, CORS_METHODS))
                 .insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, CORS_HEADERS))
@@ -110,17 +90,7 @@ pub async fn gate<B: MessageBody + 'static>(
                 .finish();
             req.into_response(res).map_into_right_body()
         }
-        Ok(Admit::Open) => next.call(req).await?.map_into_left_body(),
-        Ok(Admit::Token(auth, rate_headers)) => {
-            req.extensions_mut().insert(auth);
-            let mut res = next.call(req).await?.map_into_left_body();
-            for (k, v) in rate_headers {
-                if let Ok(v) = HeaderValue::from_str(&v) {
-                    res.headers_mut().insert(HeaderName::from_static(k), v);
-                }
-            }
-            res
-        }
+        Ok(false) => next.call(req).await?.map_into_left_body(),
     };
     if cors_configured {
         add_cors_headers(&mut res, &state.config.allowed_origins);
@@ -157,18 +127,35 @@ fn host_ok(host: Option<&str>, state: &AppState) -> bool {
             && guard::ip_host_allowed(host, state.config.listen.ip(), port))
 }
 
-/// Every check, in order: Host, Origin, CORS preflight, token, rate limit, scope.
-fn admit(req: &ServiceRequest, state: &AppState) -> Result<Admit, ApiError> {
-    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    if !host_ok(header("host"), state) {
-        state.metrics.refused("bad_host");
-        return Err(ApiError::new(
-            403,
-            "bad_host",
+fn bad_host(state: &AppState, why: &'static str) -> ApiError {
+    state.metrics.refused("bad_host");
+    ApiError::new(403, "bad_host", why)
+}
+
+/// Host (exactly one header; and the authority of an absolute-form target such as
+/// `GET http://evil.example/api/status`, which a proxy-style client may send), then Origin.
+/// `Ok(true)`: an allowed-origin CORS preflight, answered without a token.
+fn check_host_and_origin(req: &ServiceRequest, state: &AppState) -> Result<bool, ApiError> {
+    let mut hosts = req.headers().get_all(header::HOST);
+    let host = hosts.next().map(|v| v.to_str().unwrap_or("\u{0}"));
+    if hosts.next().is_some() {
+        return Err(bad_host(state, "a request must carry exactly one Host header"));
+    }
+    if !host_ok(host, state) {
+        return Err(bad_host(
+            state,
             "the Host header must name this loopback listener (DNS rebinding protection)",
         ));
     }
-    let origin = header("origin");
+    if let Some(authority) = req.uri().authority() {
+        if !host_ok(Some(authority.as_str()), state) {
+            return Err(bad_host(
+                state,
+                "the request target must name this loopback listener (DNS rebinding protection)",
+            ));
+        }
+    }
+    let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str().unwrap_or("\u{0}"));
     if !guard::origin_allowed(origin, &state.config.allowed_origins) {
         state.metrics.refused("bad_origin");
         return Err(ApiError::new(
@@ -178,32 +165,107 @@ fn admit(req: &ServiceRequest, state: &AppState) -> Result<Admit, ApiError> {
         ));
     }
     // A preflight carries no credentials by design; its origin was just checked.
-    if origin.is_some()
+    Ok(origin.is_some()
         && req.method() == Method::OPTIONS
         && req
             .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-    {
-        return Ok(Admit::Preflight);
-    }
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD))
+}
 
-    let needed = access(req.method(), req.path());
-    if needed == Access::Open {
-        return Ok(Admit::Open);
+/// The per-endpoint check: `web::resource(path).wrap(Require(Access::Scope(Scope::Admin)))`.
+///
+/// On success the token is in the request extensions (read it with [`Caller`]) and its
+/// rate-limit headers are on the response; on refusal the request never reaches a handler.
+#[derive(Debug, Clone, Copy)]
+pub struct Require(pub Access);
+
+impl<S, B> Transform<S, ServiceRequest> for Require
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Transform = RequireService<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(RequireService {
+            service: Rc::new(service),
+            access: self.0,
+        }))
     }
-    let auth: Arc<Authenticated> = match bearer_token(header("authorization"))
-        .and_then(|t| state.stores.tokens.authenticate(t, now_ms()))
-    {
-        Ok(a) => a,
-        Err(e) => {
-            state.metrics.refused("unauthorized");
-            tracing::debug!(reason = ?e, path = req.path(), "unauthenticated request");
-            return Err(
-                ApiError::new(401, "unauthorized", "a valid bearer token is required")
-                    .with_header("WWW-Authenticate", "Bearer".into()),
-            );
-        }
-    };
+}
+
+/// The service [`Require`] wraps an endpoint in.
+pub struct RequireService<S> {
+    service: Rc<S>,
+    access: Access,
+}
+
+type LocalBoxFuture<T> = Pin<Box<dyn Future<Output = T>>>;
+
+impl<S, B> Service<ServiceRequest> for RequireService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Future = LocalBoxFuture<Result<Self::Response, Self::Error>>;
+
+    forward_ready!(service);
+
+    fn call(&self, req: ServiceRequest) -> Self::Future {
+        let service = self.service.clone();
+        let access = self.access;
+        Box::pin(async move {
+            if access == Access::Open {
+                return Ok(service.call(req).await?.map_into_left_body());
+            }
+            let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
+                return Ok(req
+                    .error_response(ApiError::new(500, "internal", "state missing"))
+                    .map_into_right_body());
+            };
+            match admit_token(&req, &state, access) {
+                Err(e) => Ok(req.error_response(e).map_into_right_body()),
+                Ok((auth, rate_headers)) => {
+                    req.extensions_mut().insert(auth);
+                    let mut res = service.call(req).await?.map_into_left_body();
+                    for (k, v) in rate_headers {
+                        if let Ok(v) = HeaderValue::from_str(&v) {
+                            res.headers_mut().insert(HeaderName::from_static(k), v);
+                        }
+                    }
+                    Ok(res)
+                }
+            }
+        })
+    }
+}
+
+/// The token, its rate limit, and the scope `access` needs.
+fn admit_token(
+    req: &ServiceRequest,
+    state: &AppState,
+    access: Access,
+) -> Result<(Arc<Authenticated>, Vec<(&'static str, String)>), ApiError> {
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let auth: Arc<Authenticated> =
+        match bearer_token(authorization).and_then(|t| state.stores.tokens.authenticate(t, now_ms()))
+        {
+            Ok(a) => a,
+            Err(e) => {
+                state.metrics.refused("unauthorized");
+                tracing::debug!(reason = ?e, "unauthenticated request");
+                return Err(unauthorized());
+            }
+        };
 
     let mut rate_headers: Vec<(&'static str, String)> = Vec::new();
     if let Some(d) = auth.rate_check(Instant::now()) {
@@ -224,7 +286,7 @@ fn admit(req: &ServiceRequest, state: &AppState) -> Result<Admit, ApiError> {
         }
     }
 
-    if let Access::Scope(scope) = needed {
+    if let Access::Scope(scope) = access {
         if !auth.allows(scope) {
             state.metrics.refused("forbidden");
             let mut e = ApiError::new(
@@ -236,10 +298,61 @@ fn admit(req: &ServiceRequest, state: &AppState) -> Result<Admit, ApiError> {
             return Err(e);
         }
     }
-    Ok(Admit::Token(auth, rate_headers))
+    Ok((auth, rate_headers))
 }
 
-/// The caller's token, as the gate left it.
-pub fn caller(req: &actix_web::HttpRequest) -> Option<Arc<Authenticated>> {
-    req.extensions().get::<Arc<Authenticated>>().cloned()
+fn unauthorized() -> ApiError {
+    ApiError::new(401, "unauthorized", "a valid bearer token is required")
+        .with_header("WWW-Authenticate", "Bearer".into())
+}
+
+/// The token [`Require`] checked for this request. Extracting it where none was checked is
+/// a 401: fail closed.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Arc<Authenticated>);
+
+impl std::ops::Deref for Caller {
+    type Target = Authenticated;
+    fn deref(&self) -> &Authenticated {
+        &self.0
+    }
+}
+
+impl FromRequest for Caller {
+    type Error = ApiError;
+    type Future = Ready<Result<Caller, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(
+            req.extensions()
+                .get::<Arc<Authenticated>>()
+                .cloned()
+                .map(Caller)
+                .ok_or_else(|| {
+                    tracing::error!(path = req.path(), "a handler asked for a caller no check admitted");
+                    unauthorized()
+                }),
+        )
+    }
+}
+
+impl Caller {
+    /// 403 `tenant_mismatch` unless this token may act for `tenant_id` (unbound tokens may
+    /// act for any tenant).
+    pub fn check_tenant(&self, tenant_id: &str) -> Result<(), ApiError> {
+        if self.may_act_for(tenant_id) {
+            Ok(())
+        } else {
+            Err(tenant_mismatch())
+        }
+    }
+}
+
+/// 403 `tenant_mismatch`.
+pub fn tenant_mismatch() -> ApiError {
+    ApiError::new(
+        403,
+        "tenant_mismatch",
+        "this token is bound to another tenant",
+    )
 }

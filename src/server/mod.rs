@@ -170,15 +170,21 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
     );
     let state = Arc::new(AppState::new(config.clone(), stores));
     match state.reload("startup").await {
-        Ok(v) => record::reload(&state, true, &v, &[]).await,
+        Ok(v) => record::reload(&state, "startup", None, true, &v, &[]).await,
         Err(errs) => {
-            record::reload(&state, false, "", &errs).await;
+            record::reload(&state, "startup", None, false, "", &errs).await;
             tracing::warn!(
                 "no policy set loaded: /api/route answers 503 until the files are fixed"
             );
         }
     }
 
+    let limits = connection_limits();
+    tracing::info!(
+        max_connections = limits.per_worker * limits.workers,
+        nofile = limits.nofile,
+        "connection limits"
+    );
     let data = web::Data::from(state.clone());
     let server = HttpServer::new(move || {
         App::new()
@@ -188,6 +194,15 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
             .default_service(web::to(errors::not_found))
     })
     .backlog(2048)
+    .workers(limits.workers)
+    // Every connection must finish its request head within this, or it is closed (408);
+    // a body has route::BODY_TIMEOUT more. Idle and stalled connections cannot pile up.
+    .client_request_timeout(HEADER_TIMEOUT)
+    .client_disconnect_timeout(std::time::Duration::from_secs(1))
+    .keep_alive(std::time::Duration::from_secs(30))
+    // Past this many open connections new ones wait in the listen backlog until one closes,
+    // so the daemon never runs out of file descriptors for sled, the watcher or the log.
+    .max_connections(limits.per_worker)
     .shutdown_timeout(30)
     .bind(config.listen)
     .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -241,6 +256,54 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// How long a client may take to send its request head.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// File descriptors kept free of connections: sled, the watcher, logs, the key file.
+const RESERVED_FDS: u64 = 128;
+/// At most this many connections in all, however high the fd limit.
+const MAX_CONNECTIONS: u64 = 8192;
+
+struct ConnectionLimits {
+    workers: usize,
+    per_worker: usize,
+    nofile: u64,
+}
+
+/// Raise the soft open-file limit to the hard one (the default soft limit, 1,024, is what
+/// a few hundred stalled clients exhausted), then cap connections below it.
+fn connection_limits() -> ConnectionLimits {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    let nofile = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            if lim.rlim_cur < lim.rlim_max {
+                let want = libc::rlimit {
+                    rlim_cur: lim.rlim_max.min(1 << 20),
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                    lim.rlim_cur = want.rlim_cur;
+                }
+            }
+            lim.rlim_cur as u64
+        } else {
+            1024
+        }
+    };
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let total = nofile.saturating_sub(RESERVED_FDS).clamp(16, MAX_CONNECTIONS);
+    ConnectionLimits {
+        workers,
+        per_worker: (total as usize / workers).max(8),
+        nofile,
+    }
+}
+
 /// Ping the systemd watchdog at half its interval, when one is configured.
 fn spawn_watchdog() {
     let mut usec = 0u64;
@@ -280,83 +343,74 @@ async fn reload_and_record(state: &Arc<AppState>, trigger: &str) {
     match state.reload(trigger).await {
         Ok(v) => {
             notify_ready(state);
-            record::reload(state, true, &v, &[]).await
+            record::reload(state, trigger, None, true, &v, &[]).await
         }
-        Err(errs) => record::reload(state, false, "", &errs).await,
+        Err(errs) => record::reload(state, trigger, None, false, "", &errs).await,
     }
 }
 
-/// Every endpoint. A known path with the wrong method gets a JSON 405.
+/// Every endpoint, with the access it needs declared beside it. A known path with the wrong
+/// method gets a JSON 405; a path no endpoint declares gets the app's JSON 404.
 fn routes(cfg: &mut web::ServiceConfig) {
-    let m405 = || web::to(errors::method_not_allowed);
-    cfg.service(
-        web::resource("/health")
-            .route(web::get().to(ops::health))
-            .default_service(m405()),
-    )
-    .service(
-        web::resource("/ready")
-            .route(web::get().to(ops::ready))
-            .default_service(m405()),
-    )
-    .service(
-        web::resource("/metrics")
-            .route(web::get().to(ops::metrics))
-            .default_service(m405()),
-    )
-    .service(
-        web::resource("/api/status")
-            .route(web::get().to(ops::status))
-            .default_service(m405()),
-    )
-    .service(
-        web::resource("/api/reload")
-            .route(web::post().to(ops::reload))
-            .default_service(m405()),
-    )
-    .service(
-        web::resource("/api/route")
-            .route(web::post().to(route::route))
-            .default_service(m405()),
-    )
-    .service(
-        web::resource("/api/registry/capabilities")
-            .route(web::get().to(ops::capabilities))
-            .default_service(m405()),
-    )
-    .service(
-        web::resource("/api/registry/workers")
-            .route(web::get().to(ops::workers))
-            .default_service(m405()),
-    );
-    let one = |path: &str, h| {
+    use crate::store::tokens::Scope;
+    use auth::{Access, Require};
+    let scope = Access::Scope;
+    // The only way an endpoint is registered: its path and the access it requires.
+    let endpoint = |path: &str, access: Access| {
         web::resource(path.to_string())
-            .route(h)
-            .default_service(m405())
+            .wrap(Require(access))
+            .default_service(web::to(errors::method_not_allowed))
     };
-    cfg.service(one("/api/audit", web::get().to(api::audit_query)))
-        .service(one("/api/audit/verify", web::get().to(api::audit_verify)))
-        .service(one(
-            "/api/audit/{decision_id}",
-            web::get().to(api::audit_show),
-        ))
+    cfg.service(endpoint("/health", Access::Open).route(web::get().to(ops::health)))
+        .service(endpoint("/ready", Access::Open).route(web::get().to(ops::ready)))
+        .service(endpoint("/metrics", scope(Scope::Metrics)).route(web::get().to(ops::metrics)))
+        .service(endpoint("/api/status", Access::AnyToken).route(web::get().to(ops::status)))
+        .service(endpoint("/api/reload", scope(Scope::Admin)).route(web::post().to(ops::reload)))
+        .service(endpoint("/api/route", scope(Scope::Route)).route(web::post().to(route::route)))
         .service(
-            web::resource("/api/tokens")
-                .route(web::post().to(api::token_create))
-                .route(web::get().to(api::token_list))
-                .default_service(m405()),
+            endpoint("/api/registry/capabilities", Access::AnyToken)
+                .route(web::get().to(ops::capabilities)),
         )
-        .service(one("/api/tokens/{id}", web::delete().to(api::token_revoke)))
-        .service(one("/api/secrets", web::get().to(api::secret_list)))
-        .service(one("/api/keys/rotate", web::post().to(api::secret_rotate)))
-        .service(one(
-            "/api/secrets/{name}/release",
-            web::post().to(api::secret_release),
-        ))
         .service(
-            web::resource("/api/secrets/{name}")
+            endpoint("/api/registry/workers", Access::AnyToken).route(web::get().to(ops::workers)),
+        )
+        .service(
+            endpoint("/api/audit", scope(Scope::Audit)).route(web::get().to(api::audit_query)),
+        )
+        .service(
+            endpoint("/api/audit/verify", scope(Scope::Audit))
+                .route(web::get().to(api::audit_verify)),
+        )
+        .service(
+            endpoint("/api/audit/{decision_id}", scope(Scope::Audit))
+                .route(web::get().to(api::audit_show)),
+        )
+        .service(
+            endpoint("/api/tokens", scope(Scope::Admin))
+                .route(web::post().to(api::token_create))
+                .route(web::get().to(api::token_list)),
+        )
+        .service(
+            endpoint("/api/tokens/{id}", scope(Scope::Admin))
+                .route(web::delete().to(api::token_revoke)),
+        )
+        .service(
+            endpoint("/api/keys/rotate", scope(Scope::Admin))
+                .route(web::post().to(api::secret_rotate)),
+        )
+        .service(
+            endpoint("/api/secrets", scope(Scope::SecretsWrite))
+                .route(web::get().to(api::secret_list)),
+        )
+        // The release handler checks the secrets:release scope itself, so that a refusal
+        // is audited like every other release refusal.
+        .service(
+            endpoint("/api/secrets/{name}/release", Access::AnyToken)
+                .route(web::post().to(api::secret_release)),
+        )
+        .service(
+            endpoint("/api/secrets/{name}", scope(Scope::SecretsWrite))
                 .route(web::put().to(api::secret_put))
-                .route(web::delete().to(api::secret_delete))
-                .default_service(m405()),
+                .route(web::delete().to(api::secret_delete)),
         );
 }

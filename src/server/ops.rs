@@ -93,15 +93,19 @@ fn audit_metrics(a: crate::store::audit::AuditStats) -> String {
 }
 
 /// `POST /api/reload`: reload now; 422 with the errors if the files are broken.
-pub async fn reload(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn reload(
+    caller: super::auth::Caller,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let st = state.into_inner();
+    let who = Some(caller.id());
     match st.reload("api").await {
         Ok(version) => {
-            super::record::reload(&st, true, &version, &[]).await;
+            super::record::reload(&st, "api", who, true, &version, &[]).await;
             Ok(json_ok(json!({"ok": true, "policy_version": version})))
         }
         Err(errors) => {
-            super::record::reload(&st, false, "", &errors).await;
+            super::record::reload(&st, "api", who, false, "", &errors).await;
             let current = st.snapshot.load().as_ref().map(|s| s.version.clone());
             Ok(HttpResponse::UnprocessableEntity().json(json!({
                 "error": "the policy files do not load; the last good set stays in force",

@@ -1,8 +1,6 @@
 //! Writing audit records for what the daemon does. A route response is sent only after
 //! its record is appended (and, in durable mode, flushed): never an unrecorded allow.
 
-use actix_web::HttpRequest;
-
 use super::errors::ApiError;
 use super::route::RouteBody;
 use super::state::{now_ms, AppState};
@@ -13,19 +11,15 @@ use crate::store::audit::{AuditEntry, RecordKind};
 /// `store::audit`); an error means the response must be 503.
 pub async fn decision(
     state: &AppState,
-    req: &HttpRequest,
+    token_id: &str,
     body: &RouteBody,
     decision: &Decision<'_>,
     policy_version: &str,
     dry_run: bool,
 ) -> Result<uuid::Uuid, ApiError> {
-    let token_id = super::auth::caller(req).map(|a| a.id().to_string());
-    // Compact, canonical JSON text so an export parses back to the same record.
-    let context = body.context.as_ref().map(|raw| {
-        serde_json::from_str::<serde_json::Value>(raw.get())
-            .map(|v| v.to_string())
-            .unwrap_or_default()
-    });
+    // The context exactly as the client sent it (bounded to 8 KiB by the handler): numbers
+    // are not re-parsed (no rounding), nothing is dropped for being deep.
+    let context = body.context.as_ref().map(|raw| raw.get().to_string());
     let entry = AuditEntry {
         tenant_id: Some(body.tenant_id.clone()),
         capability_id: Some(body.capability_id.clone()),
@@ -41,7 +35,7 @@ pub async fn decision(
         context,
         tenant_risk: body.tenant_risk.clone(),
         qos_class: body.qos_class.clone(),
-        token_id,
+        token_id: Some(token_id.to_string()),
         ..AuditEntry::new(RecordKind::Decision, now_ms())
     };
     state
@@ -85,15 +79,24 @@ pub fn head(state: &AppState) -> serde_json::Value {
     serde_json::to_value(state.stores.audit.head()).unwrap_or_default()
 }
 
-/// Record a reload (success or failure). A reload is not refused when this fails: the
-/// files are already in force; the failure is logged.
-pub async fn reload(state: &AppState, ok: bool, version: &str, errors: &[String]) {
-    let _ = event(state, RecordKind::Reload, None, |e| {
+/// Record a reload (success or failure): what triggered it (`startup`, `file change`,
+/// `SIGHUP`, `api`) and, for the API, the token that asked. A reload is not refused when
+/// this fails: the files are already in force; the failure is logged.
+pub async fn reload(
+    state: &AppState,
+    trigger: &str,
+    token_id: Option<&str>,
+    ok: bool,
+    version: &str,
+    errors: &[String],
+) {
+    let _ = event(state, RecordKind::Reload, token_id, |e| {
         e.allowed = Some(ok);
         if ok {
             e.policy_version = Some(version.to_string());
+            e.detail = Some(format!("trigger: {trigger}"));
         } else {
-            e.detail = Some(errors.join("\n"));
+            e.detail = Some(format!("trigger: {trigger}\n{}", errors.join("\n")));
         }
     })
     .await;

@@ -7,6 +7,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::auth::Caller;
 use super::errors::ApiError;
 use super::state::AppState;
 use crate::engine::{decide, valid_id, Explain, Request};
@@ -15,6 +16,13 @@ use crate::engine::{decide, valid_id, Explain, Request};
 pub const MAX_BODY: usize = 64 * 1024;
 /// The `context` object is recorded in the audit log; it may not exceed this.
 pub const MAX_CONTEXT: usize = 8 * 1024;
+/// How long a client may take to send a body once its headers are in (the headers themselves
+/// have actix's `client_request_timeout`). A client that stalls is answered 408 and its
+/// connection closed, so stalled bodies cannot hold connections (and file descriptors).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Length limits, in characters, of the free-text fields that are recorded.
+const MAX_CORRELATION_ID: usize = 128;
+const MAX_LABEL_TEXT: usize = 64;
 
 /// The request body, exactly as SPEC 4 allows. Unknown fields are rejected.
 #[derive(Debug, Deserialize)]
@@ -85,16 +93,30 @@ pub async fn read_json_body(
             return Err(too_large());
         }
     }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::invalid("body", format!("cannot read body: {e}")))?;
-        if body.len() + chunk.len() > MAX_BODY {
-            return Err(too_large());
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::invalid("body", format!("cannot read body: {e}")))?;
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
+        Ok(body)
+    };
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::new(
+            408,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )
+        .with_header("Connection", "close".into())),
     }
-    Ok(body)
 }
 
 /// Turn a failed typed parse into an error naming the field, by looking at the body again.
@@ -178,14 +200,17 @@ fn parse_explain(query: &str) -> Result<bool, ApiError> {
     Ok(explain)
 }
 
-/// Check the optional fields the engine does not see.
+/// Check the optional fields the engine does not see. Every one of them is recorded, so
+/// each has a length limit and the character policy of [`crate::text`].
 fn check_extras(b: &RouteBody) -> Result<(), ApiError> {
-    if let Some(c) = &b.correlation_id {
-        if c.is_empty() || c.len() > 128 || c.chars().any(char::is_control) {
-            return Err(ApiError::invalid(
-                "correlation_id",
-                "correlation_id must be 1-128 printable characters",
-            ));
+    for (name, v, max) in [
+        ("correlation_id", &b.correlation_id, MAX_CORRELATION_ID),
+        ("tenant_risk", &b.tenant_risk, MAX_LABEL_TEXT),
+        ("qos_class", &b.qos_class, MAX_LABEL_TEXT),
+    ] {
+        if let Some(v) = v {
+            crate::text::check(v, max)
+                .map_err(|e| ApiError::invalid(name, format!("{name} {e}")))?;
         }
     }
     if let Some(a) = &b.approval_id {
@@ -194,16 +219,6 @@ fn check_extras(b: &RouteBody) -> Result<(), ApiError> {
                 "approval_id",
                 format!("{a:?} is not a valid id"),
             ));
-        }
-    }
-    for (name, v) in [("tenant_risk", &b.tenant_risk), ("qos_class", &b.qos_class)] {
-        if let Some(v) = v {
-            if v.len() > 64 || v.chars().any(char::is_control) {
-                return Err(ApiError::invalid(
-                    name,
-                    format!("{name} must be at most 64 printable characters"),
-                ));
-            }
         }
     }
     if let Some(ctx) = &b.context {
@@ -227,12 +242,13 @@ fn check_extras(b: &RouteBody) -> Result<(), ApiError> {
 /// The handler. Policy outcomes are 200 with `allowed: false`; HTTP errors are only for
 /// requests that cannot be decided or recorded.
 pub async fn route(
+    caller: Caller,
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
-    let result = route_inner(&req, payload, state.clone().into_inner(), started).await;
+    let result = route_inner(&caller, &req, payload, state.clone().into_inner(), started).await;
     if let Err(e) = &result {
         state.metrics.refused(e.code);
     }
@@ -240,6 +256,7 @@ pub async fn route(
 }
 
 async fn route_inner(
+    caller: &Caller,
     req: &HttpRequest,
     payload: web::Payload,
     state: Arc<AppState>,
@@ -249,15 +266,7 @@ async fn route_inner(
     let bytes = read_json_body(req, payload).await?;
     let body: RouteBody = serde_json::from_slice(&bytes).map_err(|e| body_error(&bytes, e))?;
     check_extras(&body)?;
-    if let Some(auth) = super::auth::caller(req) {
-        if !auth.may_act_for(&body.tenant_id) {
-            return Err(ApiError::new(
-                403,
-                "tenant_mismatch",
-                "this token is bound to another tenant",
-            ));
-        }
-    }
+    caller.check_tenant(&body.tenant_id)?;
 
     let snap = state
         .snapshot
@@ -273,7 +282,8 @@ async fn route_inner(
         decide(&snap, &request, explain).map_err(|e| ApiError::invalid(e.field, e.message))?;
     let dry_run = body.dry_run.unwrap_or(false);
     let decision_id =
-        super::record::decision(&state, req, &body, &decision, &snap.version, dry_run).await?;
+        super::record::decision(&state, caller.id(), &body, &decision, &snap.version, dry_run)
+            .await?;
     let mut id_buf = uuid::Uuid::encode_buffer();
     let decision_id = &*decision_id.hyphenated().encode_lower(&mut id_buf);
 

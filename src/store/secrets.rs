@@ -76,6 +76,12 @@ pub enum SecretError {
     Undecryptable { name: String },
     #[error("secret record `{name}` is malformed: {reason}")]
     Corrupt { name: String, reason: String },
+    #[error(
+        "secret `{name}` belongs to {}; a token bound to a tenant may change only its own \
+         tenant's secrets, and only unbound tokens change unowned ones",
+        owner.as_deref().map(|o| format!("tenant {o}")).unwrap_or_else(|| "no tenant".into())
+    )]
+    NotOwner { name: String, owner: Option<String> },
     #[error("key rotation: {0}")]
     Rotation(String),
     #[error(transparent)]
@@ -102,6 +108,9 @@ impl std::fmt::Debug for Undo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SecretMeta {
     pub name: String,
+    /// The tenant that owns it (written by a token bound to that tenant); `None`: unowned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
     pub created_ms: i64,
     pub updated_ms: i64,
 }
@@ -127,6 +136,22 @@ struct Record {
     ciphertext: Vec<u8>,
     created_ms: i64,
     updated_ms: i64,
+    /// The owning tenant. Added after the first release: absent in older records (unowned).
+    /// It is part of the AEAD's associated data, so it cannot be changed without the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
+}
+
+/// The AEAD's associated data: the name, and for an owned secret `\0` and the owner (ids
+/// cannot contain NUL, so no two (name, owner) pairs share it). Unowned records use the
+/// name alone, as every record did before owners existed.
+fn associated_data(name: &str, owner: Option<&str>) -> Vec<u8> {
+    let mut ad = name.as_bytes().to_vec();
+    if let Some(o) = owner {
+        ad.push(0);
+        ad.extend_from_slice(o.as_bytes());
+    }
+    ad
 }
 
 #[derive(Serialize, Deserialize)]
@@ -159,7 +184,14 @@ impl StoreKey {
         self.check[..].ct_eq(check).into()
     }
 
-    fn seal(&self, name: &str, value: &[u8], created_ms: i64, updated_ms: i64) -> Record {
+    fn seal(
+        &self,
+        name: &str,
+        owner: Option<&str>,
+        value: &[u8],
+        created_ms: i64,
+        updated_ms: i64,
+    ) -> Record {
         let cipher = XChaCha20Poly1305::new((&*self.aead).into());
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
@@ -168,7 +200,11 @@ impl StoreKey {
         let mut buf = Zeroizing::new(Vec::with_capacity(value.len() + TAG_LEN));
         buf.extend_from_slice(value);
         cipher
-            .encrypt_in_place(XNonce::from_slice(&nonce), name.as_bytes(), &mut *buf)
+            .encrypt_in_place(
+                XNonce::from_slice(&nonce),
+                &associated_data(name, owner),
+                &mut *buf,
+            )
             .expect("XChaCha20-Poly1305 encryption of a bounded buffer cannot fail");
         Record {
             key_id: self.key_id.clone(),
@@ -176,6 +212,7 @@ impl StoreKey {
             ciphertext: std::mem::take(&mut *buf),
             created_ms,
             updated_ms,
+            owner: owner.map(str::to_string),
         }
     }
 
@@ -189,7 +226,11 @@ impl StoreKey {
         let cipher = XChaCha20Poly1305::new((&*self.aead).into());
         let mut buf = Zeroizing::new(rec.ciphertext.clone());
         cipher
-            .decrypt_in_place(XNonce::from_slice(&rec.nonce), name.as_bytes(), &mut *buf)
+            .decrypt_in_place(
+                XNonce::from_slice(&rec.nonce),
+                &associated_data(name, rec.owner.as_deref()),
+                &mut *buf,
+            )
             .map_err(|_| SecretError::Undecryptable {
                 name: name.to_string(),
             })?;
@@ -359,15 +400,22 @@ impl SecretStore {
 
     /// Store (or replace) a secret; durable when this returns.
     pub fn put(&self, name: &str, value: &[u8], now_ms: i64) -> Result<SecretMeta, SecretError> {
-        self.put_undoable(name, value, now_ms).map(|(meta, _)| meta)
+        self.put_undoable(name, value, now_ms, None)
+            .map(|(meta, _)| meta)
     }
 
-    /// [`put`](Self::put), also returning how to take the change back (see [`Undo`]).
+    /// [`put`](Self::put) by a writer bound to `writer_tenant` (or unbound), also returning
+    /// how to take the change back (see [`Undo`]).
+    ///
+    /// Ownership: a new secret written by a bound writer belongs to its tenant; an existing
+    /// one keeps its owner, and a bound writer may replace only its own tenant's secrets
+    /// ([`SecretError::NotOwner`] otherwise). Unbound writers may replace any.
     pub fn put_undoable(
         &self,
         name: &str,
         value: &[u8],
         now_ms: i64,
+        writer_tenant: Option<&str>,
     ) -> Result<(SecretMeta, Undo), SecretError> {
         validate_name(name)?;
         if value.len() > MAX_VALUE_LEN {
@@ -382,11 +430,15 @@ impl SecretStore {
         let key = keys.write_key();
         let mut old = self.tree.get(name)?;
         let meta = loop {
-            let created_ms = match &old {
-                Some(raw) => decode(name, raw)?.created_ms,
-                None => now_ms,
+            let (created_ms, owner) = match &old {
+                Some(raw) => {
+                    let rec = decode(name, raw)?;
+                    check_owner(name, rec.owner.as_deref(), writer_tenant)?;
+                    (rec.created_ms, rec.owner)
+                }
+                None => (now_ms, writer_tenant.map(str::to_string)),
             };
-            let rec = key.seal(name, value, created_ms, now_ms);
+            let rec = key.seal(name, owner.as_deref(), value, created_ms, now_ms);
             let bytes = sled::IVec::from(rmp_serde::to_vec_named(&rec).expect("record encodes"));
             match self
                 .tree
@@ -395,6 +447,7 @@ impl SecretStore {
                 Ok(()) => {
                     let meta = SecretMeta {
                         name: name.to_string(),
+                        tenant_id: owner,
                         created_ms,
                         updated_ms: now_ms,
                     };
@@ -431,6 +484,14 @@ impl SecretStore {
 
     /// The value, or `None` if no secret has this name. Only `release` should hand it out.
     pub fn get(&self, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, SecretError> {
+        Ok(self.get_owned(name)?.map(|(v, _)| v))
+    }
+
+    /// The value and its owning tenant.
+    fn get_owned(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Zeroizing<Vec<u8>>, Option<String>)>, SecretError> {
         validate_name(name)?;
         // Lock the keys before reading the record: a rotation finishing between the two
         // would drop the old key the record was sealed under (UnknownKey, a spurious 500).
@@ -445,10 +506,11 @@ impl SecretStore {
                 name: name.to_string(),
                 key_id: rec.key_id.clone(),
             })?;
-        key.open(name, &rec).map(Some)
+        let value = key.open(name, &rec)?;
+        Ok(Some((value, rec.owner)))
     }
 
-    /// Names and times of all secrets, sorted by name. Never values.
+    /// Names, owners and times of all secrets, sorted by name. Never values.
     pub fn list(&self) -> Result<Vec<SecretMeta>, SecretError> {
         let mut out = Vec::new();
         for item in self.tree.iter() {
@@ -457,6 +519,7 @@ impl SecretStore {
             let rec = decode(&name, &v)?;
             out.push(SecretMeta {
                 name,
+                tenant_id: rec.owner,
                 created_ms: rec.created_ms,
                 updated_ms: rec.updated_ms,
             });
@@ -466,14 +529,31 @@ impl SecretStore {
 
     /// Remove a secret; `false` if there was none. Durable when this returns.
     pub fn delete(&self, name: &str) -> Result<bool, SecretError> {
-        self.delete_undoable(name).map(|u| u.is_some())
+        self.delete_undoable(name, None).map(|u| u.is_some())
     }
 
-    /// [`delete`](Self::delete), returning how to take it back; `None` if there was none.
-    pub fn delete_undoable(&self, name: &str) -> Result<Option<Undo>, SecretError> {
+    /// [`delete`](Self::delete) by a writer bound to `writer_tenant` (or unbound), returning
+    /// how to take it back; `None` if there was none. Ownership as for
+    /// [`put_undoable`](Self::put_undoable).
+    pub fn delete_undoable(
+        &self,
+        name: &str,
+        writer_tenant: Option<&str>,
+    ) -> Result<Option<Undo>, SecretError> {
         validate_name(name)?;
-        let Some(before) = self.tree.remove(name)? else {
-            return Ok(None);
+        let before = loop {
+            let Some(current) = self.tree.get(name)? else {
+                return Ok(None);
+            };
+            check_owner(name, decode(name, &current)?.owner.as_deref(), writer_tenant)?;
+            // Remove exactly the record whose owner was checked.
+            if self
+                .tree
+                .compare_and_swap(name, Some(&current), None as Option<&[u8]>)?
+                .is_ok()
+            {
+                break current;
+            }
         };
         self.db.flush()?;
         Ok(Some(Undo {
@@ -494,8 +574,12 @@ impl SecretStore {
         ttl_ms: i64,
     ) -> Result<Zeroizing<Vec<u8>>, ReleaseError> {
         check_release(name, decision, caller, now_ms, ttl_ms).map_err(ReleaseError::Refused)?;
-        match self.get(name) {
-            Ok(Some(v)) => Ok(v),
+        match self.get_owned(name) {
+            // An owned secret serves its tenant's decisions only.
+            Ok(Some((_, Some(owner)))) if decision.is_some_and(|d| d.tenant_id != owner) => {
+                Err(ReleaseError::Refused(Refusal::OwnedByOtherTenant))
+            }
+            Ok(Some((v, _))) => Ok(v),
             Ok(None) => Err(ReleaseError::Refused(Refusal::UnknownSecret)),
             Err(e) => Err(ReleaseError::Store(e)),
         }
@@ -587,7 +671,13 @@ impl SecretStore {
                     })?;
                 let value = from.open(&name, &rec)?;
                 let to = keys.pending.as_ref().expect("pending key installed above");
-                let sealed = to.seal(&name, &value, rec.created_ms, rec.updated_ms);
+                let sealed = to.seal(
+                    &name,
+                    rec.owner.as_deref(),
+                    &value,
+                    rec.created_ms,
+                    rec.updated_ms,
+                );
                 let bytes = rmp_serde::to_vec_named(&sealed).expect("record encodes");
                 // A concurrent put/delete wins; the next pass looks again.
                 if self
@@ -638,6 +728,18 @@ impl SecretStore {
             reencrypted,
             resumed,
         }))
+    }
+}
+
+/// A writer bound to a tenant may change that tenant's secrets only; an unbound writer may
+/// change any.
+fn check_owner(name: &str, owner: Option<&str>, writer: Option<&str>) -> Result<(), SecretError> {
+    match writer {
+        Some(w) if owner != Some(w) => Err(SecretError::NotOwner {
+            name: name.to_string(),
+            owner: owner.map(str::to_string),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -702,6 +804,8 @@ pub enum Refusal {
     TenantMismatch,
     #[error("no secret with this name")]
     UnknownSecret,
+    #[error("the secret belongs to another tenant than the decision's")]
+    OwnedByOtherTenant,
 }
 
 impl Refusal {
@@ -714,7 +818,7 @@ impl Refusal {
             Refusal::DryRun => "dry_run",
             Refusal::DecisionExpired => "decision_expired",
             Refusal::WorkerNotEntitled => "worker_not_entitled",
-            Refusal::TenantMismatch => "tenant_mismatch",
+            Refusal::TenantMismatch | Refusal::OwnedByOtherTenant => "tenant_mismatch",
             Refusal::UnknownSecret => "unknown_secret",
         }
     }
@@ -850,31 +954,31 @@ mod tests {
         let db = mem_db();
         let s = SecretStore::open(&db, key(1)).unwrap();
         // A new secret, undone: gone.
-        let (_, undo) = s.put_undoable("a", b"one", 1).unwrap();
+        let (_, undo) = s.put_undoable("a", b"one", 1, None).unwrap();
         assert!(s.undo(undo).unwrap());
         assert_eq!(s.get("a").unwrap(), None);
         // A replaced value, undone: the old value (and times) are back.
         s.put("a", b"one", 1).unwrap();
-        let (_, undo) = s.put_undoable("a", b"two", 2).unwrap();
+        let (_, undo) = s.put_undoable("a", b"two", 2, None).unwrap();
         assert!(s.undo(undo).unwrap());
         assert_eq!(&s.get("a").unwrap().unwrap()[..], b"one");
         assert_eq!(s.list().unwrap()[0].updated_ms, 1);
         // A delete, undone: back.
-        let undo = s.delete_undoable("a").unwrap().unwrap();
+        let undo = s.delete_undoable("a", None).unwrap().unwrap();
         assert!(s.undo(undo).unwrap());
         assert_eq!(&s.get("a").unwrap().unwrap()[..], b"one");
-        assert!(s.delete_undoable("nope").unwrap().is_none());
+        assert!(s.delete_undoable("nope", None).unwrap().is_none());
         // A later write wins: the earlier change is not undone over it.
-        let (_, undo) = s.put_undoable("a", b"two", 2).unwrap();
+        let (_, undo) = s.put_undoable("a", b"two", 2, None).unwrap();
         s.put("a", b"three", 3).unwrap();
         assert!(!s.undo(undo).unwrap());
         assert_eq!(&s.get("a").unwrap().unwrap()[..], b"three");
-        let undo = s.delete_undoable("a").unwrap().unwrap();
+        let undo = s.delete_undoable("a", None).unwrap().unwrap();
         s.put("a", b"four", 4).unwrap();
         assert!(!s.undo(undo).unwrap());
         assert_eq!(&s.get("a").unwrap().unwrap()[..], b"four");
         // Debug output names the secret, never the sealed bytes.
-        let (_, undo) = s.put_undoable("b", b"five", 5).unwrap();
+        let (_, undo) = s.put_undoable("b", b"five", 5, None).unwrap();
         assert_eq!(format!("{undo:?}"), r#"Undo { name: "b" }"#);
     }
 
@@ -887,6 +991,7 @@ mod tests {
             m,
             SecretMeta {
                 name: "db/password".into(),
+                tenant_id: None,
                 created_ms: 1000,
                 updated_ms: 1000
             }
@@ -984,7 +1089,7 @@ mod tests {
     fn record_under_an_unknown_key_is_detected_at_open() {
         let db = mem_db();
         let s = SecretStore::open(&db, key(1)).unwrap();
-        let foreign = StoreKey::new(key(9)).seal("z", b"v", 1, 1);
+        let foreign = StoreKey::new(key(9)).seal("z", None, b"v", 1, 1);
         s.tree
             .insert("z", rmp_serde::to_vec_named(&foreign).unwrap())
             .unwrap();

@@ -511,22 +511,12 @@ pub fn valid_tenant_id(s: &str) -> bool {
 }
 
 fn validate(new: &mut NewToken, now_ms: i64) -> Result<(), TokenError> {
-    let chars = new.name.chars().count();
     if new.name.trim().is_empty() {
         return Err(TokenError::invalid("name", "must not be empty"));
     }
-    if chars > NAME_MAX_CHARS {
-        return Err(TokenError::invalid(
-            "name",
-            format!("must be at most {NAME_MAX_CHARS} characters (got {chars})"),
-        ));
-    }
-    if new.name.chars().any(char::is_control) {
-        return Err(TokenError::invalid(
-            "name",
-            "must not contain control characters",
-        ));
-    }
+    // Names are shown in lists and the audit log: no control or bidi characters.
+    crate::text::check(&new.name, NAME_MAX_CHARS)
+        .map_err(|e| TokenError::invalid("name", e.to_string()))?;
     if new.scopes.is_empty() {
         return Err(TokenError::invalid(
             "scopes",

@@ -130,6 +130,9 @@ pub enum RecordKind {
     SecretRelease,
     /// A release was refused (`detail` = the refusal code).
     SecretRefusal,
+    /// The master key was rotated (`detail` = old and new key ids). Added after the first
+    /// release: older logs never hold it.
+    KeyRotate,
 }
 
 /// What a caller hands to `AuditLog::append`: everything but `seq`, `prev_hash` and `hash`,
@@ -243,7 +246,7 @@ struct RecordJsonOut<'a> {
     rule_id: &'a Option<String>,
     policy_version: &'a Option<String>,
     correlation_id: &'a Option<String>,
-    context: Option<serde_json::Value>,
+    context: Option<Box<serde_json::value::RawValue>>,
     tenant_risk: &'a Option<String>,
     qos_class: &'a Option<String>,
     token_id: &'a Option<String>,
@@ -255,10 +258,13 @@ struct RecordJsonOut<'a> {
 impl Serialize for AuditRecord {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let e = &self.entry;
-        // Stored context is JSON text; show it as the object it is. Text that is somehow not
-        // JSON is shown as a string rather than dropped.
+        // Stored context is the JSON text the client sent, byte for byte; show it as the
+        // object it is, without re-parsing numbers (a big integer or 1e999 stays as sent).
+        // Text that is somehow not JSON is shown as a JSON string rather than dropped.
         let context = e.context.as_deref().map(|text| {
-            serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.into()))
+            serde_json::value::RawValue::from_string(text.to_string()).unwrap_or_else(|_| {
+                serde_json::value::to_raw_value(text).expect("a string serializes")
+            })
         });
         RecordJsonOut {
             seq: self.seq,
@@ -311,7 +317,7 @@ struct RecordJsonIn {
     rule_id: Option<String>,
     policy_version: Option<String>,
     correlation_id: Option<String>,
-    context: Option<serde_json::Value>,
+    context: Option<Box<serde_json::value::RawValue>>,
     tenant_risk: Option<String>,
     qos_class: Option<String>,
     token_id: Option<String>,
@@ -323,9 +329,10 @@ struct RecordJsonIn {
 impl<'de> Deserialize<'de> for AuditRecord {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let r = RecordJsonIn::deserialize(d)?;
-        let context = r.context.map(|v| match v {
-            serde_json::Value::String(s) => s,
-            other => other.to_string(),
+        // The inverse of the JSON view: an object's exact text, or the string that stood in
+        // for text that was not JSON.
+        let context = r.context.map(|raw| {
+            serde_json::from_str::<String>(raw.get()).unwrap_or_else(|_| raw.get().to_string())
         });
         Ok(AuditRecord {
             seq: r.seq,

@@ -171,7 +171,7 @@ fn allowed_denied_and_dry_run_records_round_trip_with_every_field() {
     assert_eq!(v["context"]["c"]["d"], "e");
     assert_eq!(v["prev_hash"], "0".repeat(64));
     assert_eq!(v["hash"], r.hash.to_hex());
-    let back: AuditRecord = serde_json::from_value(v).unwrap();
+    let back: AuditRecord = serde_json::from_str(&v.to_string()).unwrap();
     assert_eq!(back, r);
     assert_eq!(
         log.verify().unwrap(),
