@@ -65,7 +65,14 @@ mod tests {
 
     #[test]
     fn plain_and_international_text_passes() {
-        for s in ["abc", "req-42 / retry 3", "Zürich café", "東京", "emoji 🙂", "a\u{00A0}b"] {
+        for s in [
+            "abc",
+            "req-42 / retry 3",
+            "Zürich café",
+            "東京",
+            "emoji 🙂",
+            "a\u{00A0}b",
+        ] {
             assert_eq!(check(s, 64), Ok(()), "{s:?}");
         }
     }
@@ -78,7 +85,12 @@ mod tests {
             '\u{2060}', '\u{FEFF}', '\u{FFF9}',
         ] {
             let s = format!("ab{c}cd");
-            assert_eq!(check(&s, 64), Err(TextError::Forbidden { ch: c }), "U+{:04X}", c as u32);
+            assert_eq!(
+                check(&s, 64),
+                Err(TextError::Forbidden { ch: c }),
+                "U+{:04X}",
+                c as u32
+            );
         }
     }
 

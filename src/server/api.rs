@@ -10,7 +10,9 @@ use super::record;
 use super::route::read_json_body;
 use super::state::{now_ms, AppState};
 use crate::store::audit::{AuditQuery, RecordKind, MAX_QUERY_LIMIT};
-use crate::store::secrets::{Caller as ReleaseCaller, DecisionFacts, ReleaseError, SecretError};
+use crate::store::secrets::{
+    Caller as ReleaseCaller, DecisionFacts, Refusal, ReleaseError, SecretError,
+};
 use crate::store::tokens::{NewToken, RateLimit, Scope, TokenError};
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -437,6 +439,24 @@ pub async fn secret_release(
 ) -> Result<HttpResponse, ApiError> {
     let name = path.into_inner();
     let bytes = read_json_body(&req, payload).await?;
+    // A token without the scope is refused before its input is even looked at (and the
+    // refusal is recorded, with the name and id only when they are well-formed).
+    if !(auth.allows(Scope::SecretsRelease) || auth.allows(Scope::Admin)) {
+        let name = crate::engine::valid_id(&name).then_some(name);
+        let did = serde_json::from_slice::<ReleaseBody>(&bytes)
+            .ok()
+            .map(|b| b.decision_id)
+            .filter(|d| well_formed_decision_id(d));
+        record::event(&state, RecordKind::SecretRefusal, Some(auth.id()), |e| {
+            e.decision_id = did;
+            e.allowed = Some(false);
+            e.deny_reason = Some(Refusal::MissingScope.code().to_string());
+            e.detail = name;
+        })
+        .await?;
+        let r = Refusal::MissingScope;
+        return Err(ApiError::new(r.http_status(), r.code(), r.to_string()));
+    }
     let body: ReleaseBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid("body", format!("invalid release request: {e}")))?;
     // Malformed input is a 400 before anything is recorded: refusal records hold only a
@@ -447,7 +467,7 @@ pub async fn secret_release(
             "a secret name is 1 to 128 characters from A-Z a-z 0-9 . _ : @ / -",
         ));
     }
-    if uuid::Uuid::try_parse(&body.decision_id).is_err() || body.decision_id.len() != 36 {
+    if !well_formed_decision_id(&body.decision_id) {
         return Err(ApiError::invalid(
             "decision_id",
             "decision_id must be a decision id as /api/route returned it (a hyphenated UUID)",
@@ -531,6 +551,11 @@ pub async fn secret_release(
         }
         Err(ReleaseError::Store(e)) => Err(secret_error(e)),
     }
+}
+
+/// A decision id as `/api/route` returns it: a hyphenated UUID (36 characters).
+fn well_formed_decision_id(id: &str) -> bool {
+    id.len() == 36 && uuid::Uuid::try_parse(id).is_ok()
 }
 
 /// The release response body, serialized straight from borrowed data into a buffer that is

@@ -50,6 +50,9 @@ pub enum Access {
     Scope(Scope),
 }
 
+/// `X-RateLimit-*` headers to put on a response.
+type RateHeaders = Vec<(&'static str, String)>;
+
 /// The rate-limit response headers (lowercase: the form `HeaderName::from_static` wants).
 const RATE_LIMIT: &str = "x-ratelimit-limit";
 const RATE_REMAINING: &str = "x-ratelimit-remaining";
@@ -139,7 +142,10 @@ fn check_host_and_origin(req: &ServiceRequest, state: &AppState) -> Result<bool,
     let mut hosts = req.headers().get_all(header::HOST);
     let host = hosts.next().map(|v| v.to_str().unwrap_or("\u{0}"));
     if hosts.next().is_some() {
-        return Err(bad_host(state, "a request must carry exactly one Host header"));
+        return Err(bad_host(
+            state,
+            "a request must carry exactly one Host header",
+        ));
     }
     if !host_ok(host, state) {
         return Err(bad_host(
@@ -155,7 +161,10 @@ fn check_host_and_origin(req: &ServiceRequest, state: &AppState) -> Result<bool,
             ));
         }
     }
-    let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str().unwrap_or("\u{0}"));
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
     if !guard::origin_allowed(origin, &state.config.allowed_origins) {
         state.metrics.refused("bad_origin");
         return Err(ApiError::new(
@@ -251,23 +260,23 @@ fn admit_token(
     req: &ServiceRequest,
     state: &AppState,
     access: Access,
-) -> Result<(Arc<Authenticated>, Vec<(&'static str, String)>), ApiError> {
+) -> Result<(Arc<Authenticated>, RateHeaders), ApiError> {
     let authorization = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let auth: Arc<Authenticated> =
-        match bearer_token(authorization).and_then(|t| state.stores.tokens.authenticate(t, now_ms()))
-        {
-            Ok(a) => a,
-            Err(e) => {
-                state.metrics.refused("unauthorized");
-                tracing::debug!(reason = ?e, "unauthenticated request");
-                return Err(unauthorized());
-            }
-        };
+    let auth: Arc<Authenticated> = match bearer_token(authorization)
+        .and_then(|t| state.stores.tokens.authenticate(t, now_ms()))
+    {
+        Ok(a) => a,
+        Err(e) => {
+            state.metrics.refused("unauthorized");
+            tracing::debug!(reason = ?e, "unauthenticated request");
+            return Err(unauthorized());
+        }
+    };
 
-    let mut rate_headers: Vec<(&'static str, String)> = Vec::new();
+    let mut rate_headers: RateHeaders = Vec::new();
     if let Some(d) = auth.rate_check(Instant::now()) {
         rate_headers.push((RATE_LIMIT, d.limit.to_string()));
         rate_headers.push((RATE_REMAINING, d.remaining.to_string()));
@@ -329,7 +338,10 @@ impl FromRequest for Caller {
                 .cloned()
                 .map(Caller)
                 .ok_or_else(|| {
-                    tracing::error!(path = req.path(), "a handler asked for a caller no check admitted");
+                    tracing::error!(
+                        path = req.path(),
+                        "a handler asked for a caller no check admitted"
+                    );
                     unauthorized()
                 }),
         )

@@ -288,7 +288,7 @@ fn connection_limits() -> ConnectionLimits {
                     lim.rlim_cur = want.rlim_cur;
                 }
             }
-            lim.rlim_cur as u64
+            lim.rlim_cur
         } else {
             1024
         }
@@ -296,7 +296,9 @@ fn connection_limits() -> ConnectionLimits {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let total = nofile.saturating_sub(RESERVED_FDS).clamp(16, MAX_CONNECTIONS);
+    let total = nofile
+        .saturating_sub(RESERVED_FDS)
+        .clamp(16, MAX_CONNECTIONS);
     ConnectionLimits {
         workers,
         per_worker: (total as usize / workers).max(8),
@@ -374,9 +376,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .service(
             endpoint("/api/registry/workers", Access::AnyToken).route(web::get().to(ops::workers)),
         )
-        .service(
-            endpoint("/api/audit", scope(Scope::Audit)).route(web::get().to(api::audit_query)),
-        )
+        .service(endpoint("/api/audit", scope(Scope::Audit)).route(web::get().to(api::audit_query)))
         .service(
             endpoint("/api/audit/verify", scope(Scope::Audit))
                 .route(web::get().to(api::audit_verify)),

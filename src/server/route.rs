@@ -281,9 +281,15 @@ async fn route_inner(
     let decision =
         decide(&snap, &request, explain).map_err(|e| ApiError::invalid(e.field, e.message))?;
     let dry_run = body.dry_run.unwrap_or(false);
-    let decision_id =
-        super::record::decision(&state, caller.id(), &body, &decision, &snap.version, dry_run)
-            .await?;
+    let decision_id = super::record::decision(
+        &state,
+        caller.id(),
+        &body,
+        &decision,
+        &snap.version,
+        dry_run,
+    )
+    .await?;
     let mut id_buf = uuid::Uuid::encode_buffer();
     let decision_id = &*decision_id.hyphenated().encode_lower(&mut id_buf);
 

@@ -256,6 +256,9 @@ impl Keys {
     }
 }
 
+/// A secret's plaintext and its owning tenant.
+type ValueAndOwner = (Zeroizing<Vec<u8>>, Option<String>);
+
 /// Encrypted secrets in the `secrets` tree.
 pub struct SecretStore {
     db: sled::Db,
@@ -488,10 +491,7 @@ impl SecretStore {
     }
 
     /// The value and its owning tenant.
-    fn get_owned(
-        &self,
-        name: &str,
-    ) -> Result<Option<(Zeroizing<Vec<u8>>, Option<String>)>, SecretError> {
+    fn get_owned(&self, name: &str) -> Result<Option<ValueAndOwner>, SecretError> {
         validate_name(name)?;
         // Lock the keys before reading the record: a rotation finishing between the two
         // would drop the old key the record was sealed under (UnknownKey, a spurious 500).
@@ -545,7 +545,11 @@ impl SecretStore {
             let Some(current) = self.tree.get(name)? else {
                 return Ok(None);
             };
-            check_owner(name, decode(name, &current)?.owner.as_deref(), writer_tenant)?;
+            check_owner(
+                name,
+                decode(name, &current)?.owner.as_deref(),
+                writer_tenant,
+            )?;
             // Remove exactly the record whose owner was checked.
             if self
                 .tree

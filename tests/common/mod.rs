@@ -43,6 +43,7 @@ pub struct Builder {
     setup: Option<Setup>,
     wait_ready: bool,
     file_size_limit: Option<u64>,
+    nofile_limit: Option<u64>,
 }
 
 impl Builder {
@@ -71,6 +72,12 @@ impl Builder {
         self
     }
 
+    /// Run the daemon under `RLIMIT_NOFILE = n` (soft and hard): it cannot raise it.
+    pub fn nofile_limit(mut self, n: u64) -> Self {
+        self.nofile_limit = Some(n);
+        self
+    }
+
     pub fn start(self) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         copy_dir(&repo().join("registry"), &dir.path().join("registry"));
@@ -78,12 +85,15 @@ impl Builder {
         if let Some(f) = self.setup {
             f(dir.path());
         }
-        Daemon::spawn_limited(
+        Daemon::spawn_with_limits(
             dir,
             &self.args,
             &self.env,
             self.wait_ready,
-            self.file_size_limit,
+            &[
+                (libc::RLIMIT_FSIZE, self.file_size_limit),
+                (libc::RLIMIT_NOFILE, self.nofile_limit),
+            ],
         )
     }
 }
@@ -96,6 +106,7 @@ impl Daemon {
             setup: None,
             wait_ready: true,
             file_size_limit: None,
+            nofile_limit: None,
         }
     }
 
@@ -121,21 +132,39 @@ impl Daemon {
         wait_ready: bool,
         file_size_limit: Option<u64>,
     ) -> Daemon {
+        Daemon::spawn_with_limits(
+            dir,
+            args,
+            env,
+            wait_ready,
+            &[(libc::RLIMIT_FSIZE, file_size_limit)],
+        )
+    }
+
+    /// [`spawn`](Self::spawn) under resource limits (soft = hard = the value), set in the child.
+    pub fn spawn_with_limits(
+        dir: tempfile::TempDir,
+        args: &[String],
+        env: &[(String, String)],
+        wait_ready: bool,
+        limits: &[(libc::__rlimit_resource_t, Option<u64>)],
+    ) -> Daemon {
         let mut cmd = serve_command(dir.path());
         cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        if let Some(bytes) = file_size_limit {
+        for &(resource, value) in limits {
+            let Some(value) = value else { continue };
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit is async-signal-safe; it runs in the child between fork and exec.
             unsafe {
                 cmd.pre_exec(move || {
                     let lim = libc::rlimit {
-                        rlim_cur: bytes as libc::rlim_t,
-                        rlim_max: bytes as libc::rlim_t,
+                        rlim_cur: value as libc::rlim_t,
+                        rlim_max: value as libc::rlim_t,
                     };
-                    if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                    if libc::setrlimit(resource, &lim) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
