@@ -1,25 +1,24 @@
 //! Writing audit records for what the daemon does. A route response is sent only after
 //! its record is appended (and, in durable mode, flushed): never an unrecorded allow.
 
-use actix_web::HttpRequest;
-
 use super::errors::ApiError;
 use super::route::RouteBody;
 use super::state::{now_ms, AppState};
 use crate::engine::Decision;
 use crate::store::audit::{AuditEntry, RecordKind};
+use crate::store::tokens::Authenticated;
 
 /// Record a route decision and return its id (the audit writer makes it, see
 /// `store::audit`); an error means the response must be 503.
 pub async fn decision(
     state: &AppState,
-    req: &HttpRequest,
+    caller: &Authenticated,
     body: &RouteBody,
     decision: &Decision<'_>,
     policy_version: &str,
     dry_run: bool,
 ) -> Result<uuid::Uuid, ApiError> {
-    let token_id = super::auth::caller(req).map(|a| a.id().to_string());
+    let token_id = Some(caller.id().to_string());
     // Compact, canonical JSON text so an export parses back to the same record.
     let context = body.context.as_ref().map(|raw| {
         serde_json::from_str::<serde_json::Value>(raw.get())

@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 use super::errors::ApiError;
 use super::state::AppState;
 use crate::engine::{decide, valid_id, Explain, Request};
+use crate::store::tokens::Authenticated;
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -247,16 +248,40 @@ async fn route_inner(
 ) -> Result<HttpResponse, ApiError> {
     let explain = parse_explain(req.query_string())?;
     let bytes = read_json_body(req, payload).await?;
-    let body: RouteBody = serde_json::from_slice(&bytes).map_err(|e| body_error(&bytes, e))?;
+    let body = parse_body(&bytes)?;
+    let caller = super::auth::caller(req)
+        .ok_or_else(|| ApiError::new(401, "unauthorized", "a valid bearer token is required"))?;
+    let out = decide_and_record(&state, &caller, &body, explain, started).await?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(out))
+}
+
+/// Parse and check a route request body: the typed parse, then the optional fields.
+/// `/api/route` and the MCP `route` and `explain` tools share it, so they accept exactly
+/// the same input.
+pub fn parse_body(bytes: &[u8]) -> Result<RouteBody, ApiError> {
+    let body: RouteBody = serde_json::from_slice(bytes).map_err(|e| body_error(bytes, e))?;
     check_extras(&body)?;
-    if let Some(auth) = super::auth::caller(req) {
-        if !auth.may_act_for(&body.tenant_id) {
-            return Err(ApiError::new(
-                403,
-                "tenant_mismatch",
-                "this token is bound to another tenant",
-            ));
-        }
+    Ok(body)
+}
+
+/// Decide a parsed request for `caller`, record it (naming the caller's token) and return
+/// the response body (JSON). `/api/route` and the MCP `route` and `explain` tools all call
+/// this: one decision, one audit record, one answer shape, whichever way the request came.
+pub async fn decide_and_record(
+    state: &AppState,
+    caller: &Authenticated,
+    body: &RouteBody,
+    explain: bool,
+    started: Instant,
+) -> Result<Vec<u8>, ApiError> {
+    if !caller.may_act_for(&body.tenant_id) {
+        return Err(ApiError::new(
+            403,
+            "tenant_mismatch",
+            "this token is bound to another tenant",
+        ));
     }
 
     let snap = state
@@ -273,7 +298,7 @@ async fn route_inner(
         decide(&snap, &request, explain).map_err(|e| ApiError::invalid(e.field, e.message))?;
     let dry_run = body.dry_run.unwrap_or(false);
     let decision_id =
-        super::record::decision(&state, req, &body, &decision, &snap.version, dry_run).await?;
+        super::record::decision(state, caller, body, &decision, &snap.version, dry_run).await?;
     let mut id_buf = uuid::Uuid::encode_buffer();
     let decision_id = &*decision_id.hyphenated().encode_lower(&mut id_buf);
 
@@ -293,7 +318,5 @@ async fn route_inner(
     state
         .metrics
         .decision(decision.allowed, decision.deny_reason, started.elapsed());
-    Ok(HttpResponse::Ok()
-        .content_type("application/json")
-        .body(out))
+    Ok(out)
 }
