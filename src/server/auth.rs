@@ -41,6 +41,7 @@ pub fn access(method: &Method, path: &str) -> Access {
     match path {
         "/health" | "/ready" => Access::Open,
         "/api/route" => Access::Scope(Scope::Route),
+        "/mcp" => Access::Scope(Scope::Route),
         "/metrics" => Access::Scope(Scope::Metrics),
         "/api/reload" | "/api/keys/rotate" => Access::Scope(Scope::Admin),
         p if p.starts_with("/api/tokens") => Access::Scope(Scope::Admin),

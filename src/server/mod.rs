@@ -4,6 +4,7 @@ mod api;
 pub mod auth;
 mod errors;
 pub mod guard;
+mod mcp;
 mod metrics;
 mod ops;
 mod record;
@@ -359,4 +360,6 @@ fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::delete().to(api::secret_delete))
                 .default_service(m405()),
         );
+    // MCP over streamable HTTP: POST only (no server-initiated stream, so GET is 405).
+    cfg.service(one("/mcp", web::post().to(mcp::post)));
 }
