@@ -223,8 +223,21 @@ fn a_token_without_the_route_scope_is_refused_naming_the_scope() {
         "{}",
         r.body
     );
-    // No decision was made or recorded for it.
-    assert_eq!(d.get("/api/status").json()["decisions"]["allowed"], 0);
+    // A percent-encoded spelling of the path is refused just the same, here and on /api/route.
+    let h = vec![
+        ("Host".to_string(), d.addr.to_string()),
+        ("Authorization".to_string(), format!("Bearer {token}")),
+        ("Content-Type".to_string(), "application/json".to_string()),
+    ];
+    let r = d.request("POST", "/%6Dcp", &h, Some(LIST.as_bytes()));
+    r.assert_error(403, "forbidden", None);
+    assert!(r.body.contains("route scope"), "{}", r.body);
+    let body = route_args("cap.doc.summarize", "dev", "PUBLIC", "org.acme").to_string();
+    let r = d.request("POST", "/api/%72oute", &h, Some(body.as_bytes()));
+    r.assert_error(403, "forbidden", None);
+    // No decision was made or recorded for any of it.
+    let decisions = d.get("/api/status").json()["decisions"].clone();
+    assert_eq!(decisions, json!({"allowed": 0, "denied": 0}));
 
     // stdio: the bridge turns the 403 into a JSON-RPC error that names the scope.
     let (lines, _) = bridge(&d, &token, &[&init.to_string()]);
@@ -620,4 +633,29 @@ fn decisions_over_mcp_equal_api_route_for_every_shipped_fixture() {
             assert_eq!(rec["capability_id"], req["capability_id"], "{name}");
         }
     }
+}
+
+#[test]
+fn the_token_rate_limit_applies_to_mcp_on_both_transports() {
+    let d = Daemon::start();
+    let r = d.post_json(
+        "/api/tokens",
+        r#"{"name":"slow","scopes":["route"],"rate_limit_per_minute":2}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let token = r.json()["token"].as_str().unwrap().to_string();
+    for _ in 0..2 {
+        assert_eq!(mcp_post(&d, Some(&token), &[], LIST).status, 200);
+    }
+    let r = mcp_post(&d, Some(&token), &[], LIST);
+    r.assert_error(429, "rate_limited", None);
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    let (out, _) = bridge(&d, &token, &[LIST]);
+    assert_eq!(out[0]["id"], 7, "{}", out[0]);
+    assert_eq!(out[0]["error"]["code"], -32000, "{}", out[0]);
+    assert_eq!(
+        out[0]["error"]["data"]["code"], "rate_limited",
+        "{}",
+        out[0]
+    );
 }

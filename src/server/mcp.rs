@@ -32,7 +32,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
 use super::errors::ApiError;
-use super::route::{decide_and_record, parse_body, read_json_body};
+use super::route::{decide_and_record, parse_body, read_json_body, require_route_scope};
 use super::state::AppState;
 use crate::engine::{decide, valid_id, Request, Snapshot};
 use crate::store::tokens::Authenticated;
@@ -101,6 +101,9 @@ pub async fn post(
     // The one place this handler takes the caller the gate admitted (scope `route`).
     let caller = super::auth::caller(&req)
         .ok_or_else(|| ApiError::new(401, "unauthorized", "a valid bearer token is required"))?;
+    // Belt and braces: the access table matches the raw path, so a percent-encoded spelling
+    // of `/mcp` reaches this handler with any token. Every tool needs `route`.
+    require_route_scope(&caller)?;
 
     if let Some(v) = req.headers().get("mcp-protocol-version") {
         let v = v.to_str().unwrap_or("");

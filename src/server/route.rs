@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use super::errors::ApiError;
 use super::state::AppState;
 use crate::engine::{decide, valid_id, Explain, Request};
-use crate::store::tokens::Authenticated;
+use crate::store::tokens::{Authenticated, Scope};
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -276,6 +276,7 @@ pub async fn decide_and_record(
     explain: bool,
     started: Instant,
 ) -> Result<Vec<u8>, ApiError> {
+    require_route_scope(caller)?;
     if !caller.may_act_for(&body.tenant_id) {
         return Err(ApiError::new(
             403,
@@ -319,4 +320,19 @@ pub async fn decide_and_record(
         .metrics
         .decision(decision.allowed, decision.deny_reason, started.elapsed());
     Ok(out)
+}
+
+/// 403 unless the token has the `route` scope. The gate checks it too, but against the raw
+/// path: a percent-encoded spelling (`/api/%72oute`) reached the handler with any token.
+/// Checked again here, where the decision is made, so no path spelling can skip it.
+pub fn require_route_scope(caller: &Authenticated) -> Result<(), ApiError> {
+    if caller.allows(Scope::Route) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            403,
+            "forbidden",
+            format!("this token lacks the {} scope", Scope::Route),
+        ))
+    }
 }
