@@ -107,6 +107,12 @@ fn endpoints() -> Vec<Endpoint> {
             Some("secrets:release"),
             Some(r#"{"decision_id":"01234567-89ab-7def-8123-456789abcdef"}"#),
         ),
+        e(
+            "POST",
+            "/mcp",
+            Some("route"),
+            Some(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#),
+        ),
     ]
 }
 

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::{AuditCmd, CliResult, ClientArgs, RouteArgs, SecretCmd, TokenCmd};
 use crate::config::{Config, Flags};
 
-struct Client {
+pub(super) struct Client {
     base: String,
     token: Option<String>,
 }
@@ -16,7 +16,7 @@ struct Client {
 impl Client {
     /// `HALL_URL` (default `http://127.0.0.1:8765`), token from `HALL_TOKEN` or the admin
     /// token file in the state dir.
-    fn new(args: &ClientArgs) -> Result<Client, Box<dyn std::error::Error>> {
+    pub(super) fn new(args: &ClientArgs) -> Result<Client, Box<dyn std::error::Error>> {
         let base = args
             .url
             .clone()
@@ -43,7 +43,12 @@ impl Client {
         self.send(method, path, bytes.as_deref())
     }
 
-    fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Value), String> {
+    pub(super) fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Value), String> {
         let mut req = ureq::request(method, &format!("{}{path}", self.base))
             .timeout(std::time::Duration::from_secs(30));
         if let Some(t) = &self.token {

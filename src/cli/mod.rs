@@ -3,6 +3,7 @@
 
 mod client;
 pub mod fixtures;
+mod mcp;
 mod offline;
 
 use std::path::PathBuf;
@@ -45,6 +46,9 @@ pub enum Command {
     /// Read, verify and export the audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Serve the Model Context Protocol on stdin/stdout, forwarding to the daemon's /mcp
+    /// (for assistants configured with a command: `command = "hall"`, `args = ["mcp"]`).
+    Mcp(ClientArgs),
     /// Print the version.
     Version,
 }
@@ -245,6 +249,7 @@ pub fn main() -> ExitCode {
         Command::Token(t) => client::token(t),
         Command::Secret(s) => client::secret(s),
         Command::Audit(a) => client::audit(a),
+        Command::Mcp(c) => mcp::run(&c),
         Command::Version => {
             println!("hall {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)

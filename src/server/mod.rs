@@ -4,6 +4,7 @@ mod api;
 pub mod auth;
 mod errors;
 pub mod guard;
+mod mcp;
 mod metrics;
 mod ops;
 mod record;
@@ -412,5 +413,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
             endpoint("/api/secrets/{name}", scope(Scope::SecretsWrite))
                 .route(web::put().to(api::secret_put))
                 .route(web::delete().to(api::secret_delete)),
-        );
+        )
+        // MCP over streamable HTTP: POST only (no server-initiated stream, so GET is 405).
+        .service(endpoint("/mcp", scope(Scope::Route)).route(web::post().to(mcp::post)));
 }

@@ -6,12 +6,13 @@ use super::route::RouteBody;
 use super::state::{now_ms, AppState};
 use crate::engine::Decision;
 use crate::store::audit::{AuditEntry, RecordKind};
+use crate::store::tokens::Authenticated;
 
 /// Record a route decision and return its id (the audit writer makes it, see
 /// `store::audit`); an error means the response must be 503.
 pub async fn decision(
     state: &AppState,
-    token_id: &str,
+    caller: &Authenticated,
     body: &RouteBody,
     decision: &Decision<'_>,
     policy_version: &str,
@@ -35,7 +36,7 @@ pub async fn decision(
         context,
         tenant_risk: body.tenant_risk.clone(),
         qos_class: body.qos_class.clone(),
-        token_id: Some(token_id.to_string()),
+        token_id: Some(caller.id().to_string()),
         ..AuditEntry::new(RecordKind::Decision, now_ms())
     };
     state

@@ -11,6 +11,7 @@ use super::auth::Caller;
 use super::errors::ApiError;
 use super::state::AppState;
 use crate::engine::{decide, valid_id, Explain, Request};
+use crate::store::tokens::{Authenticated, Scope};
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -264,9 +265,36 @@ async fn route_inner(
 ) -> Result<HttpResponse, ApiError> {
     let explain = parse_explain(req.query_string())?;
     let bytes = read_json_body(req, payload).await?;
-    let body: RouteBody = serde_json::from_slice(&bytes).map_err(|e| body_error(&bytes, e))?;
+    let body = parse_body(&bytes)?;
+    let out = decide_and_record(&state, caller, &body, explain, started).await?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(out))
+}
+
+/// Parse and check a route request body: the typed parse, then the optional fields.
+/// `/api/route` and the MCP `route` and `explain` tools share it, so they accept exactly
+/// the same input.
+pub fn parse_body(bytes: &[u8]) -> Result<RouteBody, ApiError> {
+    let body: RouteBody = serde_json::from_slice(bytes).map_err(|e| body_error(bytes, e))?;
     check_extras(&body)?;
-    caller.check_tenant(&body.tenant_id)?;
+    Ok(body)
+}
+
+/// Decide a parsed request for `caller`, record it (naming the caller's token) and return
+/// the response body (JSON). `/api/route` and the MCP `route` and `explain` tools all call
+/// this: one decision, one audit record, one answer shape, whichever way the request came.
+pub async fn decide_and_record(
+    state: &AppState,
+    caller: &Authenticated,
+    body: &RouteBody,
+    explain: bool,
+    started: Instant,
+) -> Result<Vec<u8>, ApiError> {
+    require_route_scope(caller)?;
+    if !caller.may_act_for(&body.tenant_id) {
+        return Err(super::auth::tenant_mismatch());
+    }
 
     let snap = state
         .snapshot
@@ -281,15 +309,8 @@ async fn route_inner(
     let decision =
         decide(&snap, &request, explain).map_err(|e| ApiError::invalid(e.field, e.message))?;
     let dry_run = body.dry_run.unwrap_or(false);
-    let decision_id = super::record::decision(
-        &state,
-        caller.id(),
-        &body,
-        &decision,
-        &snap.version,
-        dry_run,
-    )
-    .await?;
+    let decision_id =
+        super::record::decision(state, caller, body, &decision, &snap.version, dry_run).await?;
     let mut id_buf = uuid::Uuid::encode_buffer();
     let decision_id = &*decision_id.hyphenated().encode_lower(&mut id_buf);
 
@@ -309,7 +330,20 @@ async fn route_inner(
     state
         .metrics
         .decision(decision.allowed, decision.deny_reason, started.elapsed());
-    Ok(HttpResponse::Ok()
-        .content_type("application/json")
-        .body(out))
+    Ok(out)
+}
+
+/// 403 unless the token has the `route` scope. The gate checks it too, but against the raw
+/// path: a percent-encoded spelling (`/api/%72oute`) reached the handler with any token.
+/// Checked again here, where the decision is made, so no path spelling can skip it.
+pub fn require_route_scope(caller: &Authenticated) -> Result<(), ApiError> {
+    if caller.allows(Scope::Route) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            403,
+            "forbidden",
+            format!("this token lacks the {} scope", Scope::Route),
+        ))
+    }
 }
