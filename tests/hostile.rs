@@ -393,6 +393,12 @@ fn a_tenant_bound_audit_token_sees_only_its_tenant() {
         "tenant_mismatch",
         None,
     );
+    // Status does not count other tenants' traffic for a bound token.
+    let st = send(&d, Some(&acme.token), "GET", "/api/status", None).json();
+    assert_eq!(st["audit"], Value::Null, "{st}");
+    assert_eq!(st["decisions"], Value::Null, "{st}");
+    assert!(st["policy_version"].is_string(), "{st}");
+    assert!(d.get("/api/status").json()["audit"]["seq"].is_u64());
     // An unbound audit token sees both.
     let all = issue(&d, "all-audit", &["audit"], None);
     let r = send(

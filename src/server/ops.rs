@@ -25,7 +25,11 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// `GET /api/status`: which policy version is active, and whether the last reload failed.
-pub async fn status(state: web::Data<AppState>) -> HttpResponse {
+///
+/// For a tenant-bound token the audit head and the decision counters are left out: they
+/// count every tenant's traffic.
+pub async fn status(caller: super::auth::Caller, state: web::Data<AppState>) -> HttpResponse {
+    let all_tenants = caller.tenant().is_none();
     let snap = state.snapshot.load_full();
     let last = state
         .last_reload
@@ -37,7 +41,13 @@ pub async fn status(state: web::Data<AppState>) -> HttpResponse {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    let audit_head = super::record::head(&state);
+    let audit_head = all_tenants.then(|| super::record::head(&state));
+    let decisions = all_tenants.then(|| {
+        json!({
+            "allowed": state.metrics.allowed_total(),
+            "denied": state.metrics.denied_total(),
+        })
+    });
     json_ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": state.started.elapsed().as_secs(),
@@ -50,10 +60,7 @@ pub async fn status(state: web::Data<AppState>) -> HttpResponse {
         },
         "last_reload": last,
         "audit": audit_head,
-        "decisions": {
-            "allowed": state.metrics.allowed_total(),
-            "denied": state.metrics.denied_total(),
-        },
+        "decisions": decisions,
         "registry_dir": state.config.registry_dir,
         "policies_dir": state.config.policies_dir,
     }))
