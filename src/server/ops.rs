@@ -15,8 +15,14 @@ pub async fn health() -> HttpResponse {
     json_ok(json!({"status": "ok"}))
 }
 
-/// `GET /ready`: 200 once a policy set is loaded.
+/// `GET /ready`: 200 once a policy set is loaded, while the audit log can be written.
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    if let Some(why) = super::storage::problem(&state) {
+        return HttpResponse::ServiceUnavailable().json(json!({
+            "error": format!("storage cannot be written: {why}"),
+            "code": "unavailable",
+        }));
+    }
     match state.snapshot.load().as_ref() {
         Some(s) => json_ok(json!({"status": "ready", "policy_version": s.version})),
         None => HttpResponse::ServiceUnavailable()
@@ -38,6 +44,7 @@ pub async fn status(state: web::Data<AppState>) -> HttpResponse {
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let audit_head = super::record::head(&state);
+    let storage = super::storage::problem(&state);
     json_ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": state.started.elapsed().as_secs(),
@@ -50,10 +57,16 @@ pub async fn status(state: web::Data<AppState>) -> HttpResponse {
         },
         "last_reload": last,
         "audit": audit_head,
+        "audit_integrity": state.stores.audit.integrity(),
+        "storage": {
+            "ok": storage.is_none(),
+            "error": storage,
+        },
         "decisions": {
             "allowed": state.metrics.allowed_total(),
             "denied": state.metrics.denied_total(),
         },
+        "watch": state.watch.get().map(|w| w.health()),
         "registry_dir": state.config.registry_dir,
         "policies_dir": state.config.policies_dir,
     }))
