@@ -29,6 +29,22 @@ use tokio::sync::mpsc;
 /// (last good set kept) followed by a good one on its final close-after-write event.
 pub const QUIET: Duration = Duration::from_millis(50);
 
+/// Start watching `dirs` themselves (not their paths: see [`DirWatch`]); every relevant
+/// event sends a unit on `tx`. Keep the returned watcher alive for as long as you want events.
+pub fn watch(dirs: &[PathBuf], tx: mpsc::Sender<()>) -> notify::Result<RecommendedWatcher> {
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(ev) = res else { return };
+        if is_edit(&ev.kind) {
+            // A full channel already holds a pending trigger: dropping this one is fine.
+            let _ = tx.try_send(());
+        }
+    })?;
+    for d in dirs {
+        w.watch(d, RecursiveMode::NonRecursive)?;
+    }
+    Ok(w)
+}
+
 /// How often the daemon rescans the files by content hash, whatever the events said.
 pub const RESCAN: Duration = Duration::from_secs(2);
 
