@@ -167,6 +167,59 @@ pub(crate) fn test_db_at(path: &Path) -> sled::Db {
 mod tests {
     use super::*;
 
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_missing_state_dir_is_created_0700() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("a/b/state");
+        ensure_private_dir(&d).unwrap();
+        assert_eq!(mode(&d), 0o700);
+    }
+
+    #[test]
+    fn an_existing_dir_is_used_as_it_is_or_refused_never_chmoded() {
+        let t = tempfile::tempdir().unwrap();
+        for (m, ok) in [
+            (0o700, true),
+            (0o750, true),
+            (0o770, false),
+            (0o1777, false),
+        ] {
+            let d = t.path().join(format!("d{m:o}"));
+            fs::create_dir(&d).unwrap();
+            fs::set_permissions(&d, fs::Permissions::from_mode(m)).unwrap();
+            let r = ensure_private_dir(&d);
+            assert_eq!(r.is_ok(), ok, "mode {m:o}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("writable by other users"), "{e}");
+            }
+            assert_eq!(mode(&d), m, "mode {m:o} was changed");
+        }
+        let f = t.path().join("file");
+        fs::write(&f, b"").unwrap();
+        assert!(ensure_private_dir(&f).is_err());
+    }
+
+    #[test]
+    fn a_dir_owned_by_another_user_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("theirs");
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let other = unsafe { libc::geteuid() } + 4242;
+        if std::os::unix::fs::chown(&d, Some(other), None).is_err() {
+            eprintln!("SKIPPED: cannot chown (not root)");
+            return;
+        }
+        let e = ensure_private_dir(&d).unwrap_err();
+        assert!(e.to_string().contains("owned by uid"), "{e}");
+        assert_eq!(mode(&d), 0o700);
+    }
+
     #[test]
     fn open_waits_for_a_lock_that_is_let_go() {
         let dir = tempfile::tempdir().unwrap();

@@ -145,3 +145,142 @@ pub(crate) fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{AuditConfig, AuditEntry, AuditError, AuditLog, RecordKind, VerifyReport};
+    use super::*;
+
+    fn config(dir: &Path, accept: bool) -> AuditConfig {
+        AuditConfig {
+            checkpoint: Some(dir.join(FILE_NAME)),
+            accept_truncation: accept,
+            ..AuditConfig::default()
+        }
+    }
+
+    fn open(dir: &Path, accept: bool) -> Result<(sled::Db, AuditLog), AuditError> {
+        let db = crate::store::test_db_at(&dir.join("db"));
+        let log = AuditLog::open_with(&db, config(dir, accept), None, None)?;
+        Ok((db, log))
+    }
+
+    fn append(log: &AuditLog, n: usize) {
+        for _ in 0..n {
+            log.append_blocking(AuditEntry::new(RecordKind::Reload, 1))
+                .unwrap();
+        }
+    }
+
+    /// Five records, shut down cleanly: the checkpoint names seq 5.
+    fn five(dir: &Path) -> Head {
+        let (_db, log) = open(dir, false).unwrap();
+        append(&log, 5);
+        let head = log.head();
+        log.shutdown();
+        head
+    }
+
+    #[test]
+    fn a_clean_shutdown_checkpoints_the_head_and_reopening_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let head = five(dir.path());
+        let cp = read(&dir.path().join(FILE_NAME)).unwrap().unwrap();
+        assert_eq!((cp.seq, cp.hash()), (5, Some(head.hash)));
+        let (_db, log) = open(dir.path(), false).unwrap();
+        assert!(log.verify().unwrap().is_ok());
+        assert!(log.integrity().lost.is_empty());
+    }
+
+    #[test]
+    fn the_checkpoint_follows_appends_while_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, log) = open(dir.path(), false).unwrap();
+        append(&log, 3);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while log.integrity().checkpoint != Some(log.head()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "checkpoint never caught up"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let cp = read(&dir.path().join(FILE_NAME)).unwrap().unwrap();
+        assert_eq!(cp.seq, 3);
+    }
+
+    #[test]
+    fn a_log_cut_short_is_refused_then_reported_once_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        five(dir.path());
+        {
+            // What sled's recovery does to a damaged tail.
+            let db = crate::store::test_db_at(&dir.path().join("db"));
+            let t = db.open_tree("audit").unwrap();
+            t.remove(4u64.to_be_bytes()).unwrap();
+            t.remove(5u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let err = open(dir.path(), false).err().expect("refused");
+        let msg = err.to_string();
+        assert!(msg.contains("seqs 4..=5"), "{msg}");
+        assert!(msg.contains("--accept-audit-truncation"), "{msg}");
+
+        let (db, log) = open(dir.path(), true).unwrap();
+        let lost = log.integrity().lost;
+        assert_eq!((lost.len(), lost[0].from_seq, lost[0].to_seq), (1, 4, 5));
+        assert!(matches!(
+            log.verify().unwrap(),
+            VerifyReport::Lost {
+                first_bad_seq: 4,
+                ..
+            }
+        ));
+        append(&log, 1);
+        assert_eq!(log.head().seq, 4);
+        log.shutdown();
+        drop((db, log));
+        // Accepted once: later starts need no flag and still report it.
+        let (_db, log) = open(dir.path(), false).unwrap();
+        assert_eq!(log.integrity().lost.len(), 1);
+        let json = serde_json::to_value(log.verify().unwrap()).unwrap();
+        assert_eq!(json["ok"], false);
+        assert_eq!(json["first_bad_seq"], 4);
+        assert_eq!(json["lost"][0]["to_seq"], 5);
+    }
+
+    #[test]
+    fn another_record_at_the_checkpoint_seq_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        five(dir.path());
+        let path = dir.path().join(FILE_NAME);
+        let mut cp = read(&path).unwrap().unwrap();
+        cp.hash = Hash32([7; 32]).to_hex();
+        write(&path, &cp).unwrap();
+        let msg = open(dir.path(), false).err().expect("refused").to_string();
+        assert!(msg.contains("record 5 is not the one"), "{msg}");
+    }
+
+    #[test]
+    fn an_unreadable_checkpoint_is_refused_unless_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        five(dir.path());
+        std::fs::write(dir.path().join(FILE_NAME), b"{not json").unwrap();
+        let msg = open(dir.path(), false).err().expect("refused").to_string();
+        assert!(msg.contains("not a valid checkpoint"), "{msg}");
+        let (_db, log) = open(dir.path(), true).unwrap();
+        assert!(log.verify().unwrap().is_ok());
+        // …and a fresh checkpoint is written.
+        assert_eq!(read(&dir.path().join(FILE_NAME)).unwrap().unwrap().seq, 5);
+    }
+
+    #[test]
+    fn without_a_checkpoint_file_the_log_opens_and_gets_one() {
+        let dir = tempfile::tempdir().unwrap();
+        five(dir.path());
+        std::fs::remove_file(dir.path().join(FILE_NAME)).unwrap();
+        let (_db, log) = open(dir.path(), false).unwrap();
+        assert!(log.verify().unwrap().is_ok());
+        assert_eq!(read(&dir.path().join(FILE_NAME)).unwrap().unwrap().seq, 5);
+    }
+}
