@@ -486,11 +486,13 @@ fn a_zeroed_tail_after_kill_9_never_passes_silently() {
                 err.contains("audit log lost records") || err.contains("cannot open"),
                 "{err}"
             );
+            eprintln!("refused to start after the damage: {err}");
         }
         None => {
             // It started: then nothing acknowledged may be missing while verify says ok.
             let d = Daemon::spawn(dir, &[], &[], true);
             let v = verify(&d);
+            eprintln!("started after the damage; verify: {v}");
             let missing = ids
                 .iter()
                 .filter(|id| d.get(&format!("/api/audit/{id}")).status != 200)
@@ -500,6 +502,70 @@ fn a_zeroed_tail_after_kill_9_never_passes_silently() {
                 "{missing} acknowledged decisions are gone and verify says {v}"
             );
         }
+    }
+}
+
+/// A flipped byte anywhere in sled's file: `verify` answers (200, ok or not, naming a seq),
+/// never 500, and never ok while acknowledged decisions are missing.
+#[test]
+fn a_flipped_byte_makes_verify_answer_never_fail() {
+    let mut d = Daemon::start();
+    let ids = decisions(&d, 300);
+    assert!(d.stop().success());
+    let mut dir = d.into_dir();
+    let db = dir.path().join("state/db/db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    for at in [len / 4, len / 2, len - len / 8] {
+        {
+            use std::io::{Read, Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&db)
+                .unwrap();
+            let mut b = [0u8; 1];
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.read_exact(&mut b).unwrap();
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(&[b[0] ^ 0x20]).unwrap();
+            f.sync_all().unwrap();
+        }
+        let mut c = serve_command(dir.path())
+            .arg("--accept-audit-truncation")
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        let mut exited = None;
+        while t.elapsed() < Duration::from_secs(3) {
+            if let Some(s) = c.try_wait().unwrap() {
+                exited = Some(s);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        if exited.is_some() {
+            eprintln!("byte {at}: sled refused to open the damaged file");
+            continue;
+        }
+        let mut d = Daemon::spawn(dir, &["--accept-audit-truncation".into()], &[], true);
+        let v = verify(&d);
+        let missing = ids
+            .iter()
+            .filter(|id| d.get(&format!("/api/audit/{id}")).status != 200)
+            .count();
+        eprintln!("byte {at}: verify {v}, {missing} missing");
+        assert!(
+            missing == 0 || v["ok"] == false,
+            "{missing} gone, verify {v}"
+        );
+        assert!(
+            v["ok"] == true || v["first_bad_seq"].as_u64().is_some(),
+            "{v}"
+        );
+        d.stop();
+        dir = d.into_dir();
     }
 }
 

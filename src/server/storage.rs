@@ -52,8 +52,8 @@ pub fn listener(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpList
         .and_then(|v| v.parse::<i32>().ok())
     {
         // SAFETY: the fd was handed over by our own re-exec and nothing else owns it. Only
-        // an fd that is a listening TCP socket is used.
-        std::env::remove_var(LISTEN_FD_ENV);
+        // an fd that is a listening TCP socket is used. (The variable stays set: removing it
+        // with other threads running is unsound, and a later re-exec sets it anew.)
         let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
         if l.local_addr().is_ok() {
             set_cloexec(fd);
