@@ -337,6 +337,50 @@ fn a_git_checkout_of_many_files_loads_the_final_set() {
     assert_eq!(s["last_reload"]["ok"], true, "{s}");
 }
 
+/// While git holds its index lock (checkout, pull, reset are writing files) nothing is
+/// loaded; once it lets go, the final set loads in one reload.
+#[test]
+fn a_half_written_git_checkout_is_never_loaded() {
+    let d = Daemon::start();
+    let root = d.dir.path();
+    let git_dir = root.join(".git");
+    std::fs::create_dir(&git_dir).unwrap();
+    let v0 = status(&d)["policy_version"].clone();
+    let reloads = |d: &Daemon| {
+        d.get("/api/audit?kind=reload&limit=1000").json()["records"]
+            .as_array()
+            .map_or(0, |a| a.len())
+    };
+    let before = reloads(&d);
+    // Mid-checkout: the policy that needs a new worker is written, the registry file not yet.
+    std::fs::write(git_dir.join("index.lock"), "").unwrap();
+    std::fs::write(
+        root.join("policies/05-extra.toml"),
+        "[[rule]]\nid = \"extra\"\ncapabilities = [\"cap.doc.summarize\"]\ntenants = [\"org.acme\"]\n\
+         effect = \"deny\"\nreason = \"blocked_by_test\"\nworkers = [\"worker.extra\"]\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    let s = status(&d);
+    assert_eq!(s["policy_version"], v0, "{s}");
+    assert_eq!(
+        s["last_reload"]["ok"], true,
+        "a half checkout was loaded: {s}"
+    );
+    std::fs::write(
+        root.join("registry/zz-extra.toml"),
+        "[[worker]]\nid = \"worker.extra\"\ncapabilities = [\"cap.doc.summarize\"]\n\
+         environments = [\"dev\"]\nmax_data_label = \"SECRET\"\nblast_radius = 1\n",
+    )
+    .unwrap();
+    std::fs::remove_file(git_dir.join("index.lock")).unwrap();
+    wait_outcome(&d, "blocked_by_test");
+    assert_eq!(status(&d)["last_reload"]["ok"], true);
+    // One reload for the whole checkout (plus at most one the rescan may add).
+    let after = reloads(&d);
+    assert!((1..=2).contains(&(after - before)), "{before} -> {after}");
+}
+
 #[test]
 fn editor_saves_reload() {
     let d = Daemon::start();

@@ -45,6 +45,49 @@ pub fn watch(dirs: &[PathBuf], tx: mpsc::Sender<()>) -> notify::Result<Recommend
     Ok(w)
 }
 
+/// The longest a reload waits for a git operation on the files to finish.
+pub const GIT_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether a git command is rewriting a work tree that holds one of `dirs`: git holds
+/// `.git/index.lock` while `checkout`, `pull`, `merge` or `reset` write files, and a reload
+/// in the middle would load a mix of two commits (a rule may be gone before its
+/// replacement is written). Looks for the nearest `.git` above each dir.
+pub fn git_busy(dirs: &[PathBuf]) -> bool {
+    dirs.iter().any(|d| {
+        let d = std::path::absolute(d).unwrap_or_else(|_| d.clone());
+        d.ancestors().find_map(|a| {
+            let git = a.join(".git");
+            // A linked worktree or submodule has a `.git` file naming its git dir.
+            if git.is_dir() {
+                Some(git.join("index.lock").exists())
+            } else if let Ok(text) = std::fs::read_to_string(&git) {
+                let dir = text.strip_prefix("gitdir:")?.trim().to_string();
+                Some(a.join(dir).join("index.lock").exists())
+            } else {
+                None
+            }
+        }) == Some(true)
+    })
+}
+
+/// Wait (polling) while [`git_busy`], at most [`GIT_WAIT`]; `true` if it waited.
+pub async fn wait_for_git(dirs: &[PathBuf]) -> bool {
+    let start = std::time::Instant::now();
+    let mut waited = false;
+    while start.elapsed() < GIT_WAIT {
+        let d = dirs.to_vec();
+        let busy = tokio::task::spawn_blocking(move || git_busy(&d))
+            .await
+            .unwrap_or(false);
+        if !busy {
+            break;
+        }
+        waited = true;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    waited
+}
+
 /// How often the daemon rescans the files by content hash, whatever the events said.
 pub const RESCAN: Duration = Duration::from_secs(2);
 

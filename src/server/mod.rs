@@ -227,8 +227,13 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
     let _ = state.watch.set(watch.clone());
     let st = state.clone();
     let w = watch.clone();
+    let dirs = [config.registry_dir.clone(), config.policies_dir.clone()];
     actix_web::rt::spawn(async move {
         while crate::load::watch::next_quiet(&mut rx, crate::load::watch::QUIET).await {
+            // A git checkout in progress: load the commit it lands on, not a mix of two.
+            if crate::load::watch::wait_for_git(&dirs).await {
+                crate::load::watch::settle(&mut rx, crate::load::watch::QUIET).await;
+            }
             // Follow a replaced dir before reading it, so no later edit goes unseen.
             let w = w.clone();
             let _ = tokio::task::spawn_blocking(move || w.refresh()).await;
