@@ -201,6 +201,7 @@ fn a_replaced_policies_dir_keeps_reloading() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(status(&d)["last_reload"]["ok"], true);
     assert_eq!(status(&d)["watch"]["ok"], true);
+    assert!(d.get("/metrics").body.contains("hall_watch_ok 1"));
 }
 
 #[test]
@@ -679,6 +680,7 @@ fn a_full_disk_is_503_and_heals_without_a_restart() {
     assert_eq!(d.get("/ready").status, 503);
     let s = status(&d);
     assert_eq!(s["storage"]["ok"], false, "{s}");
+    assert!(d.get("/metrics").body.contains("hall_storage_ok 0"));
     assert!(s["storage"]["error"].as_str().is_some(), "{s}");
     // Other write endpoints: 503 too, never 500.
     let r = d.post_json(

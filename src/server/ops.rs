@@ -82,6 +82,16 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .ok;
     let mut text = state.metrics.render(loaded, failed);
     text.push_str(&audit_metrics(state.stores.audit.stats()));
+    let watch_ok = state.watch.get().is_some_and(|w| w.health().ok);
+    let storage_ok = super::storage::problem(&state).is_none();
+    text.push_str(&format!(
+        "# HELP hall_watch_ok Whether every policy dir (and its parent) is watched.\n# TYPE hall_watch_ok gauge\n\
+         hall_watch_ok {}\n\
+         # HELP hall_storage_ok Whether the audit log and database can be written.\n# TYPE hall_storage_ok gauge\n\
+         hall_storage_ok {}\n",
+        u8::from(watch_ok),
+        u8::from(storage_ok)
+    ));
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(text)
