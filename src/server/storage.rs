@@ -88,9 +88,18 @@ pub fn reexec(listener: &std::net::TcpListener) -> std::io::Error {
     if fd < 0 {
         return std::io::Error::last_os_error();
     }
-    let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    // The running binary's inode, even if an upgrade replaced the file meanwhile.
+    let proc_exe = std::path::PathBuf::from("/proc/self/exe");
+    let exe = if proc_exe.exists() {
+        proc_exe
+    } else {
+        std::env::current_exe().unwrap_or(proc_exe)
+    };
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "hall".into());
     std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
+        .arg0(arg0)
+        .args(args)
         .env(LISTEN_FD_ENV, fd.to_string())
         .exec()
 }
