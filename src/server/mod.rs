@@ -253,10 +253,18 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
     });
 
     server.await.map_err(|e| format!("server error: {e}"))?;
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    // A re-exec to reopen the database is a reload to the service manager, not a stop.
+    let reexec = state.reexec.load(std::sync::atomic::Ordering::SeqCst);
+    let _ = sd_notify::notify(
+        false,
+        &[match reexec {
+            true => sd_notify::NotifyState::Reloading,
+            false => sd_notify::NotifyState::Stopping,
+        }],
+    );
     tracing::info!("stopped accepting; in-flight requests finished");
     record::shutdown(&state).await;
-    if state.reexec.load(std::sync::atomic::Ordering::SeqCst) {
+    if reexec {
         tracing::warn!("re-executing to reopen the database (same address, same arguments)");
         let e = storage::reexec(&kept);
         return Err(format!("could not re-execute to reopen the database: {e}").into());
