@@ -484,6 +484,63 @@ fn a_state_dir_without_a_checkpoint_opens_and_gets_one() {
     d.wait_until(WAIT, || read_checkpoint(&d)["seq"].as_u64() == Some(head));
 }
 
+/// `kill -9` under load never makes the checkpoint claim more than sled kept: the restart
+/// needs no flag and verifies, in both durability modes.
+#[test]
+fn kill_9_under_load_never_trips_the_checkpoint() {
+    for mode in ["durable", "batched"] {
+        let d = Daemon::builder()
+            .arg("--audit-durability")
+            .arg(mode)
+            .start();
+        let (addr, headers) = (d.addr, {
+            let mut h = d.default_headers();
+            h.push(("Content-Type".into(), "application/json".into()));
+            h
+        });
+        let body = r#"{"capability_id":"cap.doc.summarize","env":"dev","data_label":"PUBLIC","tenant_id":"org.acme"}"#;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (headers, stop) = (headers.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let r = common::raw_request(
+                            addr,
+                            "POST",
+                            "/api/route",
+                            &headers,
+                            Some(body.as_bytes()),
+                        );
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(1500));
+        let dir = d.into_dir(); // kill -9 mid-load
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let cp = serde_json::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(dir.path().join("state/audit.checkpoint")).unwrap(),
+        )
+        .unwrap();
+        assert!(cp["seq"].as_u64().unwrap() > 10, "{mode}: {cp}");
+        let mut d = Daemon::spawn(dir, &["--audit-durability".into(), mode.into()], &[], true);
+        let v = verify(&d);
+        assert_eq!(v["ok"], true, "{mode}: {v}");
+        assert!(
+            status(&d)["audit"]["seq"].as_u64() >= cp["seq"].as_u64(),
+            "{mode}"
+        );
+        assert!(d.stop().success());
+    }
+}
+
 /// Damage the end of sled's file after a `kill -9`: whatever sled's recovery makes of it,
 /// the daemon never starts with acknowledged decisions missing and `verify` saying ok.
 #[test]
