@@ -89,6 +89,10 @@ pub struct ServeArgs {
     /// Allow listening on a non-loopback address (exposes the API to the network).
     #[arg(long)]
     pub allow_non_loopback: bool,
+    /// Start even though the audit log holds fewer records than its checkpoint says were
+    /// durable (damaged storage); the loss is recorded and reported by status and verify.
+    #[arg(long)]
+    pub accept_audit_truncation: bool,
 }
 
 #[derive(Debug, Args)]

@@ -105,14 +105,130 @@ fn read_dir_sources(dir: &Path, diags: &mut Vec<Diagnostic>) -> Vec<Source> {
     for n in names {
         let path = dir.join(&n);
         let shown = path.display().to_string();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => out.push(Source { name: shown, text }),
+        match read_policy_file(&path) {
+            Ok(Some(text)) => out.push(Source { name: shown, text }),
             // A file removed between listing and reading is an edit in progress: skip it.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => diags.push(io_err(shown, format!("cannot read file: {e}"))),
+            Ok(None) => {}
+            Err(msg) => diags.push(io_err(shown, msg)),
         }
     }
     out
+}
+
+/// The largest registry or policy file read (a 10,000-rule set is ~2 MB in all).
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Read one `*.toml` file: only a regular file (after resolving symlinks), at most
+/// [`MAX_FILE_BYTES`], UTF-8, and never blocking. `Ok(None)`: the name is gone (removed
+/// between listing and reading). Every other problem is an error that keeps the last good
+/// set: a dangling symlink (its rules would silently vanish), a FIFO (reading one blocks
+/// until a writer appears: it wedged reload), a directory or device, a file too large.
+fn read_policy_file(path: &Path) -> Result<Option<String>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return match std::fs::symlink_metadata(path) {
+                // The name is there but what it points to is not.
+                Ok(_) => {
+                    let target = std::fs::read_link(path)
+                        .map(|t| t.display().to_string())
+                        .unwrap_or_else(|_| "?".into());
+                    Err(format!(
+                        "dangling symlink (points to {target}, which does not exist): \
+                         fix or remove it; its rules are not loaded"
+                    ))
+                }
+                Err(_) => Ok(None),
+            };
+        }
+        Err(e) => return Err(format!("cannot read file: {e}")),
+    };
+    let kind = |t: std::fs::FileType| {
+        if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a named pipe (FIFO)"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_block_device() || t.is_char_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        }
+    };
+    if !meta.is_file() {
+        return Err(format!(
+            "is {}, not a regular file: only regular files (or symlinks to them) are read",
+            kind(meta.file_type())
+        ));
+    }
+    // O_NONBLOCK: if the name became a FIFO since the check above, opening it must not wait
+    // for a writer. The type is checked again on the opened file.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path);
+    let f = match f {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read file: {e}")),
+    };
+    let meta = f.metadata().map_err(|e| format!("cannot read file: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "is {}, not a regular file: only regular files (or symlinks to them) are read",
+            kind(meta.file_type())
+        ));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(format!(
+            "file is too large ({} bytes; the limit is {MAX_FILE_BYTES})",
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read file: {e}"))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "file is too large (over {MAX_FILE_BYTES} bytes, and still growing)"
+        ));
+    }
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|e| format!("cannot read file: not UTF-8 text ({e})"))
+}
+
+/// A content hash of both directories as a load would read them: each file's name and
+/// bytes, and every read error. The daemon's periodic rescan compares it with that of the
+/// last load, so a change no file event reported is still loaded within seconds.
+pub fn fingerprint(registry_dir: &Path, policies_dir: &Path) -> blake3::Hash {
+    let mut diags = Vec::new();
+    let registry = read_dir_sources(registry_dir, &mut diags);
+    let policies = read_dir_sources(policies_dir, &mut diags);
+    fingerprint_of(&registry, &policies, &diags)
+}
+
+fn fingerprint_of(registry: &[Source], policies: &[Source], diags: &[Diagnostic]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    for (i, list) in [registry, policies].into_iter().enumerate() {
+        h.update(&[i as u8]);
+        for s in list {
+            h.update(&(s.name.len() as u64).to_le_bytes());
+            h.update(s.name.as_bytes());
+            h.update(&(s.text.len() as u64).to_le_bytes());
+            h.update(s.text.as_bytes());
+        }
+    }
+    for d in diags {
+        let t = d.to_string();
+        h.update(&(t.len() as u64).to_le_bytes());
+        h.update(t.as_bytes());
+    }
+    h.finalize()
 }
 
 /// The policy version: blake3 over each file's name, length and contents, in load order.
@@ -433,6 +549,8 @@ fn parse_files<T: for<'de> Deserialize<'de> + Send>(files: &[&Source]) -> Vec<Pa
 pub struct Reloader {
     last: Option<LastGood>,
     parsed: usize,
+    /// [`fingerprint`] of the files the last `load_dirs` read (whether they loaded or not).
+    fingerprint: Option<blake3::Hash>,
 }
 
 /// The last set that loaded, and what each of its reusable files contributed.
@@ -491,6 +609,11 @@ impl Reloader {
         self.parsed
     }
 
+    /// The [`fingerprint`] of what the last [`load_dirs`](Self::load_dirs) read.
+    pub fn fingerprint(&self) -> Option<blake3::Hash> {
+        self.fingerprint
+    }
+
     /// How many files the next load can reuse if they are unchanged.
     pub fn reusable_files(&self) -> usize {
         self.last
@@ -508,6 +631,7 @@ impl Reloader {
         let mut diags = Vec::new();
         let registry = read_dir_sources(registry_dir, &mut diags);
         let policies = read_dir_sources(policies_dir, &mut diags);
+        self.fingerprint = Some(fingerprint_of(&registry, &policies, &diags));
         if !diags.is_empty() {
             return Err(LoadError { diagnostics: diags });
         }

@@ -356,3 +356,69 @@ fn a_reused_registry_file_is_checked_against_the_files_that_changed() {
     write(&reg, "reg.toml", &REG.replace("cap.a", "cap.b"));
     check("cap.a gone", "unknown capability \"cap.a\"");
 }
+
+fn load_error(reg: &Path, pol: &Path) -> String {
+    match load_dirs(reg, pol) {
+        Ok(_) => panic!("expected a load error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_dangling_symlink_is_an_error_not_a_missing_file() {
+    let (tmp, reg, pol) = dirs();
+    std::os::unix::fs::symlink(tmp.path().join("nowhere.toml"), pol.join("10-r.toml")).unwrap();
+    let e = load_error(&reg, &pol);
+    assert!(
+        e.contains("10-r.toml") && e.contains("dangling symlink"),
+        "{e}"
+    );
+    // A symlink to a regular file is read.
+    write(tmp.path(), "nowhere.toml", "");
+    assert!(load_dirs(&reg, &pol).is_ok());
+}
+
+#[test]
+fn a_fifo_a_directory_and_an_oversized_file_are_errors_and_nothing_blocks() {
+    use std::os::unix::ffi::OsStrExt;
+    let (_tmp, reg, pol) = dirs();
+    let fifo = pol.join("20-pipe.toml");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let e = load_error(&reg, &pol);
+    assert!(e.contains("named pipe"), "{e}");
+    // Through a symlink too.
+    fs::remove_file(&fifo).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    fs::rename(&fifo, pol.join("pipe")).unwrap();
+    std::os::unix::fs::symlink(pol.join("pipe"), pol.join("20-link.toml")).unwrap();
+    assert!(load_error(&reg, &pol).contains("named pipe"));
+    fs::remove_file(pol.join("20-link.toml")).unwrap();
+
+    fs::create_dir(pol.join("30-dir.toml")).unwrap();
+    assert!(load_error(&reg, &pol).contains("a directory"));
+    fs::remove_dir(pol.join("30-dir.toml")).unwrap();
+
+    let big = fs::File::create(pol.join("40-big.toml")).unwrap();
+    big.set_len(MAX_FILE_BYTES + 1).unwrap();
+    assert!(load_error(&reg, &pol).contains("too large"));
+    fs::remove_file(pol.join("40-big.toml")).unwrap();
+    assert!(load_dirs(&reg, &pol).is_ok());
+}
+
+#[test]
+fn the_fingerprint_changes_with_any_byte_name_or_read_error() {
+    let (_tmp, reg, pol) = dirs();
+    write(&pol, "10-r.toml", "# a");
+    let a = fingerprint(&reg, &pol);
+    assert_eq!(a, fingerprint(&reg, &pol));
+    write(&pol, "10-r.toml", "# b");
+    let b = fingerprint(&reg, &pol);
+    assert_ne!(a, b);
+    fs::rename(pol.join("10-r.toml"), pol.join("11-r.toml")).unwrap();
+    assert_ne!(b, fingerprint(&reg, &pol));
+    let c = fingerprint(&reg, &pol);
+    fs::remove_dir_all(&pol).unwrap();
+    assert_ne!(c, fingerprint(&reg, &pol));
+}

@@ -10,6 +10,7 @@ mod ops;
 mod record;
 mod route;
 mod state;
+mod storage;
 
 use std::sync::Arc;
 
@@ -57,23 +58,22 @@ pub fn run(args: ServeArgs) -> CliResult {
     unsafe {
         libc::umask(0o077);
     }
-    crate::store::ensure_private_dir(&config.state_dir).map_err(|e| {
-        format!(
-            "cannot create state dir {}: {e}",
-            config.state_dir.display()
-        )
-    })?;
+    crate::store::ensure_private_dir(&config.state_dir)
+        .map_err(|e| format!("cannot use state dir {}: {e}", config.state_dir.display()))?;
     // A write past RLIMIT_FSIZE must be an error the audit log can refuse on, not a kill.
     // SAFETY: setting a signal disposition to SIG_IGN.
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    let stores = open_stores(&config)?;
+    let stores = open_stores(&config, args.accept_audit_truncation)?;
     actix_web::rt::System::new().block_on(serve(config, stores))
 }
 
 /// Open sled and every store, before the runtime starts (the OS keyring may block).
-fn open_stores(config: &Config) -> Result<state::Stores, Box<dyn std::error::Error>> {
+fn open_stores(
+    config: &Config,
+    accept_audit_truncation: bool,
+) -> Result<state::Stores, Box<dyn std::error::Error>> {
     use crate::store::{audit, keys, secrets, tokens};
     let dir = &config.state_dir;
     let db = crate::store::open_db(dir).map_err(|e| {
@@ -87,6 +87,8 @@ fn open_stores(config: &Config) -> Result<state::Stores, Box<dyn std::error::Err
         audit::AuditConfig {
             durability: config.audit_durability,
             retention_days: config.audit_retention_days,
+            checkpoint: Some(dir.join(audit::checkpoint::FILE_NAME)),
+            accept_truncation: accept_audit_truncation,
             ..Default::default()
         },
     )
@@ -190,11 +192,11 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .wrap(actix_web::middleware::from_fn(storage::gate))
             .wrap(actix_web::middleware::from_fn(auth::gate))
             .configure(routes)
             .default_service(web::to(errors::not_found))
     })
-    .backlog(2048)
     .workers(limits.workers)
     // Every connection must finish its request head within this, or it is closed (408);
     // a body has route::BODY_TIMEOUT more. Idle and stalled connections cannot pile up.
@@ -204,39 +206,57 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
     // Past this many open connections new ones wait in the listen backlog until one closes,
     // so the daemon never runs out of file descriptors for sled, the watcher or the log.
     .max_connections(limits.per_worker)
-    .shutdown_timeout(30)
-    .bind(config.listen)
-    .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    .shutdown_timeout(30);
+    // Our own listener (not `bind`), so a re-exec after a storage failure can hand it over.
+    let listener = storage::listener(config.listen)
+        .and_then(|l| Ok((l.try_clone()?, l)))
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let (kept, listener) = listener;
+    let server = server
+        .listen(listener)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = server.addrs().first().copied().unwrap_or(config.listen);
     state
         .port
         .store(addr.port(), std::sync::atomic::Ordering::Relaxed);
     let server = server.run();
+    storage::spawn_healer(&state, server.handle());
     tracing::info!("listening on http://{addr}");
     notify_ready(&state);
     spawn_watchdog();
     spawn_memory_trim(&state);
 
-    // Hot reload: file events (debounced) and SIGHUP.
+    // Hot reload: file events (debounced), a periodic rescan, and SIGHUP.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let _watcher = match crate::load::watch::watch(
+    let watch = Arc::new(crate::load::watch::DirWatch::start(
         &[config.registry_dir.clone(), config.policies_dir.clone()],
         tx.clone(),
-    ) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(
-                "cannot watch the policy dirs ({e}); reload with SIGHUP or POST /api/reload"
-            );
-            None
-        }
-    };
+    ));
+    let health = watch.health();
+    if !health.ok {
+        tracing::warn!(
+            errors = ?health.errors,
+            "cannot watch every policy dir; the rescan every {}s still picks up changes",
+            health.rescan_secs
+        );
+    }
+    let _ = state.watch.set(watch.clone());
     let st = state.clone();
+    let w = watch.clone();
+    let dirs = [config.registry_dir.clone(), config.policies_dir.clone()];
     actix_web::rt::spawn(async move {
         while crate::load::watch::next_quiet(&mut rx, crate::load::watch::QUIET).await {
+            // A git checkout in progress: load the commit it lands on, not a mix of two.
+            if crate::load::watch::wait_for_git(&dirs).await {
+                crate::load::watch::settle(&mut rx, crate::load::watch::QUIET).await;
+            }
+            // Follow a replaced dir before reading it, so no later edit goes unseen.
+            let w = w.clone();
+            let _ = tokio::task::spawn_blocking(move || w.refresh()).await;
             reload_and_record(&st, "file change").await;
         }
     });
+    spawn_rescan(&state, watch, tx.clone());
     let st = state.clone();
     actix_web::rt::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -249,9 +269,23 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
     });
 
     server.await.map_err(|e| format!("server error: {e}"))?;
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    // A re-exec to reopen the database is a reload to the service manager, not a stop.
+    let reexec = state.reexec.load(std::sync::atomic::Ordering::SeqCst);
+    let _ = sd_notify::notify(
+        false,
+        &[match reexec {
+            true => sd_notify::NotifyState::Reloading,
+            false => sd_notify::NotifyState::Stopping,
+        }],
+    );
     tracing::info!("stopped accepting; in-flight requests finished");
     record::shutdown(&state).await;
+    if reexec {
+        tracing::warn!("re-executing to reopen the database (same address, same arguments)");
+        let e = storage::reexec(&kept);
+        return Err(format!("could not re-execute to reopen the database: {e}").into());
+    }
+    drop(kept);
     tracing::info!("shut down cleanly");
     drop(tx);
     Ok(std::process::ExitCode::SUCCESS)
@@ -305,6 +339,42 @@ fn connection_limits() -> ConnectionLimits {
         per_worker: (total as usize / workers).max(8),
         nofile,
     }
+}
+
+/// The safety net under the watches: every `RESCAN`, re-establish watches on replaced
+/// dirs and compare the files' content hash with the last reload's; either difference
+/// triggers a reload (through the same debounce as file events).
+fn spawn_rescan(
+    state: &Arc<AppState>,
+    watch: Arc<crate::load::watch::DirWatch>,
+    tx: tokio::sync::mpsc::Sender<()>,
+) {
+    let st = state.clone();
+    actix_web::rt::spawn(async move {
+        loop {
+            actix_web::rt::time::sleep(crate::load::watch::RESCAN).await;
+            let (w, reg, pol) = (
+                watch.clone(),
+                st.config.registry_dir.clone(),
+                st.config.policies_dir.clone(),
+            );
+            let Ok((moved, now)) = tokio::task::spawn_blocking(move || {
+                (w.refresh(), crate::load::fingerprint(&reg, &pol))
+            })
+            .await
+            else {
+                continue;
+            };
+            let seen = *st
+                .files_fingerprint
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if moved || seen != Some(now) {
+                tracing::info!(moved, "rescan found changed policy files; reloading");
+                let _ = tx.try_send(());
+            }
+        }
+    });
 }
 
 /// Ping the systemd watchdog at half its interval, when one is configured.

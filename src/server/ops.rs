@@ -15,8 +15,14 @@ pub async fn health() -> HttpResponse {
     json_ok(json!({"status": "ok"}))
 }
 
-/// `GET /ready`: 200 once a policy set is loaded.
+/// `GET /ready`: 200 once a policy set is loaded, while the audit log can be written.
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    if let Some(why) = super::storage::problem(&state) {
+        return HttpResponse::ServiceUnavailable().json(json!({
+            "error": format!("storage cannot be written: {why}"),
+            "code": "unavailable",
+        }));
+    }
     match state.snapshot.load().as_ref() {
         Some(s) => json_ok(json!({"status": "ready", "policy_version": s.version})),
         None => HttpResponse::ServiceUnavailable()
@@ -48,6 +54,7 @@ pub async fn status(caller: super::auth::Caller, state: web::Data<AppState>) -> 
             "denied": state.metrics.denied_total(),
         })
     });
+    let storage = super::storage::problem(&state);
     json_ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": state.started.elapsed().as_secs(),
@@ -60,7 +67,13 @@ pub async fn status(caller: super::auth::Caller, state: web::Data<AppState>) -> 
         },
         "last_reload": last,
         "audit": audit_head,
+        "audit_integrity": all_tenants.then(|| state.stores.audit.integrity()),
+        "storage": {
+            "ok": storage.is_none(),
+            "error": storage,
+        },
         "decisions": decisions,
+        "watch": state.watch.get().map(|w| w.health()),
         "registry_dir": state.config.registry_dir,
         "policies_dir": state.config.policies_dir,
     }))
@@ -76,6 +89,16 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .ok;
     let mut text = state.metrics.render(loaded, failed);
     text.push_str(&audit_metrics(state.stores.audit.stats()));
+    let watch_ok = state.watch.get().is_some_and(|w| w.health().ok);
+    let storage_ok = super::storage::problem(&state).is_none();
+    text.push_str(&format!(
+        "# HELP hall_watch_ok Whether every policy dir (and its parent) is watched.\n# TYPE hall_watch_ok gauge\n\
+         hall_watch_ok {}\n\
+         # HELP hall_storage_ok Whether the audit log and database can be written.\n# TYPE hall_storage_ok gauge\n\
+         hall_storage_ok {}\n",
+        u8::from(watch_ok),
+        u8::from(storage_ok)
+    ));
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(text)

@@ -43,6 +43,15 @@ pub struct AppState {
     pub stores: Stores,
     /// Whether systemd has been told READY=1 (sent once, after the first good load).
     pub ready_notified: std::sync::atomic::AtomicBool,
+    /// Content hash of the files the last reload read (`load::fingerprint`), for the rescan.
+    pub files_fingerprint: Mutex<Option<blake3::Hash>>,
+    /// A storage failure seen outside the audit writer (a sled write that failed), cleared
+    /// by the healer's next successful probe (`storage.rs`).
+    pub storage_error: Mutex<Option<String>>,
+    /// Set by the healer: when the server stops, re-execute to reopen the database.
+    pub reexec: std::sync::atomic::AtomicBool,
+    /// The directory watches, once started (their health is in `/api/status`).
+    pub watch: std::sync::OnceLock<Arc<crate::load::watch::DirWatch>>,
 }
 
 /// The sled-backed stores, opened before the server starts.
@@ -73,6 +82,10 @@ impl AppState {
             started: Instant::now(),
             stores,
             ready_notified: std::sync::atomic::AtomicBool::new(false),
+            files_fingerprint: Mutex::new(None),
+            storage_error: Mutex::new(None),
+            reexec: std::sync::atomic::AtomicBool::new(false),
+            watch: std::sync::OnceLock::new(),
         }
     }
 
@@ -97,6 +110,10 @@ impl AppState {
         })
         .await
         .map_err(|e| vec![format!("reload task failed: {e}")])?;
+        *self
+            .files_fingerprint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = cache.fingerprint();
         *reloader = cache;
         let now = now_rfc3339();
         let unix = std::time::SystemTime::now()

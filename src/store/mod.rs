@@ -15,20 +15,63 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Create `dir` (and parents) with mode 0700, or tighten an existing one to 0700.
+/// Create `dir` (and parents) with mode 0700, or check that an existing one is safe to use.
 ///
 /// The state dir holds the audit log, token hashes, encrypted secrets and possibly a
-/// master key file: nobody but the daemon's user may list or read it.
+/// master key file: nobody but the daemon's user may list or read it. A directory Hall
+/// creates is made 0700. An existing directory is never chmod'ed (it may be shared: a 1777
+/// `/tmp` would lose its sticky bit and lock other users out); instead it is refused when
+/// it is group/world-writable or owned by another user, since whoever can write to it could
+/// swap the database or the key file. Files inside are created 0600 either way.
 pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let meta = fs::metadata(dir)?;
-    if meta.permissions().mode() & 0o777 != 0o700 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    use std::os::unix::fs::MetadataExt;
+    match fs::metadata(dir) {
+        Ok(meta) => {
+            if !meta.is_dir() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} exists and is not a directory", dir.display()),
+                ));
+            }
+            // SAFETY: geteuid has no preconditions.
+            let euid = unsafe { libc::geteuid() };
+            if meta.uid() != euid {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} is owned by uid {}, not by the user running hall (uid {euid}); \
+                         use a directory this user owns (Hall does not change ownership or \
+                         permissions of a directory it did not create)",
+                        dir.display(),
+                        meta.uid()
+                    ),
+                ));
+            }
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o022 != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{} is writable by other users (mode {mode:04o}): it would hold the audit \
+                         log, tokens and secrets. Use a dedicated directory (Hall creates a \
+                         missing one with mode 0700), or remove the group/other write bits \
+                         yourself (chmod go-w); Hall does not chmod a directory it did not create",
+                        dir.display()
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            // We created it: make it exactly 0700 whatever the umask.
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        }
+        Err(e) => Err(e),
     }
-    Ok(())
 }
 
 /// Write `contents` to `path` atomically (temp file + rename) with mode 0600.
@@ -123,6 +166,59 @@ pub(crate) fn test_db_at(path: &Path) -> sled::Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_missing_state_dir_is_created_0700() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("a/b/state");
+        ensure_private_dir(&d).unwrap();
+        assert_eq!(mode(&d), 0o700);
+    }
+
+    #[test]
+    fn an_existing_dir_is_used_as_it_is_or_refused_never_chmoded() {
+        let t = tempfile::tempdir().unwrap();
+        for (m, ok) in [
+            (0o700, true),
+            (0o750, true),
+            (0o770, false),
+            (0o1777, false),
+        ] {
+            let d = t.path().join(format!("d{m:o}"));
+            fs::create_dir(&d).unwrap();
+            fs::set_permissions(&d, fs::Permissions::from_mode(m)).unwrap();
+            let r = ensure_private_dir(&d);
+            assert_eq!(r.is_ok(), ok, "mode {m:o}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("writable by other users"), "{e}");
+            }
+            assert_eq!(mode(&d), m, "mode {m:o} was changed");
+        }
+        let f = t.path().join("file");
+        fs::write(&f, b"").unwrap();
+        assert!(ensure_private_dir(&f).is_err());
+    }
+
+    #[test]
+    fn a_dir_owned_by_another_user_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("theirs");
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let other = unsafe { libc::geteuid() } + 4242;
+        if std::os::unix::fs::chown(&d, Some(other), None).is_err() {
+            eprintln!("SKIPPED: cannot chown (not root)");
+            return;
+        }
+        let e = ensure_private_dir(&d).unwrap_err();
+        assert!(e.to_string().contains("owned by uid"), "{e}");
+        assert_eq!(mode(&d), 0o700);
+    }
 
     #[test]
     fn open_waits_for_a_lock_that_is_let_go() {

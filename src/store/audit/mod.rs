@@ -24,6 +24,7 @@
 //!
 //! Open one `AuditLog` per database and share it by cloning: two writers would fork the chain.
 
+pub mod checkpoint;
 mod index;
 mod record;
 mod writer;
@@ -33,7 +34,7 @@ mod tests;
 
 use std::io::Write;
 use std::ops::RangeInclusive;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -43,6 +44,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+pub use checkpoint::LostRange;
 use record::{decode_value, split_value, Defect, HASH_LEN};
 pub use record::{AuditEntry, AuditRecord, Durability, Hash32, RecordKind};
 use writer::{Msg, Writer};
@@ -67,6 +69,12 @@ pub struct AuditConfig {
     pub retention_days: Option<u32>,
     /// Batched mode: the longest a record waits in memory before a flush (default 50 ms).
     pub batch_interval: Duration,
+    /// Where to keep the chain head outside sled ([`checkpoint`]); `None`: no checkpoint
+    /// (truncation by sled's recovery then goes unnoticed).
+    pub checkpoint: Option<PathBuf>,
+    /// Open even when the log is shorter than (or differs from) its checkpoint, recording
+    /// the loss in the checkpoint so that status and `verify` keep reporting it.
+    pub accept_truncation: bool,
 }
 
 impl Default for AuditConfig {
@@ -75,6 +83,8 @@ impl Default for AuditConfig {
             durability: Durability::Durable,
             retention_days: None,
             batch_interval: Duration::from_millis(50),
+            checkpoint: None,
+            accept_truncation: false,
         }
     }
 }
@@ -98,6 +108,9 @@ pub enum AuditError {
     /// Writing an export to its destination failed.
     #[error("could not write the audit export: {0}")]
     Export(String),
+    /// The log holds fewer (or other) records than its checkpoint says were durable.
+    #[error("{0}")]
+    Truncated(String),
 }
 
 impl From<sled::Error> for AuditError {
@@ -155,6 +168,12 @@ pub enum VerifyReport {
         first_bad_seq: u64,
         problem: &'static str,
     },
+    /// The chain links, but records were lost (found against the checkpoint at open and
+    /// acknowledged by the operator): `first_bad_seq` is the first one missing.
+    Lost {
+        first_bad_seq: u64,
+        lost: Vec<LostRange>,
+    },
 }
 
 impl VerifyReport {
@@ -182,6 +201,20 @@ impl Serialize for VerifyReport {
                 st.serialize_field("ok", &false)?;
                 st.serialize_field("first_bad_seq", first_bad_seq)?;
                 st.serialize_field("problem", problem)?;
+                st.end()
+            }
+            VerifyReport::Lost {
+                first_bad_seq,
+                lost,
+            } => {
+                let mut st = s.serialize_struct("VerifyReport", 4)?;
+                st.serialize_field("ok", &false)?;
+                st.serialize_field("first_bad_seq", first_bad_seq)?;
+                st.serialize_field(
+                    "problem",
+                    "records were lost (found against the checkpoint; start acknowledged with --accept-audit-truncation)",
+                )?;
+                st.serialize_field("lost", lost)?;
                 st.end()
             }
         }
@@ -216,6 +249,10 @@ pub(crate) struct Counters {
 /// State shared by handles and the writer thread.
 pub(crate) struct Shared {
     head: ArcSwap<Head>,
+    /// The newest head known to be on disk (after a flush): what the checkpoint may name.
+    pub(crate) durable: ArcSwap<Head>,
+    /// Why the last batch failed; `None` once one succeeds (for readiness and status).
+    pub(crate) write_error: Mutex<Option<String>>,
     stats: Counters,
     /// Masks the seq in decision ids (`record::decision_uuid`).
     pub(crate) id_key: [u8; 32],
@@ -227,6 +264,14 @@ pub(crate) struct Shared {
 impl Shared {
     fn publish_head(&self, head: Head) {
         self.head.store(Arc::new(head));
+    }
+
+    pub(crate) fn publish_durable(&self, head: Head) {
+        self.durable.store(Arc::new(head));
+    }
+
+    pub(crate) fn set_write_error(&self, e: Option<String>) {
+        *self.write_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
     }
 }
 
@@ -269,6 +314,9 @@ struct Inner {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
     retention_days: Option<u32>,
+    /// The checkpoint task and the sender that stops it (`None` without a checkpoint).
+    checkpointer: Mutex<Option<(JoinHandle<()>, mpsc::Sender<()>)>>,
+    checkpoint: Arc<Mutex<checkpoint::Status>>,
 }
 
 impl Inner {
@@ -281,6 +329,16 @@ impl Inner {
             let _ = ack_rx.recv();
         }
         let _ = handle.join();
+        // After the writer's last flush: the final checkpoint names the final head.
+        if let Some((cp, stop)) = self
+            .checkpointer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = stop.send(());
+            let _ = cp.join();
+        }
     }
 }
 
@@ -317,14 +375,38 @@ impl AuditLog {
     ) -> Result<AuditLog, AuditError> {
         let trees = Trees::open(db)?;
         let (head, last_ts) = recover_head(&trees)?;
+        let lost = match &config.checkpoint {
+            Some(path) => check_checkpoint(&trees, head, path, config.accept_truncation)?,
+            None => Vec::new(),
+        };
         let index = index::Pending::rebuild(&trees)?;
         let shared = Arc::new(Shared {
             head: ArcSwap::from_pointee(head),
+            durable: ArcSwap::from_pointee(head),
+            write_error: Mutex::new(None),
             stats: Counters::default(),
             id_key: id_key(&trees)?,
             prune_lock: Mutex::new(()),
         });
         let retention_days = config.retention_days;
+        let checkpoint_status = Arc::new(Mutex::new(checkpoint::Status {
+            lost,
+            ..Default::default()
+        }));
+        let checkpointer = match &config.checkpoint {
+            Some(path) => {
+                let (stop_tx, stop_rx) = mpsc::channel();
+                let (path, sh, st) = (path.clone(), shared.clone(), checkpoint_status.clone());
+                let h = std::thread::Builder::new()
+                    .name("hall-audit-checkpoint".into())
+                    .spawn(move || checkpoint::run(path, sh, st, stop_rx))
+                    .map_err(|e| {
+                        AuditError::Write(format!("cannot start the audit checkpoint task: {e}"))
+                    })?;
+                Some((h, stop_tx))
+            }
+            None => None,
+        };
         let writer = Writer {
             trees: trees.clone(),
             shared: shared.clone(),
@@ -355,6 +437,8 @@ impl AuditLog {
                 shared,
                 writer: Mutex::new(Some(handle)),
                 retention_days,
+                checkpointer: Mutex::new(checkpointer),
+                checkpoint: checkpoint_status,
             }),
         })
     }
@@ -394,6 +478,37 @@ impl AuditLog {
     /// chain continues from them, and a restart falls back to what was flushed.
     pub fn head(&self) -> Head {
         **self.inner.shared.head.load()
+    }
+
+    /// Why the last batch could not be written, while that lasts (a later batch that
+    /// succeeds clears it).
+    pub fn write_error(&self) -> Option<String> {
+        self.inner
+            .shared
+            .write_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Forget the last write error (storage was probed writable again); the next batch
+    /// that fails sets it again.
+    pub fn clear_write_error(&self) {
+        self.inner.shared.set_write_error(None);
+    }
+
+    /// What the checkpoint says, for `/api/status`.
+    pub fn integrity(&self) -> Integrity {
+        let st = self
+            .inner
+            .checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Integrity {
+            checkpoint: st.written,
+            checkpoint_error: st.error.clone(),
+            lost: st.lost.clone(),
+        }
     }
 
     /// Counters for metrics.
@@ -547,6 +662,23 @@ impl AuditLog {
     /// Records removed from the *end* are caught only while this process runs (against the
     /// head it committed); after a restart the last surviving record becomes the head.
     pub fn verify(&self) -> Result<VerifyReport, AuditError> {
+        let report = self.walk_chain();
+        if !report.is_ok() {
+            return Ok(report);
+        }
+        let lost = self.integrity().lost;
+        match lost.iter().map(|l| l.from_seq).min() {
+            Some(first_bad_seq) => Ok(VerifyReport::Lost {
+                first_bad_seq,
+                lost,
+            }),
+            None => Ok(report),
+        }
+    }
+
+    /// The chain walk of [`verify`](Self::verify). Every problem, a storage read error
+    /// included, is a bad report naming a seq: a damaged log is an answer, not a failure.
+    fn walk_chain(&self) -> VerifyReport {
         let t = &self.inner.trees;
         // Pruning deletes from the front while we walk; hold it off for the walk.
         let _guard = self
@@ -556,16 +688,20 @@ impl AuditLog {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let committed = self.head();
-        let (mut expected, mut prev) = read_checkpoint(t)?.unwrap_or((1, Hash32::ZERO));
-        let mut entries = 0u64;
-        let bad = |seq, problem| {
-            Ok(VerifyReport::Bad {
-                first_bad_seq: seq,
-                problem,
-            })
+        let bad = |seq, problem| VerifyReport::Bad {
+            first_bad_seq: seq,
+            problem,
         };
+        let (mut expected, mut prev) = match read_checkpoint(t) {
+            Ok(c) => c.unwrap_or((1, Hash32::ZERO)),
+            Err(_) => return bad(1, "the retention checkpoint cannot be read"),
+        };
+        let mut entries = 0u64;
         for item in t.records.range(seq_key(expected)..) {
-            let (k, v) = item?;
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(_) => return bad(expected, "the record cannot be read (storage error)"),
+            };
             match seq_from_suffix(&k) {
                 Some(seq) if seq == expected && k.len() == 8 => {}
                 _ => return bad(expected, "record is missing"),
@@ -587,10 +723,10 @@ impl AuditLog {
         if expected <= committed.seq {
             return bad(expected, "record is missing");
         }
-        Ok(VerifyReport::Ok {
+        VerifyReport::Ok {
             entries,
             head: prev,
-        })
+        }
     }
 
     /// Apply retention now: delete records (and their index entries) older than
@@ -743,6 +879,128 @@ fn id_key(t: &Trees) -> Result<[u8; 32], AuditError> {
         }
         Err(_) => id_key(t),
     }
+}
+
+/// The checkpoint's view, for `/api/status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Integrity {
+    /// The head last written to the checkpoint file (`None`: not yet, or no checkpoint).
+    pub checkpoint: Option<Head>,
+    /// Why the checkpoint file could not be written, while that lasts.
+    pub checkpoint_error: Option<String>,
+    /// Records lost, as acknowledged with `--accept-audit-truncation`.
+    pub lost: Vec<LostRange>,
+}
+
+/// Compare what sled recovered with the checkpoint file, and write a fresh checkpoint.
+/// Returns the acknowledged losses (earlier ones, plus one found now if `accept`); a loss
+/// found now without `accept` is an error that names the missing seqs.
+fn check_checkpoint(
+    t: &Trees,
+    head: Head,
+    path: &Path,
+    accept: bool,
+) -> Result<Vec<LostRange>, AuditError> {
+    const FLAG: &str = "--accept-audit-truncation";
+    let cp = match checkpoint::read(path) {
+        Ok(cp) => cp,
+        Err(e) if accept => {
+            tracing::error!(error = %e, "audit checkpoint unreadable; starting anyway ({FLAG})");
+            None
+        }
+        Err(e) => {
+            return Err(AuditError::Truncated(format!(
+                "the audit checkpoint cannot be used: {e}. It records how far the log was durable, \
+                 so that a log cut short is noticed; keep a copy of the state dir, then start with \
+                 {FLAG} to continue without that check for the records written so far"
+            )))
+        }
+    };
+    let mut lost = cp.as_ref().map(|c| c.lost.clone()).unwrap_or_default();
+    let found = cp.as_ref().and_then(|cp| {
+        let cp_hash = cp.hash()?;
+        if cp.seq == 0 {
+            return None;
+        }
+        if head.seq < cp.seq {
+            return Some((
+                head.seq + 1,
+                cp.seq,
+                format!(
+                    "the log ends at seq {} but its checkpoint says seq {} was durable",
+                    head.seq, cp.seq
+                ),
+            ));
+        }
+        let pruned_below = read_checkpoint(t)
+            .ok()
+            .flatten()
+            .map_or(1, |(first, _)| first);
+        match t.records.get(seq_key(cp.seq)) {
+            Ok(Some(v)) => match split_value(&v) {
+                Ok((_, _, hash)) if hash == cp_hash => None,
+                _ => Some((
+                    cp.seq,
+                    cp.seq,
+                    format!("record {} is not the one the checkpoint names", cp.seq),
+                )),
+            },
+            Ok(None) if cp.seq < pruned_below => None,
+            Ok(None) => Some((cp.seq, cp.seq, format!("record {} is missing", cp.seq))),
+            Err(e) => Some((
+                cp.seq,
+                cp.seq,
+                format!("record {} cannot be read: {e}", cp.seq),
+            )),
+        }
+    });
+    if let Some((from_seq, to_seq, reason)) = found {
+        let range = if from_seq == to_seq {
+            format!("seq {from_seq}")
+        } else {
+            format!(
+                "seqs {from_seq}..={to_seq} ({} records)",
+                to_seq - from_seq + 1
+            )
+        };
+        if !accept {
+            return Err(AuditError::Truncated(format!(
+                "the audit log lost records: {reason}; missing: {range}. sled's crash recovery drops \
+                 a damaged tail of its log (a flipped bit or a torn write), so the log opened shorter \
+                 than it was. Keep a copy of the state dir for investigation; to start anyway, with \
+                 the loss recorded (shown by /api/status and audit verify), pass {FLAG}"
+            )));
+        }
+        tracing::error!(
+            missing = %range,
+            "{reason}; starting anyway ({FLAG}): the loss is recorded and reported by status and verify"
+        );
+        lost.push(LostRange {
+            from_seq,
+            to_seq,
+            accepted_at_ms: now_ms(),
+            reason,
+        });
+    }
+    let written = checkpoint::write(path, &checkpoint::Checkpoint::new(head, lost.clone()));
+    match written {
+        Ok(()) => {}
+        // An acknowledged loss must be on record before anything else is written.
+        Err(e) if found_any(&lost, &cp) => {
+            return Err(AuditError::Write(format!(
+                "cannot write {}: {e}",
+                path.display()
+            )))
+        }
+        // Otherwise the checkpoint task retries.
+        Err(e) => tracing::warn!(error = %e, "cannot write the audit checkpoint yet"),
+    }
+    Ok(lost)
+}
+
+/// Whether `lost` holds a loss the checkpoint file does not record yet.
+fn found_any(lost: &[LostRange], cp: &Option<checkpoint::Checkpoint>) -> bool {
+    lost.len() > cp.as_ref().map_or(0, |c| c.lost.len())
 }
 
 /// `(first kept seq, its prev_hash)` written by pruning.

@@ -184,6 +184,7 @@ impl Writer {
         match self.write_batch(pending) {
             Ok(appended) => {
                 self.shared.publish_head(self.head);
+                self.shared.set_write_error(None);
                 stats.appended.fetch_add(n, Ordering::Relaxed);
                 for ((_, reply), a) in pending.drain(..).zip(appended) {
                     let _ = reply.send(Ok(a));
@@ -192,6 +193,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, records = n, "audit batch failed; appends refused");
                 stats.failed.fetch_add(n, Ordering::Relaxed);
+                self.shared.set_write_error(Some(e.to_string()));
                 // Do not trust the in-memory tip after a failure: re-read what sled holds.
                 match super::recover_head(&self.trees) {
                     Ok((head, ts)) => {
@@ -282,6 +284,7 @@ impl Writer {
         self.shared.stats.flushes.fetch_add(1, Ordering::Relaxed);
         match self.trees.db.flush() {
             Ok(_) => {
+                self.shared.publish_durable(self.head);
                 self.dirty = false;
                 self.flush_failed = false;
                 self.last_flush = Instant::now();
