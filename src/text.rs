@@ -27,18 +27,35 @@ impl std::fmt::Display for TextError {
     }
 }
 
-/// Whether `c` may appear in recorded text.
+/// Whether `c` may appear in recorded text: not a control (Cc), not a format character
+/// (Cf: bidi controls, zero-width characters, tags, soft hyphen …), not a line or paragraph
+/// separator (Zl, Zp), not a noncharacter, and not one of the blank-looking letters that
+/// pass for nothing on screen.
 pub fn allowed_char(c: char) -> bool {
     !(c.is_control()
         || matches!(c,
-            '\u{061C}'                 // Arabic letter mark
+            // Cf, format characters
+            '\u{00AD}'                 // soft hyphen
+            | '\u{0600}'..='\u{0605}' | '\u{061C}' | '\u{06DD}' | '\u{070F}'
+            | '\u{0890}'..='\u{0891}' | '\u{08E2}' | '\u{180E}'
             | '\u{200B}'..='\u{200F}'  // zero-width space/non-joiner/joiner, LRM, RLM
             | '\u{202A}'..='\u{202E}'  // LRE, RLE, PDF, LRO, RLO
             | '\u{2060}'..='\u{2064}'  // word joiner, invisible operators
-            | '\u{2066}'..='\u{2069}'  // LRI, RLI, FSI, PDI
+            | '\u{2066}'..='\u{206F}'  // LRI, RLI, FSI, PDI, deprecated format characters
             | '\u{FEFF}'               // BOM / zero-width no-break space
             | '\u{FFF9}'..='\u{FFFB}'  // interlinear annotation controls
-        ))
+            | '\u{110BD}' | '\u{110CD}' | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0001}' | '\u{E0020}'..='\u{E007F}'  // language tag, tag characters
+            // Zl, Zp
+            | '\u{2028}' | '\u{2029}'
+            // invisible or blank-looking: combining grapheme joiner, Hangul fillers,
+            // braille blank, variation selectors
+            | '\u{034F}' | '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' | '\u{2800}'
+            | '\u{FE00}'..='\u{FE0F}' | '\u{E0100}'..='\u{E01EF}'
+        )
+        || (c as u32 & 0xFFFE) == 0xFFFE      // noncharacters U+xFFFE, U+xFFFF
+        || ('\u{FDD0}'..='\u{FDEF}').contains(&c))
 }
 
 /// Check `s`: 1..=`max_chars` characters, every one [`allowed_char`].
@@ -80,9 +97,37 @@ mod tests {
     #[test]
     fn controls_bidi_and_invisibles_fail() {
         for c in [
-            '\0', '\n', '\r', '\t', '\u{1B}', '\u{7F}', '\u{85}', '\u{9B}', '\u{061C}', '\u{200B}',
-            '\u{200D}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}',
-            '\u{2060}', '\u{FEFF}', '\u{FFF9}',
+            '\0',
+            '\n',
+            '\r',
+            '\t',
+            '\u{1B}',
+            '\u{7F}',
+            '\u{85}',
+            '\u{9B}',
+            '\u{061C}',
+            '\u{200B}',
+            '\u{200D}',
+            '\u{200E}',
+            '\u{200F}',
+            '\u{202A}',
+            '\u{202E}',
+            '\u{2066}',
+            '\u{2069}',
+            '\u{2060}',
+            '\u{FEFF}',
+            '\u{FFF9}',
+            '\u{2028}',
+            '\u{2029}',
+            '\u{00AD}',
+            '\u{E0041}',
+            '\u{180E}',
+            '\u{034F}',
+            '\u{1D173}',
+            '\u{3164}',
+            '\u{2800}',
+            '\u{FFFE}',
+            '\u{FE0F}',
         ] {
             let s = format!("ab{c}cd");
             assert_eq!(

@@ -95,3 +95,72 @@ fn stalled_and_idle_connections_do_not_starve_a_real_client() {
     assert_eq!(d.get("/health").status, 200);
     drop(stalled);
 }
+
+/// Read until the server closes the connection; `None` if it is still open after `limit`.
+fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    while start.elapsed() < limit {
+        match s.read(&mut b) {
+            Ok(0) => return Some(got),
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return Some(got),
+        }
+    }
+    None
+}
+
+#[test]
+fn a_trickled_second_request_and_an_unsent_chunked_body_do_not_hold_a_connection() {
+    let d = Daemon::start();
+    let host = d.addr.to_string();
+    // Keep-alive slowloris: one complete request, then the next head a byte at a time.
+    let mut slow = TcpStream::connect(d.addr).unwrap();
+    slow.write_all(
+        format!("GET /health HTTP/1.1\r\nHost: {host}\r\n\r\nGET /health HTTP/1.1\r\nHost: {host}\r\nX-a: ")
+            .as_bytes(),
+    )
+    .unwrap();
+    let trickle = {
+        let mut s = slow.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..60 {
+                std::thread::sleep(Duration::from_millis(500));
+                if s.write_all(b"a").is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    // A refused request whose chunked body never comes (no token, no body).
+    let mut chunked = TcpStream::connect(d.addr).unwrap();
+    chunked
+        .write_all(
+            format!(
+                "POST /api/route HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let got = closed_within(&mut chunked, Duration::from_secs(25))
+        .expect("the stalled chunked request's connection is closed");
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 401"),
+        "{got:?}"
+    );
+    let got = closed_within(&mut slow, Duration::from_secs(25))
+        .expect("the trickling keep-alive connection is closed");
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"),
+        "{got:?}"
+    );
+    trickle.join().unwrap();
+    assert_eq!(d.get("/health").status, 200);
+}

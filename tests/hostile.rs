@@ -393,7 +393,13 @@ fn a_tenant_bound_audit_token_sees_only_its_tenant() {
         "tenant_mismatch",
         None,
     );
-    // Status does not count other tenants' traffic for a bound token.
+    // Neither status nor metrics count other tenants' traffic for a bound token.
+    let bound_metrics = issue(&d, "acme-metrics", &["metrics"], Some("org.acme"));
+    send(&d, Some(&bound_metrics.token), "GET", "/metrics", None).assert_error(
+        403,
+        "tenant_mismatch",
+        None,
+    );
     let st = send(&d, Some(&acme.token), "GET", "/api/status", None).json();
     assert_eq!(st["audit"], Value::Null, "{st}");
     assert_eq!(st["decisions"], Value::Null, "{st}");
@@ -500,10 +506,35 @@ fn secrets_belong_to_the_tenant_that_wrote_them() {
     assert_eq!(secret_names(&d, &beta_w.token), ["beta_key"]);
     assert!(secret_names(&d, &acme_w.token).is_empty());
     put_secret(&d, &acme_w.token, "beta_key", "x").assert_error(403, "tenant_mismatch", None);
-    // The operator (unbound) sees and may replace everything; the owner stays.
+    // The operator (unbound) sees and may replace everything, and says who owns what it
+    // writes: without tenant_id its value is unowned (a tenant that grabbed a name first
+    // does not capture the operator's value), with it the named tenant owns it.
     assert_eq!(secret_names(&d, &admin), ["beta_key", "openai_api_key"]);
-    let r = put_secret(&d, &admin, "beta_key", "beta-value-2");
+    let r = put_secret(&d, &acme_w.token, "github_token", "squatted");
+    assert_eq!(r.json()["tenant_id"], "org.acme", "{}", r.body);
+    let r = put_secret(&d, &admin, "github_token", "REAL");
+    assert_eq!(r.json()["tenant_id"], Value::Null, "{}", r.body);
+    assert!(secret_names(&d, &acme_w.token).is_empty());
+    let r = send(
+        &d,
+        Some(&admin),
+        "PUT",
+        "/api/secrets/beta_key",
+        Some(r#"{"value":"beta-value-2","tenant_id":"org.beta.eu"}"#),
+    );
     assert_eq!(r.json()["tenant_id"], "org.beta.eu", "{}", r.body);
+    // A bound writer cannot give its secret to another tenant.
+    send(
+        &d,
+        Some(&acme_w.token),
+        "PUT",
+        "/api/secrets/acme_key",
+        Some(r#"{"value":"v","tenant_id":"org.beta.eu"}"#),
+    )
+    .assert_error(403, "tenant_mismatch", None);
+    // Changes are recorded under the secret's owner, whoever made them.
+    let rec = &d.get("/api/audit?kind=secret_store&tail=1").json()["records"][0];
+    assert_eq!(rec["tenant_id"], "org.beta.eu", "{rec}");
 
     // Release: an owned secret serves its tenant's decisions only.
     let acme_rel = issue(&d, "acme-rel", &["secrets:release"], Some("org.acme"));
@@ -568,6 +599,21 @@ fn a_tenant_bound_admin_stays_in_its_tenant() {
         None,
     )
     .assert_error(404, "not_found", None);
+    // Revoking its own tenant's token works, and the record is that tenant's.
+    let child_id = list.iter().find(|t| t["name"] == "child").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = send(
+        &d,
+        Some(&acme_admin.token),
+        "DELETE",
+        &format!("/api/tokens/{child_id}"),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let rec = &d.get("/api/audit?kind=token_revoke&tail=1").json()["records"][0];
+    assert_eq!(rec["tenant_id"], "org.acme", "{rec}");
     // The master key covers every tenant.
     send(
         &d,
@@ -643,6 +689,9 @@ fn control_and_bidi_characters_are_refused_in_recorded_fields() {
             "\\u2066x",
             "a\\nb",
             "\\u001b[31m",
+            "a\\u2028b",
+            "soft\\u00ADhyphen",
+            "\\udb40\\udc41tag",
         ] {
             let r = d.post_json("/api/route", &format!(r#"{{{base},"{field}":"{bad}"}}"#));
             r.assert_error(400, "invalid_request", Some(field));
@@ -663,13 +712,13 @@ fn control_and_bidi_characters_are_refused_in_recorded_fields() {
 #[test]
 fn context_is_recorded_exactly_as_sent() {
     let d = Daemon::start();
-    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let deep = format!("{}1{}", "[".repeat(100), "]".repeat(100));
     let contexts = [
-        r#"{"n":1e999}"#.to_string(),
         r#"{"big":123456789012345678901234567890,"f":0.1000000000000000055511151231257827}"#
             .to_string(),
         format!(r#"{{"deep":{deep}}}"#),
-        r#"{"s":"tab\there","u":"\u00e9"}"#.to_string(),
+        r#"{"s":"tab\there","u":"\u00e9", "spaced" : [1, 2.50, -0.0]}"#.to_string(),
+        r#"{"a":1,"a":2}"#.to_string(),
     ];
     for ctx in contexts {
         let r = d.post_json(
@@ -688,6 +737,26 @@ fn context_is_recorded_exactly_as_sent() {
             rec.body
         );
     }
+    // What cannot be recorded as sent (every reader must parse it) is refused, never mangled:
+    // a number beyond f64, a lone surrogate, nesting past 128.
+    let too_deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    for ctx in [
+        r#"{"n":1e999}"#.to_string(),
+        r#"{"a":"\udead"}"#.to_string(),
+        format!(r#"{{"deep":{too_deep}}}"#),
+    ] {
+        d.post_json(
+            "/api/route",
+            &format!(
+                r#"{{"capability_id":"cap.doc.summarize","env":"dev","data_label":"PUBLIC","tenant_id":"org.acme","context":{ctx}}}"#
+            ),
+        )
+        .assert_error(400, "invalid_request", Some("context"));
+    }
+    // And the audit pages that hold such records still serve (they once panicked).
+    let page = d.get("/api/audit?limit=100&after_seq=0");
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("123456789012345678901234567890"));
 }
 
 #[test]

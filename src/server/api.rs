@@ -100,7 +100,21 @@ pub async fn audit_query(
         .map_err(internal)?
         .map_err(internal)?;
     let next_after = records.last().map(|r| r.seq);
-    Ok(HttpResponse::Ok().json(json!({"records": records, "next_after_seq": next_after})))
+    // Serialized straight to text: a record's context is the client's exact JSON text
+    // (a `serde_json::Value` would re-parse, and round, its numbers).
+    #[derive(serde::Serialize)]
+    struct Page<'a> {
+        records: &'a [crate::store::audit::AuditRecord],
+        next_after_seq: Option<u64>,
+    }
+    let body = serde_json::to_vec(&Page {
+        records: &records,
+        next_after_seq: next_after,
+    })
+    .map_err(internal)?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body))
 }
 
 /// `GET /api/audit/{decision_id}`
@@ -286,10 +300,16 @@ pub async fn token_revoke(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path.into_inner();
+    let target_tenant = state
+        .stores
+        .tokens
+        .list()
+        .into_iter()
+        .find(|i| i.id == id)
+        .and_then(|i| i.tenant_id);
     if let Some(t) = caller.tenant() {
-        // Another tenant's token is not this token's to see, let alone revoke.
-        let theirs = state.stores.tokens.list().into_iter().find(|i| i.id == id);
-        if theirs.is_some_and(|i| i.tenant_id.as_deref() != Some(t)) {
+        // Another tenant's (or an unbound) token is not this token's to see, let alone revoke.
+        if target_tenant.as_deref() != Some(t) {
             return Err(ApiError::not_found("no token with this id"));
         }
     }
@@ -303,6 +323,7 @@ pub async fn token_revoke(
         return Err(ApiError::not_found("no token with this id"));
     }
     record::event(&state, RecordKind::TokenRevoke, Some(caller.id()), |e| {
+        e.tenant_id = target_tenant;
         e.detail = Some(format!("revoked {id}"))
     })
     .await?;
@@ -316,6 +337,8 @@ pub async fn token_revoke(
 #[serde(deny_unknown_fields)]
 struct SecretBody {
     value: zeroize::Zeroizing<String>,
+    /// The owning tenant (unbound writers only; a bound writer's secrets are its tenant's).
+    tenant_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -348,15 +371,31 @@ pub async fn secret_put(
     let parsed = serde_json::from_slice::<SecretBody>(&bytes);
     zeroize::Zeroize::zeroize(&mut bytes[..]);
     // serde_json's error text can quote input; never echo it for a secret body.
-    let body = parsed
-        .map_err(|_| ApiError::invalid("body", "the body must be {\"value\": \"<string>\"}"))?;
+    let body = parsed.map_err(|_| {
+        ApiError::invalid(
+            "body",
+            "the body must be {\"value\": \"<string>\"} (and optionally \"tenant_id\")",
+        )
+    })?;
+    if let Some(t) = &body.tenant_id {
+        if !crate::engine::valid_id(t) {
+            return Err(ApiError::invalid(
+                "tenant_id",
+                "tenant_id is not a valid id",
+            ));
+        }
+    }
     let st = state.clone();
     let n = name.clone();
     let writer = caller.tenant().map(str::to_string);
     let (meta, undo) = web::block(move || {
-        st.stores
-            .secrets
-            .put_undoable(&n, body.value.as_bytes(), now_ms(), writer.as_deref())
+        st.stores.secrets.put_undoable(
+            &n,
+            body.value.as_bytes(),
+            now_ms(),
+            writer.as_deref(),
+            body.tenant_id.as_deref(),
+        )
     })
     .await
     .map_err(internal)?
@@ -374,8 +413,11 @@ async fn record_secret_change(
     name: &str,
     undo: crate::store::secrets::Undo,
 ) -> Result<(), ApiError> {
+    // The record belongs to the secret's tenant (its owner), so that tenant's auditors see
+    // every change to it, whoever made it.
+    let owner = undo.owner();
     let recorded = record::event(state, kind, Some(caller.id()), |e| {
-        e.tenant_id = caller.tenant().map(str::to_string);
+        e.tenant_id = owner;
         e.detail = Some(name.to_string())
     })
     .await;

@@ -26,13 +26,14 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use actix_web::body::{EitherBody, MessageBody};
+use actix_web::body::{BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{forward_ready, Payload, Service, ServiceRequest, ServiceResponse, Transform};
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use actix_web::http::Method;
 use actix_web::middleware::Next;
 use actix_web::{web, FromRequest, HttpMessage, HttpRequest, HttpResponse};
 
+use super::conn::{ConnGuard, TrackedBody};
 use super::errors::ApiError;
 use super::guard;
 use super::state::{now_ms, AppState};
@@ -76,6 +77,19 @@ const CORS_MAX_AGE: &str = "600";
 pub async fn gate<B: MessageBody + 'static>(
     req: ServiceRequest,
     next: Next<B>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    // The connection is busy from here until the response body is done (see `conn`).
+    let busy = req.conn_data::<ConnGuard>().map(ConnGuard::begin);
+    let res = gate_inner(req, next).await?.map_into_boxed_body();
+    Ok(match busy {
+        Some(busy) => res.map_body(|_, body| BoxBody::new(TrackedBody::new(body, busy))),
+        None => res,
+    })
+}
+
+async fn gate_inner<B: MessageBody + 'static>(
+    req: ServiceRequest,
+    next: Next<B>,
 ) -> Result<ServiceResponse<EitherBody<B>>, actix_web::Error> {
     let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
         return Ok(req
@@ -97,6 +111,13 @@ pub async fn gate<B: MessageBody + 'static>(
     };
     if cors_configured {
         add_cors_headers(&mut res, &state.config.allowed_origins);
+    }
+    // An error may leave a request body unread (a refused upload, a stalled chunked body):
+    // close the connection after answering rather than wait for a body that may never come.
+    if res.status().is_client_error() || res.status().is_server_error() {
+        res.response_mut()
+            .head_mut()
+            .set_connection_type(actix_web::http::ConnectionType::Close);
     }
     Ok(res)
 }

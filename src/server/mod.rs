@@ -2,6 +2,7 @@
 
 mod api;
 pub mod auth;
+mod conn;
 mod errors;
 pub mod guard;
 mod mcp;
@@ -189,6 +190,9 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
         "connection limits"
     );
     let data = web::Data::from(state.clone());
+    let conns = Arc::new(conn::Conns::default());
+    conns.spawn_reaper();
+    let on_connect_conns = conns.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
@@ -197,12 +201,19 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
             .configure(routes)
             .default_service(web::to(errors::not_found))
     })
+    .on_connect(move |io, ext| {
+        if let Some(tcp) = io.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            if let Some(guard) = on_connect_conns.register(tcp) {
+                ext.insert(guard);
+            }
+        }
+    })
     .workers(limits.workers)
     // Every connection must finish its request head within this, or it is closed (408);
     // a body has route::BODY_TIMEOUT more. Idle and stalled connections cannot pile up.
     .client_request_timeout(HEADER_TIMEOUT)
     .client_disconnect_timeout(std::time::Duration::from_secs(1))
-    .keep_alive(std::time::Duration::from_secs(30))
+    .keep_alive(std::time::Duration::from_secs(5))
     // Past this many open connections new ones wait in the listen backlog until one closes,
     // so the daemon never runs out of file descriptors for sled, the watcher or the log.
     .max_connections(limits.per_worker)
@@ -336,7 +347,8 @@ fn connection_limits() -> ConnectionLimits {
         .clamp(16, MAX_CONNECTIONS);
     ConnectionLimits {
         workers,
-        per_worker: (total as usize / workers).max(8),
+        // Each connection holds two fds: actix's and the reaper's duplicate (see `conn`).
+        per_worker: (total as usize / 2 / workers).max(8),
         nofile,
     }
 }

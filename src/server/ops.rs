@@ -1,6 +1,6 @@
 //! The operator's endpoints: health, readiness, status, metrics, registry, reload.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpResponse, ResponseError};
 use serde_json::json;
 
 use super::errors::ApiError;
@@ -80,7 +80,17 @@ pub async fn status(caller: super::auth::Caller, state: web::Data<AppState>) -> 
 }
 
 /// `GET /metrics`: Prometheus text format.
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+///
+/// Refused (403 `tenant_mismatch`) for a tenant-bound token: the counters cover every tenant.
+pub async fn metrics(caller: super::auth::Caller, state: web::Data<AppState>) -> HttpResponse {
+    if caller.tenant().is_some() {
+        return ApiError::new(
+            403,
+            "tenant_mismatch",
+            "metrics count every tenant's traffic; use a token that is not bound to a tenant",
+        )
+        .error_response();
+    }
     let loaded = state.snapshot.load().is_some();
     let failed = !state
         .last_reload

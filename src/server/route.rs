@@ -236,6 +236,14 @@ fn check_extras(b: &RouteBody) -> Result<(), ApiError> {
                 format!("context is larger than {} KiB", MAX_CONTEXT / 1024),
             ));
         }
+        // It is recorded byte for byte, so it must be JSON every reader can parse: no lone
+        // surrogate escapes, no number beyond f64's range, nesting within serde_json's limit.
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(raw) {
+            return Err(ApiError::invalid(
+                "context",
+                format!("context is not JSON that can be recorded as sent: {e}"),
+            ));
+        }
     }
     Ok(())
 }

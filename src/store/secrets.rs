@@ -99,6 +99,14 @@ pub struct Undo {
     after: Option<sled::IVec>,
 }
 
+impl Undo {
+    /// The tenant owning the secret this change concerns (after a put, or before a delete).
+    pub fn owner(&self) -> Option<String> {
+        let raw = self.after.as_ref().or(self.before.as_ref())?;
+        decode(&self.name, raw).ok()?.owner
+    }
+}
+
 impl std::fmt::Debug for Undo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Undo").field("name", &self.name).finish()
@@ -403,23 +411,36 @@ impl SecretStore {
 
     /// Store (or replace) a secret; durable when this returns.
     pub fn put(&self, name: &str, value: &[u8], now_ms: i64) -> Result<SecretMeta, SecretError> {
-        self.put_undoable(name, value, now_ms, None)
+        self.put_undoable(name, value, now_ms, None, None)
             .map(|(meta, _)| meta)
     }
 
     /// [`put`](Self::put) by a writer bound to `writer_tenant` (or unbound), also returning
     /// how to take the change back (see [`Undo`]).
     ///
-    /// Ownership: a new secret written by a bound writer belongs to its tenant; an existing
-    /// one keeps its owner, and a bound writer may replace only its own tenant's secrets
-    /// ([`SecretError::NotOwner`] otherwise). Unbound writers may replace any.
+    /// Ownership: a bound writer creates secrets owned by its tenant and may replace only
+    /// those ([`SecretError::NotOwner`] otherwise); `owner` must then be `None` or its own
+    /// tenant. An unbound writer may replace any secret and sets its owner to `owner` (`None`:
+    /// unowned) — so a value the operator writes never stays owned by a tenant that merely
+    /// created the name first.
     pub fn put_undoable(
         &self,
         name: &str,
         value: &[u8],
         now_ms: i64,
         writer_tenant: Option<&str>,
+        owner: Option<&str>,
     ) -> Result<(SecretMeta, Undo), SecretError> {
+        let owner = match (writer_tenant, owner) {
+            (Some(w), Some(o)) if w != o => {
+                return Err(SecretError::NotOwner {
+                    name: name.to_string(),
+                    owner: Some(o.to_string()),
+                })
+            }
+            (Some(w), _) => Some(w),
+            (None, o) => o,
+        };
         validate_name(name)?;
         if value.len() > MAX_VALUE_LEN {
             return Err(SecretError::ValueTooLarge {
@@ -433,15 +454,15 @@ impl SecretStore {
         let key = keys.write_key();
         let mut old = self.tree.get(name)?;
         let meta = loop {
-            let (created_ms, owner) = match &old {
+            let created_ms = match &old {
                 Some(raw) => {
                     let rec = decode(name, raw)?;
                     check_owner(name, rec.owner.as_deref(), writer_tenant)?;
-                    (rec.created_ms, rec.owner)
+                    rec.created_ms
                 }
-                None => (now_ms, writer_tenant.map(str::to_string)),
+                None => now_ms,
             };
-            let rec = key.seal(name, owner.as_deref(), value, created_ms, now_ms);
+            let rec = key.seal(name, owner, value, created_ms, now_ms);
             let bytes = sled::IVec::from(rmp_serde::to_vec_named(&rec).expect("record encodes"));
             match self
                 .tree
@@ -450,7 +471,7 @@ impl SecretStore {
                 Ok(()) => {
                     let meta = SecretMeta {
                         name: name.to_string(),
-                        tenant_id: owner,
+                        tenant_id: owner.map(str::to_string),
                         created_ms,
                         updated_ms: now_ms,
                     };
@@ -958,12 +979,12 @@ mod tests {
         let db = mem_db();
         let s = SecretStore::open(&db, key(1)).unwrap();
         // A new secret, undone: gone.
-        let (_, undo) = s.put_undoable("a", b"one", 1, None).unwrap();
+        let (_, undo) = s.put_undoable("a", b"one", 1, None, None).unwrap();
         assert!(s.undo(undo).unwrap());
         assert_eq!(s.get("a").unwrap(), None);
         // A replaced value, undone: the old value (and times) are back.
         s.put("a", b"one", 1).unwrap();
-        let (_, undo) = s.put_undoable("a", b"two", 2, None).unwrap();
+        let (_, undo) = s.put_undoable("a", b"two", 2, None, None).unwrap();
         assert!(s.undo(undo).unwrap());
         assert_eq!(&s.get("a").unwrap().unwrap()[..], b"one");
         assert_eq!(s.list().unwrap()[0].updated_ms, 1);
@@ -973,7 +994,7 @@ mod tests {
         assert_eq!(&s.get("a").unwrap().unwrap()[..], b"one");
         assert!(s.delete_undoable("nope", None).unwrap().is_none());
         // A later write wins: the earlier change is not undone over it.
-        let (_, undo) = s.put_undoable("a", b"two", 2, None).unwrap();
+        let (_, undo) = s.put_undoable("a", b"two", 2, None, None).unwrap();
         s.put("a", b"three", 3).unwrap();
         assert!(!s.undo(undo).unwrap());
         assert_eq!(&s.get("a").unwrap().unwrap()[..], b"three");
@@ -982,7 +1003,7 @@ mod tests {
         assert!(!s.undo(undo).unwrap());
         assert_eq!(&s.get("a").unwrap().unwrap()[..], b"four");
         // Debug output names the secret, never the sealed bytes.
-        let (_, undo) = s.put_undoable("b", b"five", 5, None).unwrap();
+        let (_, undo) = s.put_undoable("b", b"five", 5, None, None).unwrap();
         assert_eq!(format!("{undo:?}"), r#"Undo { name: "b" }"#);
     }
 
