@@ -2,8 +2,10 @@
 //! are thin HTTP clients of a running daemon.
 
 mod client;
+pub mod import;
 pub mod fixtures;
 mod offline;
+pub mod replay;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +47,12 @@ pub enum Command {
     /// Read, verify and export the audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Re-decide the recorded requests under candidate files and show what would change
+    /// (offline: the daemon must be stopped).
+    Replay(replay::ReplayArgs),
+    /// Translate another router's files into Hall TOML (`hall import pyhall ...`).
+    #[command(subcommand)]
+    Import(import::ImportCmd),
     /// Print the version.
     Version,
 }
@@ -245,6 +253,8 @@ pub fn main() -> ExitCode {
         Command::Token(t) => client::token(t),
         Command::Secret(s) => client::secret(s),
         Command::Audit(a) => client::audit(a),
+        Command::Replay(a) => replay::run(&a),
+        Command::Import(c) => import::run(c),
         Command::Version => {
             println!("hall {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
