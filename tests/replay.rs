@@ -10,12 +10,19 @@ use common::{copy_dir, Daemon, HALL};
 use serde_json::Value;
 
 fn hall(args: &[&str]) -> Output {
+    hall_env(args, &[])
+}
+
+fn hall_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = std::process::Command::new(HALL);
     cmd.args(args);
     for (k, _) in std::env::vars() {
         if k.starts_with("HALL_") {
             cmd.env_remove(k);
         }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
     }
     cmd.output().expect("run hall")
 }
@@ -133,6 +140,7 @@ fn replay_counts_and_shows_what_an_edit_would_change() {
     // Records of other kinds in between: a token issue and a reload.
     let r = d.post_json("/api/tokens", r#"{"name":"ci","scopes":["route"]}"#);
     assert!(r.status == 200 || r.status == 201, "{}", r.status);
+    let route_only = r.json()["token"].as_str().expect("token shown once").to_owned();
     assert_eq!(d.post_json("/api/reload", "{}").status, 200);
     let head = d.get("/api/status").json()["audit"]["seq"].as_u64().unwrap();
     assert!(head >= 9, "7 decisions + token + reload, head {head}");
@@ -141,19 +149,39 @@ fn replay_counts_and_shows_what_an_edit_would_change() {
     let candidate = d.dir.path().join("candidate");
     edited_policies(&candidate);
 
-    // While the daemon runs, the state dir is locked: a clear error, not a hang.
-    let o = hall(&[
-        "replay",
-        "--state-dir",
-        &state.display().to_string(),
-        "--registry",
-        &registry.display().to_string(),
-        "--policies",
-        &candidate.display().to_string(),
-    ]);
+    // While the daemon runs, the state dir is locked: a clear error, not a hang ...
+    let (st, rg, cand) = (
+        state.display().to_string(),
+        registry.display().to_string(),
+        candidate.display().to_string(),
+    );
+    let args = [
+        "replay", "--state-dir", &st, "--registry", &rg, "--policies", &cand, "--format", "json",
+    ];
+    let with_source = |source: &'static str| -> Vec<&str> {
+        let mut a = args.to_vec();
+        a.extend(["--source", source]);
+        a
+    };
+    let o = hall(&with_source("state-dir"));
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("locked") && err.contains("daemon"), "{err}");
+    // ... and by default replay reads the same records through the API (audit scope).
+    let url = format!("http://{}", d.addr);
+    let o = hall_env(&args, &[("HALL_URL", &url)]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let via_api: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((via_api["replayed"].as_u64(), via_api["changed"].as_u64()), (Some(7), Some(6)));
+    // A token without the audit scope is refused, with the reason.
+    let o = hall_env(
+        &with_source("api"),
+        &[("HALL_URL", &url), ("HALL_TOKEN", &route_only)],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("403") && err.contains("audit scope"), "{err}");
+    assert!(!err.contains(&route_only), "the token is never printed");
 
     assert!(d.stop().success());
 

@@ -5,10 +5,11 @@
 //! outcomes are counted by transition and a few examples of each change are kept. Records of
 //! other kinds (reloads, tokens, secrets) are not requests and are passed over.
 //!
-//! The log is read offline, straight from the state dir, through the public [`AuditLog`]
-//! query API (never by parsing stored bytes). sled locks its directory, so the daemon must be
-//! stopped; a locked state dir is reported as such. Nothing is appended to the log and no
-//! network call is made.
+//! The log is read straight from the state dir through the public [`AuditLog`] query API
+//! (never by parsing stored bytes) when the daemon is stopped: sled locks its directory while
+//! the daemon runs. Then (`--source auto`, the default) replay pages the same records out of
+//! the running daemon's `GET /api/audit` on loopback, with a token that has the `audit` scope.
+//! Nothing is appended to the log and no other call is made.
 //!
 //! Reading and deciding run on two threads: one pages records out of sled (decoding them),
 //! the other decides and counts, so on a two-core machine the read is not the bottleneck.
@@ -32,8 +33,13 @@ use crate::store::audit::{AuditConfig, AuditLog, AuditQuery, AuditRecord, Record
 /// `hall replay` arguments.
 #[derive(Debug, Args)]
 #[command(after_help = "\
-Reads the audit log directly from the state dir. The daemon must be stopped first: sled \
-locks the state dir while the daemon runs, and replay says so instead of waiting. \
+Where the records come from (--source):
+  state-dir  read the audit log directly from the state dir; the daemon must be stopped
+             (sled locks the directory while it runs). Fastest.
+  api        ask the running daemon: GET /api/audit at HALL_URL (default \
+http://127.0.0.1:8765) with HALL_TOKEN or the admin token file; the token needs the \
+`audit` scope (a tenant-bound token sees only its tenant).
+  auto       (default) the state dir, or the API when a running daemon holds it.
 Nothing is written to the audit log.
 
 Typical use, before saving an edit to the live policy dir:
@@ -68,6 +74,20 @@ pub struct ReplayArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// Where to read the recorded decisions (see below).
+    #[arg(long, value_enum, default_value_t = Source::Auto)]
+    pub source: Source,
+    /// Daemon URL for --source api/auto (also HALL_URL; default http://127.0.0.1:8765).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+}
+
+/// Where `hall replay` reads the recorded decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Source {
+    Auto,
+    StateDir,
+    Api,
 }
 
 /// Output format of `hall replay`.
@@ -168,11 +188,27 @@ pub(super) fn run(a: &ReplayArgs) -> CliResult {
     let loaded = load_dirs(&cfg.registry_dir, &cfg.policies_dir).map_err(|e| {
         format!("the candidate policy set does not load (run `hall check`):\n{e}")
     })?;
-    let log = open_log(&cfg.state_dir)?;
     let started = Instant::now();
-    let report = replay(&log, &loaded.snapshot, &window, a.limit);
-    log.shutdown();
-    let report = report?;
+    let report = match a.source {
+        Source::StateDir => replay_state_dir(&cfg.state_dir, &loaded.snapshot, &window, a.limit)?,
+        Source::Api => {
+            let pages = api_pages(a.url.as_deref(), &cfg.state_dir, &window)?;
+            replay_pages(pages, &loaded.snapshot, a.limit)?
+        }
+        Source::Auto => match open_log(&cfg.state_dir) {
+            Ok(log) => {
+                let r = replay(&log, &loaded.snapshot, &window, a.limit);
+                log.shutdown();
+                r?
+            }
+            Err(OpenError::Locked(_)) => {
+                eprintln!("hall: the daemon holds the state dir; reading the audit log through its API");
+                let pages = api_pages(a.url.as_deref(), &cfg.state_dir, &window)?;
+                replay_pages(pages, &loaded.snapshot, a.limit)?
+            }
+            Err(e) => return Err(e.to_string().into()),
+        },
+    };
     let elapsed = started.elapsed();
     match a.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -185,32 +221,134 @@ pub(super) fn run(a: &ReplayArgs) -> CliResult {
     })
 }
 
+/// Why the audit log in a state dir cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no audit log in {0} (expected {0}/db): give the daemon's --state-dir")]
+    Missing(String),
+    #[error("the audit log in {0} is locked: a running daemon holds it. Stop the daemon (e.g. `systemctl --user stop hall`) and replay again, or use --source api")]
+    Locked(String),
+    #[error("cannot open the audit log in {0}: {1}")]
+    Other(String, String),
+}
+
 /// Open the audit log in `state_dir` for reading, without creating anything and without
 /// waiting for a lock the daemon holds.
-pub fn open_log(state_dir: &Path) -> Result<AuditLog, Box<dyn std::error::Error>> {
+pub fn open_log(state_dir: &Path) -> Result<AuditLog, OpenError> {
+    let shown = state_dir.display().to_string();
     let db_path = state_dir.join("db");
     if !db_path.is_dir() {
-        return Err(format!(
-            "no audit log in {} (expected {}): give the daemon's --state-dir",
-            state_dir.display(),
-            db_path.display()
-        )
-        .into());
+        return Err(OpenError::Missing(shown));
     }
     let db = crate::store::open_db_waiting(&db_path, Duration::ZERO).map_err(|e| {
-        if e.to_string().contains("could not acquire lock")
-            || e.to_string().contains("WouldBlock")
-        {
-            format!(
-                "the audit log in {} is locked: a running daemon holds it. Stop the daemon \
-                 (e.g. `systemctl --user stop hall`), replay, then start it again",
-                state_dir.display()
-            )
+        let text = e.to_string();
+        if text.contains("could not acquire lock") || text.contains("WouldBlock") {
+            OpenError::Locked(shown.clone())
         } else {
-            format!("cannot open the audit log in {}: {e}", state_dir.display())
+            OpenError::Other(shown.clone(), text)
         }
     })?;
-    Ok(AuditLog::open(&db, AuditConfig::default())?)
+    AuditLog::open(&db, AuditConfig::default()).map_err(|e| OpenError::Other(shown, e.to_string()))
+}
+
+fn replay_state_dir(
+    state_dir: &Path,
+    snap: &Snapshot,
+    window: &Window,
+    examples: usize,
+) -> Result<Report, Box<dyn std::error::Error>> {
+    let log = open_log(state_dir)?;
+    let r = replay(&log, snap, window, examples);
+    log.shutdown();
+    r
+}
+
+type Pages = Box<dyn Iterator<Item = Result<Vec<AuditRecord>, String>> + Send>;
+
+/// Pages of decision records from the running daemon's `GET /api/audit`.
+fn api_pages(url: Option<&str>, state_dir: &Path, window: &Window) -> Result<Pages, String> {
+    let base = url
+        .map(str::to_owned)
+        .or_else(|| std::env::var("HALL_URL").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "http://127.0.0.1:8765".into());
+    let base = base.trim_end_matches('/').to_owned();
+    let token = std::env::var("HALL_TOKEN")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string(state_dir.join("admin.token"))
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .ok_or("no token for the API: set HALL_TOKEN to a token with the audit scope")?;
+    let mut query = format!("kind=decision&limit={MAX_QUERY_LIMIT}");
+    for (k, v) in [
+        ("tenant_id", window.tenant_id.as_ref().map(|s| s.to_owned())),
+        ("capability_id", window.capability_id.as_ref().map(|s| s.to_owned())),
+        ("since", window.since_ms.map(|t| t.to_string())),
+        ("until", window.until_ms.map(|t| t.to_string())),
+    ] {
+        if let Some(v) = v {
+            query.push_str(&format!("&{k}={}", encode(&v)));
+        }
+    }
+    let mut after: Option<u64> = None;
+    let mut done = false;
+    Ok(Box::new(std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let mut url = format!("{base}/api/audit?{query}");
+        if let Some(a) = after {
+            url.push_str(&format!("&after_seq={a}"));
+        }
+        let resp = ureq::get(&url)
+            .set("Authorization", &format!("Bearer {token}"))
+            .timeout(Duration::from_secs(60))
+            .call();
+        let page = match resp {
+            Ok(r) => r
+                .into_json::<ApiPage>()
+                .map_err(|e| format!("unexpected answer from {base}/api/audit: {e}")),
+            Err(ureq::Error::Status(code, r)) => {
+                let body: serde_json::Value = r.into_json().unwrap_or_default();
+                Err(format!(
+                    "{base}/api/audit answered {code}: {} (replay needs a token with the audit scope)",
+                    body["error"].as_str().unwrap_or("no details")
+                ))
+            }
+            Err(e) => Err(format!("cannot reach the daemon at {base}: {e}")),
+        };
+        match page {
+            Ok(p) if p.records.is_empty() => None,
+            Ok(p) => {
+                after = p.records.last().map(|r| r.seq);
+                Some(Ok(p.records))
+            }
+            Err(e) => {
+                done = true;
+                Some(Err(e))
+            }
+        }
+    })))
+}
+
+#[derive(serde::Deserialize)]
+struct ApiPage {
+    records: Vec<AuditRecord>,
+}
+
+/// Percent-encode a query value (everything but RFC 3986 unreserved characters).
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Replay every recorded route decision in `window` under `snap`, keeping at most
@@ -221,10 +359,8 @@ pub fn replay(
     window: &Window,
     examples: usize,
 ) -> Result<Report, Box<dyn std::error::Error>> {
-    // Reader thread: pages of decoded records, a few pages ahead of the decider.
-    let (tx, rx) = mpsc::sync_channel::<Vec<AuditRecord>>(4);
     let reader_log = log.clone();
-    let q = AuditQuery {
+    let mut q = AuditQuery {
         tenant_id: window.tenant_id.clone(),
         capability_id: window.capability_id.clone(),
         kind: Some(RecordKind::Decision),
@@ -233,20 +369,43 @@ pub fn replay(
         limit: MAX_QUERY_LIMIT,
         ..Default::default()
     };
+    let mut failed = false;
+    let pages = std::iter::from_fn(move || {
+        if failed {
+            return None;
+        }
+        match reader_log.query(&q) {
+            Ok(page) if page.is_empty() => None,
+            Ok(page) => {
+                q.after_seq = page.last().map(|r| r.seq);
+                Some(Ok(page))
+            }
+            Err(e) => {
+                failed = true;
+                Some(Err(format!("cannot read the audit log: {e}")))
+            }
+        }
+    });
+    replay_pages(Box::new(pages), snap, examples)
+}
+
+/// Replay pages of records (decision records; others are passed over) under `snap`.
+/// The pages are produced on their own thread, a few pages ahead of the decider.
+fn replay_pages(
+    pages: Pages,
+    snap: &Snapshot,
+    examples: usize,
+) -> Result<Report, Box<dyn std::error::Error>> {
+    let (tx, rx) = mpsc::sync_channel::<Vec<AuditRecord>>(4);
     let reader = std::thread::Builder::new()
         .name("hall-replay-reader".into())
         .spawn(move || -> Result<(), String> {
-            let mut q = q;
-            loop {
-                let page = reader_log.query(&q).map_err(|e| e.to_string())?;
-                let Some(last) = page.last() else {
-                    return Ok(());
-                };
-                q.after_seq = Some(last.seq);
-                if tx.send(page).is_err() {
-                    return Ok(());
+            for page in pages {
+                if tx.send(page?).is_err() {
+                    break;
                 }
             }
+            Ok(())
         })?;
 
     let mut groups: HashMap<(Outcome, Outcome), Transition> = HashMap::new();
@@ -255,6 +414,9 @@ pub fn replay(
     for page in rx {
         for r in page {
             let e = &r.entry;
+            if e.kind != RecordKind::Decision {
+                continue;
+            }
             let (Some(cap), Some(env), Some(label), Some(tenant), Some(allowed)) = (
                 e.capability_id.as_deref(),
                 e.env.as_deref(),
@@ -336,7 +498,7 @@ pub fn replay(
     reader
         .join()
         .map_err(|_| "the audit reader thread panicked")?
-        .map_err(|e| format!("cannot read the audit log: {e}"))?;
+        ?;
 
     let mut transitions: Vec<Transition> = groups.into_values().collect();
     transitions.sort_by(|a, b| {
