@@ -22,7 +22,10 @@ fn main() {
         eprintln!("usage: replay_log STATE_DIR [N]");
         std::process::exit(2);
     };
-    let n: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let n: u64 = args
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let loaded = load_dirs(&root.join("registry"), &root.join("policies")).expect("example set");
     let snap = &loaded.snapshot;

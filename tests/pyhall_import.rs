@@ -99,13 +99,16 @@ fn compare(case: &str, out: &Path, report: &Value) -> (usize, usize) {
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(pyhall_dir().join("expected.json")).unwrap())
             .unwrap();
-    let rows = expected["cases"][case].as_array().expect("case in expected.json");
+    let rows = expected["cases"][case]
+        .as_array()
+        .expect("case in expected.json");
     assert!(!rows.is_empty());
     let (mut exact, mut relaxed) = (0, 0);
     for row in rows {
         let f = |i: usize| row[i].as_str();
         let (cap, env, label) = (f(0).unwrap(), f(1).unwrap(), f(2).unwrap());
-        let (py_denied, py_worker, py_code, py_rule) = (row[5].as_bool().unwrap(), f(6), f(7), f(8));
+        let (py_denied, py_worker, py_code, py_rule) =
+            (row[5].as_bool().unwrap(), f(6), f(7), f(8));
         let d = decide(
             snap,
             &Request {
@@ -140,7 +143,8 @@ fn compare(case: &str, out: &Path, report: &Value) -> (usize, usize) {
             let reason = d.deny_reason.unwrap();
             let want = mapped_reason(py_code.unwrap());
             assert!(
-                want.contains(&reason) || (reason == "unknown_capability" && snap.capability(cap).is_none()),
+                want.contains(&reason)
+                    || (reason == "unknown_capability" && snap.capability(cap).is_none()),
                 "want one of {want:?}: {ctx}"
             );
         }
@@ -182,7 +186,12 @@ fn every_match_form_decides_as_pyhall_does() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| (i["rule_id"].as_str().unwrap(), i["construct"].as_str().unwrap()))
+        .map(|i| {
+            (
+                i["rule_id"].as_str().unwrap(),
+                i["construct"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(lossy, vec![("r_wildcard", "a rule for any capability")]);
     // Never-matching conditions are left out, and said so.
@@ -218,11 +227,20 @@ fn lossy_constructs_are_reported_stricter_and_need_allow_lossy() {
     assert!(has(Some("l_gate"), "policy_gate"), "{report:#}");
     assert!(has(Some("l_human"), "human_required_default"), "{report:#}");
     assert!(has(Some("l_x"), "duplicate rule id"), "{report:#}");
-    assert!(has(Some("l_x"), "allowed_environments omit stage"), "{report:#}");
-    assert!(has(Some("l_ctrl"), "does not implement ctrl.sec.scan"), "{report:#}");
+    assert!(
+        has(Some("l_x"), "allowed_environments omit stage"),
+        "{report:#}"
+    );
+    assert!(
+        has(Some("l_ctrl"), "does not implement ctrl.sec.scan"),
+        "{report:#}"
+    );
     assert!(has(Some("l_priv"), "privilege envelope"), "{report:#}");
     assert!(has(Some("l substring"), "substring"), "{report:#}");
-    assert!(has(Some("l substring"), "rule id Hall cannot use"), "{report:#}");
+    assert!(
+        has(Some("l substring"), "rule id Hall cannot use"),
+        "{report:#}"
+    );
     assert!(has(None, "attestation"), "{report:#}");
     assert!(has(None, "must_have_correlation_id"), "{report:#}");
     let policies = std::fs::read_to_string(out.path().join("policies/pyhall.toml")).unwrap();
@@ -239,7 +257,9 @@ fn lossy_constructs_are_reported_stricter_and_need_allow_lossy() {
 fn shadowed_rules_deny_prod_and_edge_as_pyhall_does() {
     let (out, report, code) = import("cases/shadow", true);
     assert_eq!(code, 0, "{report:#}");
-    assert!(report["notes"].to_string().contains("s_broad shadows s_narrow"));
+    assert!(report["notes"]
+        .to_string()
+        .contains("s_broad shadows s_narrow"));
     let (exact, relaxed) = compare("cases/shadow", out.path(), &report);
     assert_eq!((exact, relaxed), (144, 0));
 }

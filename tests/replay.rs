@@ -140,9 +140,14 @@ fn replay_counts_and_shows_what_an_edit_would_change() {
     // Records of other kinds in between: a token issue and a reload.
     let r = d.post_json("/api/tokens", r#"{"name":"ci","scopes":["route"]}"#);
     assert!(r.status == 200 || r.status == 201, "{}", r.status);
-    let route_only = r.json()["token"].as_str().expect("token shown once").to_owned();
+    let route_only = r.json()["token"]
+        .as_str()
+        .expect("token shown once")
+        .to_owned();
     assert_eq!(d.post_json("/api/reload", "{}").status, 200);
-    let head = d.get("/api/status").json()["audit"]["seq"].as_u64().unwrap();
+    let head = d.get("/api/status").json()["audit"]["seq"]
+        .as_u64()
+        .unwrap();
     assert!(head >= 9, "7 decisions + token + reload, head {head}");
 
     let (state, registry) = (d.state_dir(), d.registry());
@@ -156,7 +161,15 @@ fn replay_counts_and_shows_what_an_edit_would_change() {
         candidate.display().to_string(),
     );
     let args = [
-        "replay", "--state-dir", &st, "--registry", &rg, "--policies", &cand, "--format", "json",
+        "replay",
+        "--state-dir",
+        &st,
+        "--registry",
+        &rg,
+        "--policies",
+        &cand,
+        "--format",
+        "json",
     ];
     let with_source = |source: &'static str| -> Vec<&str> {
         let mut a = args.to_vec();
@@ -170,9 +183,17 @@ fn replay_counts_and_shows_what_an_edit_would_change() {
     // ... and by default replay reads the same records through the API (audit scope).
     let url = format!("http://{}", d.addr);
     let o = hall_env(&args, &[("HALL_URL", &url)]);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let via_api: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!((via_api["replayed"].as_u64(), via_api["changed"].as_u64()), (Some(7), Some(6)));
+    assert_eq!(
+        (via_api["replayed"].as_u64(), via_api["changed"].as_u64()),
+        (Some(7), Some(6))
+    );
     // A token without the audit scope is refused, with the reason.
     let o = hall_env(
         &with_source("api"),
@@ -227,7 +248,10 @@ fn replay_counts_and_shows_what_an_edit_would_change() {
         "allowed worker.code.review",
         "allowed worker.code.review",
     );
-    assert_eq!((t["count"].as_u64(), t["changed"].as_bool()), (Some(1), Some(false)));
+    assert_eq!(
+        (t["count"].as_u64(), t["changed"].as_bool()),
+        (Some(1), Some(false))
+    );
     assert_eq!(t["examples"], serde_json::json!([]));
 
     // --fail-on-change: 1 when anything changes, 0 against the unedited files.
@@ -235,11 +259,17 @@ fn replay_counts_and_shows_what_an_edit_would_change() {
     assert_eq!(code, 1);
     let live = d.policies();
     let (r, code) = replay(&state, &registry, &live, &["--fail-on-change"]);
-    assert_eq!((code, r["replayed"].as_u64(), r["changed"].as_u64()), (0, Some(7), Some(0)));
+    assert_eq!(
+        (code, r["replayed"].as_u64(), r["changed"].as_u64()),
+        (0, Some(7), Some(0))
+    );
 
     // Filters: one tenant; an empty window.
     let (r, _) = replay(&state, &registry, &candidate, &["--tenant", "org.other"]);
-    assert_eq!((r["replayed"].as_u64(), r["changed"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(
+        (r["replayed"].as_u64(), r["changed"].as_u64()),
+        (Some(2), Some(2))
+    );
     let (r, _) = replay(
         &state,
         &registry,
@@ -254,7 +284,10 @@ fn replay_counts_and_shows_what_an_edit_would_change() {
         &["--since", "2099-01-01T00:00:00Z", "--fail-on-change"],
     );
     assert_eq!(code, 0, "an empty window changes nothing");
-    assert_eq!((r["replayed"].as_u64(), r["changed"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (r["replayed"].as_u64(), r["changed"].as_u64()),
+        (Some(0), Some(0))
+    );
     assert_eq!(r["transitions"], serde_json::json!([]));
     let (r, _) = replay(&state, &registry, &candidate, &["--since", "1h"]);
     assert_eq!(r["replayed"], 7);
@@ -309,7 +342,14 @@ fn replay_refuses_a_missing_log_and_bad_input() {
     assert!(!dir.path().join("nothing-here").exists(), "created nothing");
 
     let o = hall(&[
-        "replay", "--state-dir", &state, "--registry", &reg, "--policies", &pol, "--since",
+        "replay",
+        "--state-dir",
+        &state,
+        "--registry",
+        &reg,
+        "--policies",
+        &pol,
+        "--since",
         "yesterday",
     ]);
     assert_eq!(o.status.code(), Some(1));

@@ -222,7 +222,10 @@ fn read_records(p: &Path, out: &mut Vec<Value>) -> Result<(), String> {
         Value::Array(items) => {
             for (i, v) in items.into_iter().enumerate() {
                 if !v.is_object() {
-                    return Err(format!("{}[{i}]: a registry record must be an object", p.display()));
+                    return Err(format!(
+                        "{}[{i}]: a registry record must be an object",
+                        p.display()
+                    ));
                 }
                 out.push(v);
             }
@@ -289,13 +292,17 @@ fn valid_pyhall_control(s: &str) -> bool {
     let b = rest.as_bytes();
     !b.is_empty()
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-'))
+        && b.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        })
 }
 
 fn str_list(v: Option<&Value>) -> Vec<String> {
     match v {
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_owned))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -379,13 +386,14 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
     };
     let mut lossy = Vec::new();
     let mut notes = Vec::new();
-    let item = |rule: Option<&str>, hall: Option<&str>, worker: Option<&str>, c: &str, a: &str| Item {
-        rule_id: rule.map(str::to_owned),
-        hall_rule_id: hall.map(str::to_owned),
-        worker: worker.map(str::to_owned),
-        construct: c.to_owned(),
-        action: a.to_owned(),
-    };
+    let item =
+        |rule: Option<&str>, hall: Option<&str>, worker: Option<&str>, c: &str, a: &str| Item {
+            rule_id: rule.map(str::to_owned),
+            hall_rule_id: hall.map(str::to_owned),
+            worker: worker.map(str::to_owned),
+            construct: c.to_owned(),
+            action: a.to_owned(),
+        };
 
     // ---- registry: PyHall's Registry.enroll, record by record --------------------------
     let mut species: BTreeMap<String, Species> = BTreeMap::new();
@@ -403,14 +411,28 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
                 controls_present.insert(c.clone());
             }
         }
-        let Some(sp) = rec.get("worker_species_id").and_then(Value::as_str).filter(|s| !s.is_empty()) else {
-            notes.push(item(None, None, Some(&worker_id), "a registry record without worker_species_id",
-                "no worker: PyHall never selects it either (its controls still count as present)"));
+        let Some(sp) = rec
+            .get("worker_species_id")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+        else {
+            notes.push(item(
+                None,
+                None,
+                Some(&worker_id),
+                "a registry record without worker_species_id",
+                "no worker: PyHall never selects it either (its controls still count as present)",
+            ));
             continue;
         };
         if !valid_id(sp) {
-            lossy.push(item(None, None, Some(sp), "a worker species id Hall cannot use as an id",
-                "left out: rules naming it cannot select it"));
+            lossy.push(item(
+                None,
+                None,
+                Some(sp),
+                "a worker species id Hall cannot use as an id",
+                "left out: rules naming it cannot select it",
+            ));
             continue;
         }
         let s = species.entry(sp.to_owned()).or_default();
@@ -420,8 +442,13 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
                 capabilities.insert(c.clone());
                 s.capabilities.insert(c);
             } else {
-                lossy.push(item(None, None, Some(sp), &format!("capability {c:?} is not a valid Hall id"),
-                    "left out: a Hall request cannot name it"));
+                lossy.push(item(
+                    None,
+                    None,
+                    Some(sp),
+                    &format!("capability {c:?} is not a valid Hall id"),
+                    "left out: a Hall request cannot name it",
+                ));
             }
         }
         if let Some(v) = rec.get("allowed_environments") {
@@ -469,7 +496,10 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
     let shadows = detect_shadow_rules(rules);
     let mut out_rules: Vec<RuleOut> = Vec::new();
     if !shadows.is_empty() {
-        let pairs: Vec<String> = shadows.iter().map(|(a, b)| format!("{a} shadows {b}")).collect();
+        let pairs: Vec<String> = shadows
+            .iter()
+            .map(|(a, b)| format!("{a} shadows {b}"))
+            .collect();
         notes.push(item(None, Some(SHADOW_GUARD_ID), None,
             &format!("shadowed rules ({}): PyHall denies every prod and edge request of such a set", pairs.join("; ")),
             &format!("a first rule {SHADOW_GUARD_ID} denies prod and edge with reason {REASON_SHADOW}; fix the order and re-import to lift it")));
@@ -492,20 +522,38 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
         let pid = match r.get("rule_id") {
             Some(Value::String(s)) => s.clone(),
             Some(other) => other.to_string(),
-            None => return Err(format!("rule #{}: no rule_id (PyHall refuses to load it too)", i + 1)),
+            None => {
+                return Err(format!(
+                    "rule #{}: no rule_id (PyHall refuses to load it too)",
+                    i + 1
+                ))
+            }
         };
         let p = Some(pid.as_str());
         let m = match r.get("match") {
             None | Some(Value::Null) => serde_json::Map::new(),
             Some(Value::Object(m)) => m.clone(),
             Some(_) => {
-                notes.push(item(p, None, None, "a match that is not an object",
-                    "left out: PyHall cannot evaluate it (it raises), so it never allows"));
+                notes.push(item(
+                    p,
+                    None,
+                    None,
+                    "a match that is not an object",
+                    "left out: PyHall cannot evaluate it (it raises), so it never allows",
+                ));
                 continue;
             }
         };
         for k in m.keys() {
-            if !["capability_id", "env", "data_label", "tenant_risk", "qos_class"].contains(&k.as_str()) {
+            if ![
+                "capability_id",
+                "env",
+                "data_label",
+                "tenant_risk",
+                "qos_class",
+            ]
+            .contains(&k.as_str())
+            {
                 notes.push(item(p, None, None, &format!("match key {k:?}"),
                     "ignored, as PyHall ignores it (it only reads capability_id, env, data_label, tenant_risk, qos_class)"));
             }
@@ -517,7 +565,13 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
         let qos = parse_cond(m.get("qos_class"));
         let mut never = None;
         let mut substring = Vec::new();
-        for (name, c) in [("capability_id", &cap), ("env", &env), ("data_label", &label), ("tenant_risk", &risk), ("qos_class", &qos)] {
+        for (name, c) in [
+            ("capability_id", &cap),
+            ("env", &env),
+            ("data_label", &label),
+            ("tenant_risk", &risk),
+            ("qos_class", &qos),
+        ] {
             match c {
                 Cond::Never(why) => never = Some(format!("{name} is {why}")),
                 Cond::Substring => substring.push(name),
@@ -525,15 +579,29 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
             }
         }
         if let Some(why) = never {
-            notes.push(item(p, None, None, &format!("a condition that never matches ({why})"),
-                "left out: it can never match in PyHall either"));
+            notes.push(item(
+                p,
+                None,
+                None,
+                &format!("a condition that never matches ({why})"),
+                "left out: it can never match in PyHall either",
+            ));
             continue;
         }
         // Hall id: valid and unique.
-        let mut hid = if valid_id(&pid) { pid.clone() } else { sanitize_id(&pid) };
+        let mut hid = if valid_id(&pid) {
+            pid.clone()
+        } else {
+            sanitize_id(&pid)
+        };
         if hid != pid {
-            lossy.push(item(p, Some(&hid), None, "a rule id Hall cannot use",
-                "renamed: decisions name the new id"));
+            lossy.push(item(
+                p,
+                Some(&hid),
+                None,
+                "a rule id Hall cannot use",
+                "renamed: decisions name the new id",
+            ));
         }
         if let Some(n) = used_ids.get_mut(&hid) {
             *n += 1;
@@ -551,11 +619,22 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
             Cond::Values(vs) => {
                 let ok: Vec<String> = vs.iter().filter(|c| valid_id(c)).cloned().collect();
                 if ok.len() < vs.len() {
-                    notes.push(item(p, h, None, "capability_id values that are not valid Hall ids",
-                        "dropped: a Hall request cannot name them"));
+                    notes.push(item(
+                        p,
+                        h,
+                        None,
+                        "capability_id values that are not valid Hall ids",
+                        "dropped: a Hall request cannot name them",
+                    ));
                 }
                 if ok.is_empty() {
-                    notes.push(item(p, h, None, "no capability a Hall request can name", "left out"));
+                    notes.push(item(
+                        p,
+                        h,
+                        None,
+                        "no capability a Hall request can name",
+                        "left out",
+                    ));
                     continue;
                 }
                 for c in &ok {
@@ -571,9 +650,19 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
         };
         let envs = match &env {
             Cond::Values(vs) => {
-                let ok: Vec<String> = vs.iter().filter(|e| PYHALL_ENVS.contains(&e.as_str())).cloned().collect();
+                let ok: Vec<String> = vs
+                    .iter()
+                    .filter(|e| PYHALL_ENVS.contains(&e.as_str()))
+                    .cloned()
+                    .collect();
                 if ok.is_empty() {
-                    notes.push(item(p, h, None, "no env PyHall knows", "left out: it never matches"));
+                    notes.push(item(
+                        p,
+                        h,
+                        None,
+                        "no env PyHall knows",
+                        "left out: it never matches",
+                    ));
                     continue;
                 }
                 Some(ok)
@@ -586,9 +675,19 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
         };
         let data_labels = match &label {
             Cond::Values(vs) => {
-                let ok: Vec<String> = vs.iter().filter(|l| PYHALL_LABELS.contains(&l.as_str())).cloned().collect();
+                let ok: Vec<String> = vs
+                    .iter()
+                    .filter(|l| PYHALL_LABELS.contains(&l.as_str()))
+                    .cloned()
+                    .collect();
                 if ok.is_empty() {
-                    notes.push(item(p, h, None, "no data label PyHall knows", "left out: it never matches"));
+                    notes.push(item(
+                        p,
+                        h,
+                        None,
+                        "no data label PyHall knows",
+                        "left out: it never matches",
+                    ));
                     continue;
                 }
                 Some(ok)
@@ -614,18 +713,30 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
             explicit_corr = true;
         }
         let candidates: Vec<String> = match d.get("candidate_workers_ranked") {
-            Some(Value::Array(cs)) => cs.iter()
+            Some(Value::Array(cs)) => cs
+                .iter()
                 .filter_map(|c| c.get("worker_species_id").and_then(Value::as_str))
                 .filter(|s| !s.is_empty())
                 .map(str::to_owned)
                 .collect(),
             _ => Vec::new(),
         };
-        let available: Vec<String> = candidates.iter().filter(|c| species.contains_key(*c)).cloned().collect();
+        let available: Vec<String> = candidates
+            .iter()
+            .filter(|c| species.contains_key(*c))
+            .cloned()
+            .collect();
         for c in &candidates {
-            if !species.contains_key(c) && !lossy.iter().any(|x: &Item| x.worker.as_deref() == Some(c)) {
-                notes.push(item(p, h, Some(c), "a candidate species no record enrolls",
-                    "left out of the rule's workers: PyHall skips it as unavailable"));
+            if !species.contains_key(c)
+                && !lossy.iter().any(|x: &Item| x.worker.as_deref() == Some(c))
+            {
+                notes.push(item(
+                    p,
+                    h,
+                    Some(c),
+                    "a candidate species no record enrolls",
+                    "left out of the rule's workers: PyHall skips it as unavailable",
+                ));
             }
         }
 
@@ -647,30 +758,61 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
             rule.reason = Some(reason.into());
         };
         // PyHall's order: controls, blast gate, policy gate, worker, attestation, privilege.
-        let missing: Vec<&String> = required.iter().filter(|c| !controls_present.contains(*c)).collect();
+        let missing: Vec<&String> = required
+            .iter()
+            .filter(|c| !controls_present.contains(*c))
+            .collect();
         if !unsupported.is_empty() {
             deny(&mut rule, REASON_UNSUPPORTED_MATCH);
-            lossy.push(item(p, h, None, &unsupported.join(", "),
-                "Hall cannot match on it: the rule denies every request its other conditions match"));
+            lossy.push(item(
+                p,
+                h,
+                None,
+                &unsupported.join(", "),
+                "Hall cannot match on it: the rule denies every request its other conditions match",
+            ));
         } else if !missing.is_empty() {
             deny(&mut rule, REASON_MISSING_CONTROLS);
-            notes.push(item(p, h, None,
-                &format!("required controls no enrolled worker implements ({})", missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")),
-                &format!("the rule denies with reason {REASON_MISSING_CONTROLS}, as PyHall does")));
-        } else if escalation.and_then(|e| e.get("policy_gate")).is_some_and(|g| g.as_bool() != Some(false) && !g.is_null()) {
+            notes.push(item(
+                p,
+                h,
+                None,
+                &format!(
+                    "required controls no enrolled worker implements ({})",
+                    missing
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                &format!("the rule denies with reason {REASON_MISSING_CONTROLS}, as PyHall does"),
+            ));
+        } else if escalation
+            .and_then(|e| e.get("policy_gate"))
+            .is_some_and(|g| g.as_bool() != Some(false) && !g.is_null())
+        {
             deny(&mut rule, REASON_POLICY_GATE);
             lossy.push(item(p, h, None, "escalation.policy_gate (a Python gate function)",
                 &format!("Hall cannot run it: the rule denies with reason {REASON_POLICY_GATE} (PyHall's answer without a gate); use effect = \"require_approval\" for a human gate")));
-        } else if required.iter().any(|c| c == "ctrl.privilege_envelopes_required") {
+        } else if required
+            .iter()
+            .any(|c| c == "ctrl.privilege_envelopes_required")
+        {
             deny(&mut rule, REASON_PRIVILEGE);
             lossy.push(item(p, h, None, "privilege envelope enforcement (ctrl.privilege_envelopes_required)",
                 &format!("Hall has no privilege envelopes: the rule denies with reason {REASON_PRIVILEGE}")));
         } else {
             rule.require_controls = required.iter().filter(|c| valid_id(c)).cloned().collect();
-            if escalation.and_then(|e| e.get("human_required_default")) == Some(&Value::Bool(true)) {
+            if escalation.and_then(|e| e.get("human_required_default")) == Some(&Value::Bool(true))
+            {
                 rule.effect = "require_approval".into();
-                lossy.push(item(p, h, None, "escalation.human_required_default",
-                    "the rule requires a human approval in Hall (PyHall only reported the flag)"));
+                lossy.push(item(
+                    p,
+                    h,
+                    None,
+                    "escalation.human_required_default",
+                    "the rule requires a human approval in Hall (PyHall only reported the flag)",
+                ));
             }
             if required.iter().any(|c| c == "ctrl.blast_radius_scoring") {
                 notes.push(item(p, h, None, "ctrl.blast_radius_scoring",
@@ -693,13 +835,20 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
                     }
                 }
                 if let Some(wenvs) = &s.environments {
-                    let renvs: Vec<String> = rule.envs.clone().unwrap_or_else(|| PYHALL_ENVS.iter().map(|e| e.to_string()).collect());
+                    let renvs: Vec<String> = rule
+                        .envs
+                        .clone()
+                        .unwrap_or_else(|| PYHALL_ENVS.iter().map(|e| e.to_string()).collect());
                     for e in renvs.iter().filter(|e| !wenvs.contains(*e)) {
                         lossy.push(item(p, h, Some(w), &format!("a candidate whose allowed_environments omit {e}"),
                             "Hall skips it there (PyHall's router did not check allowed_environments)"));
                     }
                 }
-                for c in rule.require_controls.iter().filter(|c| !s.controls.contains(*c)) {
+                for c in rule
+                    .require_controls
+                    .iter()
+                    .filter(|c| !s.controls.contains(*c))
+                {
                     lossy.push(item(p, h, Some(w), &format!("a candidate that does not implement {c} itself"),
                         "Hall checks required controls per worker and skips it (PyHall checked the registry as a whole)"));
                 }
@@ -712,8 +861,13 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
         out_rules.push(rule);
     }
     if explicit_corr {
-        lossy.push(item(None, None, None, "preconditions.must_have_correlation_id",
-            "Hall does not require a correlation_id: send one from your apps"));
+        lossy.push(item(
+            None,
+            None,
+            None,
+            "preconditions.must_have_correlation_id",
+            "Hall does not require a correlation_id: send one from your apps",
+        ));
     }
     notes.push(item(None, None, None, "PyHall's router-wide defaults (correlation_id required; blast gate in prod/edge)",
         "Hall does not require a correlation_id; the blast gate never denies a request without request flags or a caller blast_score, which Hall requests do not carry"));
@@ -722,7 +876,10 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
     let registry = RegistryOut {
         capability: capabilities
             .iter()
-            .map(|c| CapOut { id: c.clone(), description: "Imported from PyHall".into() })
+            .map(|c| CapOut {
+                id: c.clone(),
+                description: "Imported from PyHall".into(),
+            })
             .collect(),
         worker: species
             .iter()
@@ -731,7 +888,11 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
                 description: format!("Imported from PyHall record(s) {}", s.records.join(", ")),
                 capabilities: s.capabilities.iter().cloned().collect(),
                 environments: match &s.environments {
-                    Some(e) => PYHALL_ENVS.iter().filter(|x| e.contains(**x)).map(|x| x.to_string()).collect(),
+                    Some(e) => PYHALL_ENVS
+                        .iter()
+                        .filter(|x| e.contains(**x))
+                        .map(|x| x.to_string())
+                        .collect(),
                     None => PYHALL_ENVS.iter().map(|x| x.to_string()).collect(),
                 },
                 max_data_label: "RESTRICTED".into(),
@@ -750,8 +911,12 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
         },
         rule: out_rules,
     };
-    let header = "# Generated by `hall import pyhall` from PyHall (WCP) files. Review the import report.\n";
-    let registry_toml = format!("{header}\n{}", toml::to_string(&registry).map_err(|e| e.to_string())?);
+    let header =
+        "# Generated by `hall import pyhall` from PyHall (WCP) files. Review the import report.\n";
+    let registry_toml = format!(
+        "{header}\n{}",
+        toml::to_string(&registry).map_err(|e| e.to_string())?
+    );
     let policies_toml = format!(
         "{header}# PyHall's environments and data labels (ascending sensitivity).\n\n{}",
         toml::to_string(&policy).map_err(|e| e.to_string())?
@@ -773,9 +938,19 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
 fn sanitize_id(s: &str) -> String {
     let mut out: String = s
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._:@/-".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._:@/-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
-    if !out.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
+    if !out
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+    {
         out.insert(0, 'r');
     }
     out.truncate(120);
@@ -818,7 +993,10 @@ fn condition_covers(early: Option<&Value>, late: &Value) -> bool {
     false
 }
 
-fn semantically_shadows(early: &serde_json::Map<String, Value>, late: &serde_json::Map<String, Value>) -> bool {
+fn semantically_shadows(
+    early: &serde_json::Map<String, Value>,
+    late: &serde_json::Map<String, Value>,
+) -> bool {
     if early == late {
         return false;
     }
@@ -868,7 +1046,11 @@ fn detect_shadow_rules(rules: &[Value]) -> Vec<(String, String)> {
                 out.push((ei, li));
                 continue;
             }
-            if !em.is_empty() && em.iter().all(|(k, v)| lm.get(k).unwrap_or(&Value::Null) == v) {
+            if !em.is_empty()
+                && em
+                    .iter()
+                    .all(|(k, v)| lm.get(k).unwrap_or(&Value::Null) == v)
+            {
                 out.push((ei, li));
             }
         }
@@ -887,14 +1069,30 @@ mod tests {
         assert_eq!(parse_cond(Some(&json!(null))), Cond::Any);
         assert_eq!(parse_cond(Some(&json!({"any": true}))), Cond::Any);
         assert_eq!(parse_cond(Some(&json!({"any": true, "in": []}))), Cond::Any);
-        assert_eq!(parse_cond(Some(&json!("dev"))), Cond::Values(vec!["dev".into()]));
+        assert_eq!(
+            parse_cond(Some(&json!("dev"))),
+            Cond::Values(vec!["dev".into()])
+        );
         assert_eq!(
             parse_cond(Some(&json!({"in": ["dev", 3, "prod"]}))),
             Cond::Values(vec!["dev".into(), "prod".into()])
         );
-        assert_eq!(parse_cond(Some(&json!({"in": "dev,prod"}))), Cond::Substring);
-        for never in [json!({"any": false}), json!({}), json!(5), json!(["dev"]), json!({"in": []}), json!(true)] {
-            assert!(matches!(parse_cond(Some(&never)), Cond::Never(_)), "{never}");
+        assert_eq!(
+            parse_cond(Some(&json!({"in": "dev,prod"}))),
+            Cond::Substring
+        );
+        for never in [
+            json!({"any": false}),
+            json!({}),
+            json!(5),
+            json!(["dev"]),
+            json!({"in": []}),
+            json!(true),
+        ] {
+            assert!(
+                matches!(parse_cond(Some(&never)), Cond::Never(_)),
+                "{never}"
+            );
         }
     }
 

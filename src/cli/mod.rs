@@ -2,8 +2,8 @@
 //! are thin HTTP clients of a running daemon.
 
 mod client;
-pub mod import;
 pub mod fixtures;
+pub mod import;
 mod offline;
 pub mod replay;
 

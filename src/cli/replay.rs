@@ -28,7 +28,9 @@ use super::{CliResult, FilesArgs};
 use crate::config::{Config, Flags};
 use crate::engine::{decide, Request, Snapshot};
 use crate::load::load_dirs;
-use crate::store::audit::{AuditConfig, AuditLog, AuditQuery, AuditRecord, RecordKind, MAX_QUERY_LIMIT};
+use crate::store::audit::{
+    AuditConfig, AuditLog, AuditQuery, AuditRecord, RecordKind, MAX_QUERY_LIMIT,
+};
 
 /// `hall replay` arguments.
 #[derive(Debug, Args)]
@@ -185,9 +187,8 @@ pub(super) fn run(a: &ReplayArgs) -> CliResult {
         tenant_id: a.tenant.clone(),
         capability_id: a.capability.clone(),
     };
-    let loaded = load_dirs(&cfg.registry_dir, &cfg.policies_dir).map_err(|e| {
-        format!("the candidate policy set does not load (run `hall check`):\n{e}")
-    })?;
+    let loaded = load_dirs(&cfg.registry_dir, &cfg.policies_dir)
+        .map_err(|e| format!("the candidate policy set does not load (run `hall check`):\n{e}"))?;
     let started = Instant::now();
     let report = match a.source {
         Source::StateDir => replay_state_dir(&cfg.state_dir, &loaded.snapshot, &window, a.limit)?,
@@ -195,19 +196,21 @@ pub(super) fn run(a: &ReplayArgs) -> CliResult {
             let pages = api_pages(a.url.as_deref(), &cfg.state_dir, &window)?;
             replay_pages(pages, &loaded.snapshot, a.limit)?
         }
-        Source::Auto => match open_log(&cfg.state_dir) {
-            Ok(log) => {
-                let r = replay(&log, &loaded.snapshot, &window, a.limit);
-                log.shutdown();
-                r?
+        Source::Auto => {
+            match open_log(&cfg.state_dir) {
+                Ok(log) => {
+                    let r = replay(&log, &loaded.snapshot, &window, a.limit);
+                    log.shutdown();
+                    r?
+                }
+                Err(OpenError::Locked(_)) => {
+                    eprintln!("hall: the daemon holds the state dir; reading the audit log through its API");
+                    let pages = api_pages(a.url.as_deref(), &cfg.state_dir, &window)?;
+                    replay_pages(pages, &loaded.snapshot, a.limit)?
+                }
+                Err(e) => return Err(e.to_string().into()),
             }
-            Err(OpenError::Locked(_)) => {
-                eprintln!("hall: the daemon holds the state dir; reading the audit log through its API");
-                let pages = api_pages(a.url.as_deref(), &cfg.state_dir, &window)?;
-                replay_pages(pages, &loaded.snapshot, a.limit)?
-            }
-            Err(e) => return Err(e.to_string().into()),
-        },
+        }
     };
     let elapsed = started.elapsed();
     match a.format {
@@ -284,7 +287,10 @@ fn api_pages(url: Option<&str>, state_dir: &Path, window: &Window) -> Result<Pag
     let mut query = format!("kind=decision&limit={MAX_QUERY_LIMIT}");
     for (k, v) in [
         ("tenant_id", window.tenant_id.as_ref().map(|s| s.to_owned())),
-        ("capability_id", window.capability_id.as_ref().map(|s| s.to_owned())),
+        (
+            "capability_id",
+            window.capability_id.as_ref().map(|s| s.to_owned()),
+        ),
         ("since", window.since_ms.map(|t| t.to_string())),
         ("until", window.until_ms.map(|t| t.to_string())),
     ] {
@@ -497,8 +503,7 @@ fn replay_pages(
     }
     reader
         .join()
-        .map_err(|_| "the audit reader thread panicked")?
-        ?;
+        .map_err(|_| "the audit reader thread panicked")??;
 
     let mut transitions: Vec<Transition> = groups.into_values().collect();
     transitions.sort_by(|a, b| {
@@ -542,7 +547,11 @@ fn print_text(r: &Report, elapsed: Duration) {
             r.skipped
         );
     }
-    println!("{} would change, {} would not", r.changed, r.replayed - r.changed);
+    println!(
+        "{} would change, {} would not",
+        r.changed,
+        r.replayed - r.changed
+    );
     if r.transitions.is_empty() {
         return;
     }
@@ -591,8 +600,7 @@ fn print_text(r: &Report, elapsed: Duration) {
 /// same as the other durations in hall.toml.
 pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
     let s = s.trim();
-    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-    {
+    if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
         return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
     }
     let bad = || {
@@ -630,7 +638,16 @@ mod tests {
             parse_time("2026-11-23T09:30:00.123Z", now),
             Ok(1_795_426_200_123)
         );
-        for bad in ["", "h", "24", "24x", "-1h", "1.5h", "yesterday", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "h",
+            "24",
+            "24x",
+            "-1h",
+            "1.5h",
+            "yesterday",
+            "99999999999999999999d",
+        ] {
             assert!(parse_time(bad, now).is_err(), "{bad:?} should be refused");
         }
     }
