@@ -48,7 +48,7 @@ pub enum Command {
     #[command(subcommand)]
     Audit(AuditCmd),
     /// Re-decide the recorded requests under candidate files and show what would change
-    /// (offline: the daemon must be stopped).
+    /// (from the state dir when the daemon is stopped, else through its API).
     Replay(replay::ReplayArgs),
     /// Translate another router's files into Hall TOML (`hall import pyhall ...`).
     #[command(subcommand)]

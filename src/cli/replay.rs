@@ -38,9 +38,9 @@ use crate::store::audit::{
 Where the records come from (--source):
   state-dir  read the audit log directly from the state dir; the daemon must be stopped
              (sled locks the directory while it runs). Fastest.
-  api        ask the running daemon: GET /api/audit at HALL_URL (default \
-http://127.0.0.1:8765) with HALL_TOKEN or the admin token file; the token needs the \
-`audit` scope (a tenant-bound token sees only its tenant).
+  api        ask the running daemon: GET /api/audit at --url or HALL_URL
+             (default http://127.0.0.1:8765), with HALL_TOKEN or the admin token file;
+             the token needs the `audit` scope (a tenant-bound one sees its tenant only).
   auto       (default) the state dir, or the API when a running daemon holds it.
 Nothing is written to the audit log.
 
