@@ -626,6 +626,76 @@ pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::audit::AuditEntry;
+
+    /// Through the store API: incomplete records are skipped, a request the candidate files
+    /// cannot decide is `invalid`, other kinds are passed over, and the window applies.
+    #[test]
+    fn replays_through_the_store_api() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let loaded = load_dirs(&root.join("registry"), &root.join("policies")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::test_db_at(&dir.path().join("db"));
+        let log = AuditLog::open(&db, AuditConfig::default()).unwrap();
+        let decision =
+            |ts: i64, env: Option<&str>, allowed: bool, reason: Option<&str>| AuditEntry {
+                tenant_id: Some("org.acme".into()),
+                capability_id: Some("cap.doc.summarize".into()),
+                env: env.map(Into::into),
+                data_label: Some("PUBLIC".into()),
+                allowed: Some(allowed),
+                worker_id: allowed.then(|| "worker.doc.summarize".into()),
+                deny_reason: reason.map(Into::into),
+                ..AuditEntry::new(RecordKind::Decision, ts)
+            };
+        log.append_blocking(decision(1_000, Some("dev"), true, None))
+            .unwrap();
+        log.append_blocking(AuditEntry::new(RecordKind::Reload, 2_000))
+            .unwrap();
+        log.append_blocking(decision(3_000, None, false, Some("x")))
+            .unwrap();
+        log.append_blocking(decision(
+            4_000,
+            Some("moon"),
+            false,
+            Some("no_matching_rule"),
+        ))
+        .unwrap();
+        log.append_blocking(decision(
+            5_000,
+            Some("dev"),
+            false,
+            Some("no_matching_rule"),
+        ))
+        .unwrap();
+
+        let r = replay(&log, &loaded.snapshot, &Window::default(), 1).unwrap();
+        assert_eq!((r.replayed, r.changed, r.skipped), (3, 2, 1));
+        let find = |new: &Outcome| r.transitions.iter().find(|t| &t.new == new).unwrap();
+        let invalid = find(&Outcome::Invalid {
+            field: "env".into(),
+        });
+        assert_eq!(invalid.count, 1);
+        assert_eq!(invalid.examples[0].seq, 4);
+        let allowed = Outcome::Allowed {
+            worker_id: "worker.doc.summarize".into(),
+        };
+        let flipped = r
+            .transitions
+            .iter()
+            .find(|t| t.changed && t.new == allowed)
+            .unwrap();
+        assert_eq!(flipped.examples[0].seq, 5);
+        assert!(flipped.examples[0].decision_id.is_some());
+
+        let window = Window {
+            since_ms: Some(4_500),
+            ..Default::default()
+        };
+        let r = replay(&log, &loaded.snapshot, &window, 1).unwrap();
+        assert_eq!((r.replayed, r.first_seq), (1, Some(5)));
+        log.shutdown();
+    }
 
     #[test]
     fn times_and_durations() {
