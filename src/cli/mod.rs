@@ -4,7 +4,9 @@
 mod client;
 pub mod fixtures;
 mod mcp;
+pub mod import;
 mod offline;
+pub mod replay;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +51,12 @@ pub enum Command {
     /// Serve the Model Context Protocol on stdin/stdout, forwarding to the daemon's /mcp
     /// (for assistants configured with a command: `command = "hall"`, `args = ["mcp"]`).
     Mcp(ClientArgs),
+    /// Re-decide the recorded requests under candidate files and show what would change
+    /// (from the state dir when the daemon is stopped, else through its API).
+    Replay(replay::ReplayArgs),
+    /// Translate another router's files into Hall TOML (`hall import pyhall ...`).
+    #[command(subcommand)]
+    Import(import::ImportCmd),
     /// Print the version.
     Version,
 }
@@ -254,6 +262,8 @@ pub fn main() -> ExitCode {
         Command::Secret(s) => client::secret(s),
         Command::Audit(a) => client::audit(a),
         Command::Mcp(c) => mcp::run(&c),
+        Command::Replay(a) => replay::run(&a),
+        Command::Import(c) => import::run(c),
         Command::Version => {
             println!("hall {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
