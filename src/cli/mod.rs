@@ -147,7 +147,7 @@ pub enum TokenCmd {
     Create {
         #[arg(long)]
         name: String,
-        /// route, audit, metrics, secrets:write, secrets:release, admin (repeatable or comma-separated).
+        /// route, audit, metrics, secrets:write, secrets:release, approve, admin (repeatable or comma-separated).
         #[arg(long = "scope", required = true, value_delimiter = ',')]
         scopes: Vec<String>,
         /// Bind the token to one tenant.
