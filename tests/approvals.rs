@@ -1,0 +1,471 @@
+//! End-to-end: human approvals for `require_approval` rules (SPEC 3.1) against the real binary.
+//!
+//! The shipped policies hold `deploy-prod-approval` (cap.code.deploy in prod). The tests add
+//! `05-approvals.toml` with rules for dedicated tenants: a short ttl, a veto window, two
+//! approvers.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{raw_request, Daemon, Resp};
+use serde_json::Value;
+
+const EXTRA: &str = r#"
+[[rule]]
+id = "t-ttl"
+capabilities = ["cap.code.deploy"]
+envs = ["prod"]
+tenants = ["org.ttl"]
+effect = "require_approval"
+approval_ttl = "2s"
+
+[[rule]]
+id = "t-veto"
+capabilities = ["cap.code.deploy"]
+envs = ["prod"]
+tenants = ["org.veto"]
+effect = "require_approval"
+auto_approve_after = "1s"
+
+[[rule]]
+id = "t-two"
+capabilities = ["cap.code.deploy"]
+envs = ["prod"]
+tenants = ["org.two"]
+effect = "require_approval"
+approvers_required = 2
+"#;
+
+fn start() -> Daemon {
+    Daemon::builder()
+        .setup(|p| std::fs::write(p.join("policies/05-approvals.toml"), EXTRA).unwrap())
+        .start()
+}
+
+fn issue(d: &Daemon, name: &str, scopes: &[&str], tenant: Option<&str>) -> String {
+    let scopes: Vec<String> = scopes.iter().map(|s| format!("\"{s}\"")).collect();
+    let tenant = tenant
+        .map(|t| format!(r#","tenant_id":"{t}""#))
+        .unwrap_or_default();
+    let r = d.post_json(
+        "/api/tokens",
+        &format!(
+            r#"{{"name":"{name}","scopes":[{}]{tenant}}}"#,
+            scopes.join(",")
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.json()["token"].as_str().unwrap().to_string()
+}
+
+fn call(d: &Daemon, tok: &str, method: &str, path: &str, body: Option<&str>) -> Resp {
+    let mut h = vec![
+        ("Host".to_string(), d.addr.to_string()),
+        ("Authorization".to_string(), format!("Bearer {tok}")),
+    ];
+    if body.is_some() {
+        h.push(("Content-Type".into(), "application/json".into()));
+    }
+    d.request(method, path, &h, body.map(str::as_bytes))
+}
+
+fn deploy_body(tenant: &str, label: &str, approval: Option<&str>) -> String {
+    let a = approval
+        .map(|a| format!(r#","approval_id":"{a}""#))
+        .unwrap_or_default();
+    format!(
+        r#"{{"capability_id":"cap.code.deploy","env":"prod","data_label":"{label}","tenant_id":"{tenant}"{a}}}"#
+    )
+}
+
+fn route(d: &Daemon, tok: &str, tenant: &str, approval: Option<&str>) -> Resp {
+    call(
+        d,
+        tok,
+        "POST",
+        "/api/route",
+        Some(&deploy_body(tenant, "INTERNAL", approval)),
+    )
+}
+
+/// Open an approval as `tok`; return its id.
+fn open(d: &Daemon, tok: &str, tenant: &str) -> String {
+    let r = route(d, tok, tenant, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["allowed"], false, "{j}");
+    let id = j["approval_id"].as_str().expect("approval_id").to_string();
+    assert!(id.starts_with("apr_"), "{id}");
+    assert!(j["approval_expires_at"].is_string(), "{j}");
+    id
+}
+
+fn act(d: &Daemon, tok: &str, id: &str, what: &str, note: Option<&str>) -> Resp {
+    let body = note.map(|n| format!(r#"{{"note":"{n}"}}"#));
+    call(
+        d,
+        tok,
+        "POST",
+        &format!("/api/approvals/{id}/{what}"),
+        body.as_deref(),
+    )
+}
+
+fn state_of(d: &Daemon, id: &str) -> String {
+    let r = d.get(&format!("/api/approvals/{id}"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["state"].as_str().unwrap().to_string()
+}
+
+fn kinds(d: &Daemon) -> Vec<String> {
+    let r = d.get("/api/audit?limit=1000");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn open_approve_redeem_then_used() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+
+    let id = open(&d, &app, "org.acme");
+    let r = route(&d, &app, "org.acme", None);
+    assert_eq!(r.json()["deny_reason"], "approval_required");
+    assert_eq!(
+        r.json()["approval_id"],
+        id.as_str(),
+        "a retry gets the same approval"
+    );
+
+    // Pending: not yet.
+    let r = route(&d, &app, "org.acme", Some(&id));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (r.json()["allowed"].clone(), r.json()["deny_reason"].clone()),
+        (Value::Bool(false), Value::from("approval_pending"))
+    );
+    // The app cannot approve (no approve scope); the approver can, with a note.
+    assert_eq!(act(&d, &app, &id, "approve", None).status, 403);
+    let r = act(&d, &boss, &id, "approve", Some("ship it"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["state"], "approved");
+    // The app sees its own approval; the list is the approver's.
+    let r = call(&d, &app, "GET", &format!("/api/approvals/{id}"), None);
+    assert_eq!(r.json()["state"], "approved", "{}", r.body);
+    assert_eq!(call(&d, &app, "GET", "/api/approvals", None).status, 403);
+    let r = call(&d, &boss, "GET", "/api/approvals?state=approved", None);
+    assert_eq!(
+        r.json()["approvals"].as_array().unwrap().len(),
+        1,
+        "{}",
+        r.body
+    );
+
+    // A changed request with the approval: an attack, not a policy outcome.
+    let r = call(
+        &d,
+        &app,
+        "POST",
+        "/api/route",
+        Some(&deploy_body("org.acme", "PUBLIC", Some(&id))),
+    );
+    r.assert_error(403, "approval_mismatch", None);
+    let r = route(
+        &d,
+        &app,
+        "org.acme",
+        Some("apr_00000000000000000000000000000000"),
+    );
+    r.assert_error(403, "approval_mismatch", None);
+
+    let r = route(&d, &app, "org.acme", Some(&id));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["allowed"], true, "{j}");
+    assert_eq!(j["worker_id"], "worker.deploy.canary");
+    assert_eq!(j["approval_id"], id.as_str());
+    route(&d, &app, "org.acme", Some(&id)).assert_error(409, "approval_used", None);
+    assert_eq!(state_of(&d, &id), "used");
+    // Moving a used approval is a conflict naming its state.
+    let r = act(&d, &boss, &id, "deny", None);
+    r.assert_error(409, "approval_conflict", None);
+    assert!(r.body.contains("used"), "{}", r.body);
+
+    let k = kinds(&d);
+    for want in ["approval_opened", "approval_approved", "approval_used"] {
+        assert!(k.iter().any(|x| x == want), "{want} missing from {k:?}");
+    }
+    let r = d.get("/api/audit?kind=approval_approved");
+    let rec = &r.json()["records"][0];
+    assert!(rec["detail"].as_str().unwrap().contains(&id), "{rec}");
+    assert!(
+        rec["detail"].as_str().unwrap().contains("note=ship it"),
+        "{rec}"
+    );
+    assert!(
+        rec["token_id"].as_str().unwrap().starts_with("tok_"),
+        "{rec}"
+    );
+    assert_eq!(d.get("/api/audit/verify").json()["ok"], true);
+}
+
+#[test]
+fn thirty_two_concurrent_redemptions_allow_exactly_one() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let id = open(&d, &app, "org.acme");
+    assert_eq!(act(&d, &boss, &id, "approve", None).status, 200);
+    let body = deploy_body("org.acme", "INTERNAL", Some(&id));
+    let statuses: Vec<(u16, bool)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..32)
+            .map(|_| {
+                let (body, app, addr) = (&body, &app, d.addr);
+                s.spawn(move || {
+                    let h = vec![
+                        ("Host".to_string(), addr.to_string()),
+                        ("Authorization".to_string(), format!("Bearer {app}")),
+                        ("Content-Type".to_string(), "application/json".to_string()),
+                    ];
+                    let r =
+                        raw_request(addr, "POST", "/api/route", &h, Some(body.as_bytes())).unwrap();
+                    let allowed = r.status == 200 && r.json()["allowed"] == true;
+                    (r.status, allowed)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses.iter().filter(|s| s.1).count(), 1, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| s.0 == 409).count(),
+        31,
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn deny_expiry_and_separation_of_duties() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let both = issue(&d, "both", &["route", "approve"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+
+    // Denied, with a note; deciding twice is a conflict.
+    let id = open(&d, &app, "org.acme");
+    assert_eq!(act(&d, &boss, &id, "deny", Some("not today")).status, 200);
+    assert_eq!(
+        route(&d, &app, "org.acme", Some(&id)).json()["deny_reason"],
+        "approval_denied"
+    );
+    let r = act(&d, &boss, &id, "approve", None);
+    r.assert_error(409, "approval_conflict", None);
+    assert!(r.body.contains("denied"), "{}", r.body);
+    // A new request opens a new approval once the old one is decided.
+    let id2 = open(&d, &app, "org.acme");
+    assert_ne!(id, id2);
+
+    // The opener cannot approve its own approval, even with the scope; it may cancel.
+    let own = open(&d, &both, "org.beta");
+    act(&d, &both, &own, "approve", None).assert_error(403, "self_approval", None);
+    act(&d, &boss, &own, "cancel", None).assert_error(403, "not_opener", None);
+    assert_eq!(act(&d, &both, &own, "cancel", None).status, 200);
+    assert_eq!(state_of(&d, &own), "cancelled");
+    // A note is bounded text.
+    let bad = act(&d, &boss, &id2, "deny", Some("a\\u0007b"));
+    bad.assert_error(400, "invalid_request", Some("note"));
+    assert_eq!(state_of(&d, &id2), "pending");
+
+    // Expiry with a short ttl: expired on read, redemption says so, no transition after.
+    let short = open(&d, &app, "org.ttl");
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(state_of(&d, &short), "expired");
+    assert_eq!(
+        route(&d, &app, "org.ttl", Some(&short)).json()["deny_reason"],
+        "approval_expired"
+    );
+    act(&d, &boss, &short, "approve", None).assert_error(409, "approval_conflict", None);
+    // Exactly one expiry record for it (read, sweep and conflict did not duplicate it).
+    let r = d.get("/api/audit?kind=approval_expired");
+    let n = r.json()["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["detail"].as_str().unwrap().contains(&short))
+        .count();
+    assert_eq!(n, 1, "{}", r.body);
+}
+
+#[test]
+fn veto_window_and_two_approvers() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let a1 = issue(&d, "a1", &["approve"], None);
+    let a2 = issue(&d, "a2", &["approve"], None);
+
+    // Held for veto: approved when nobody denies within the window.
+    let r = route(&d, &app, "org.veto", None);
+    assert_eq!(r.json()["deny_reason"], "held_for_veto", "{}", r.body);
+    let id = r.json()["approval_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        route(&d, &app, "org.veto", Some(&id)).json()["deny_reason"],
+        "approval_pending"
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = route(&d, &app, "org.veto", Some(&id));
+    assert_eq!(r.json()["allowed"], true, "{}", r.body);
+
+    // Vetoed inside the window.
+    let r = route(&d, &app, "org.veto", None);
+    let id = r.json()["approval_id"].as_str().unwrap().to_string();
+    assert_eq!(act(&d, &a1, &id, "deny", Some("veto")).status, 200);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        route(&d, &app, "org.veto", Some(&id)).json()["deny_reason"],
+        "approval_denied"
+    );
+
+    // Two distinct approvers: the same one twice does not count.
+    let id = open(&d, &app, "org.two");
+    assert_eq!(
+        act(&d, &a1, &id, "approve", None).json()["state"],
+        "pending"
+    );
+    act(&d, &a1, &id, "approve", None).assert_error(409, "approval_conflict", None);
+    assert_eq!(
+        route(&d, &app, "org.two", Some(&id)).json()["deny_reason"],
+        "approval_pending"
+    );
+    assert_eq!(
+        act(&d, &a2, &id, "approve", None).json()["state"],
+        "approved"
+    );
+    assert_eq!(
+        route(&d, &app, "org.two", Some(&id)).json()["allowed"],
+        true
+    );
+    assert!(kinds(&d).iter().any(|k| k == "approval_voted"));
+}
+
+#[test]
+fn tenant_bound_approvers() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let acme_boss = issue(&d, "acme-boss", &["approve"], Some("org.acme"));
+    let beta = open(&d, &app, "org.beta");
+    let acme = open(&d, &app, "org.acme");
+    act(&d, &acme_boss, &beta, "approve", None).assert_error(403, "tenant_mismatch", None);
+    assert_eq!(state_of(&d, &beta), "pending");
+    let r = call(&d, &acme_boss, "GET", "/api/approvals", None);
+    let list = r.json()["approvals"].as_array().unwrap().clone();
+    assert_eq!(list.len(), 1, "{}", r.body);
+    assert_eq!(list[0]["id"], acme.as_str());
+    call(
+        &d,
+        &acme_boss,
+        "GET",
+        "/api/approvals?tenant_id=org.beta",
+        None,
+    )
+    .assert_error(403, "tenant_mismatch", None);
+    assert_eq!(act(&d, &acme_boss, &acme, "approve", None).status, 200);
+}
+
+#[test]
+fn a_policy_edit_between_open_and_redeem_is_a_mismatch() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let id = open(&d, &app, "org.acme");
+    assert_eq!(act(&d, &boss, &id, "approve", None).status, 200);
+    let before = d.get("/api/status").json()["policy_version"].clone();
+    std::fs::write(
+        d.policies().join("01-allow-deploys.toml"),
+        "[[rule]]\nid = \"deploy-anything\"\ncapabilities = [\"cap.code.deploy\"]\neffect = \"allow\"\n",
+    )
+    .unwrap();
+    d.wait_until(Duration::from_secs(10), || {
+        d.get("/api/status").json()["policy_version"] != before
+    });
+    // The approval was for a require_approval rule: under the new policy it proves nothing.
+    route(&d, &app, "org.acme", Some(&id)).assert_error(403, "approval_mismatch", None);
+    // Without it, the request is simply allowed by the new rule.
+    assert_eq!(route(&d, &app, "org.acme", None).json()["allowed"], true);
+}
+
+#[test]
+fn approvals_survive_a_restart() {
+    let mut d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let pending = open(&d, &app, "org.acme");
+    let approved = open(&d, &app, "org.beta");
+    assert_eq!(act(&d, &boss, &approved, "approve", None).status, 200);
+    assert!(d.stop().success());
+    let d = Daemon::spawn(d.into_dir(), &[], &[], true);
+    assert_eq!(state_of(&d, &pending), "pending");
+    assert_eq!(
+        route(&d, &app, "org.acme", None).json()["approval_id"],
+        pending.as_str()
+    );
+    let r = route(&d, &app, "org.beta", Some(&approved));
+    assert_eq!(r.json()["allowed"], true, "{}", r.body);
+    assert_eq!(d.get("/api/audit/verify").json()["ok"], true);
+}
+
+#[test]
+fn wait_returns_when_an_approver_acts() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let id = open(&d, &app, "org.acme");
+    // Nothing happens: the wait runs its course (1 s), state unchanged.
+    let t = Instant::now();
+    let r = call(
+        &d,
+        &app,
+        "GET",
+        &format!("/api/approvals/{id}?wait=1"),
+        None,
+    );
+    assert_eq!(r.json()["state"], "pending");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    call(
+        &d,
+        &app,
+        "GET",
+        &format!("/api/approvals/{id}?wait=61"),
+        None,
+    )
+    .assert_error(400, "invalid_request", Some("wait"));
+
+    let (r, took) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let t = Instant::now();
+            let r = call(
+                &d,
+                &app,
+                "GET",
+                &format!("/api/approvals/{id}?wait=30"),
+                None,
+            );
+            (r, t.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(act(&d, &boss, &id, "approve", None).status, 200);
+        h.join().unwrap()
+    });
+    assert_eq!(r.json()["state"], "approved", "{}", r.body);
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
