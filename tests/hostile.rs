@@ -108,9 +108,24 @@ fn endpoints() -> Vec<Endpoint> {
             Some(r#"{"decision_id":"01234567-89ab-7def-8123-456789abcdef"}"#),
         ),
         e("GET", "/api/approvals", Some("approve"), None),
-        e("GET", "/api/approvals/apr_probe", Some("route|approve"), None),
-        e("POST", "/api/approvals/apr_probe/approve", Some("approve"), None),
-        e("POST", "/api/approvals/apr_probe/deny", Some("approve"), None),
+        e(
+            "GET",
+            "/api/approvals/apr_probe",
+            Some("route|approve"),
+            None,
+        ),
+        e(
+            "POST",
+            "/api/approvals/apr_probe/approve",
+            Some("approve"),
+            None,
+        ),
+        e(
+            "POST",
+            "/api/approvals/apr_probe/deny",
+            Some("approve"),
+            None,
+        ),
         e(
             "POST",
             "/api/approvals/apr_probe/cancel",

@@ -103,12 +103,12 @@ pub async fn settle<'s>(
                 match a {
                     Some(a) if a.digest == hex(&need.digest) => match a.state {
                         State::Approved => {
-                            Redemption::Allowed(crate::store::approvals::Transition {
+                            Redemption::Allowed(Box::new(crate::store::approvals::Transition {
                                 kind: crate::store::approvals::TransitionKind::Reused,
                                 approval: a,
                                 token_id: None,
                                 note: None,
-                            })
+                            }))
                         }
                         s => Redemption::Refused(s),
                     },

@@ -186,7 +186,7 @@ impl From<sled::Error> for ApprovalError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Redemption {
     /// Allowed: the approval was approved and this use is counted.
-    Allowed(Transition),
+    Allowed(Box<Transition>),
     /// Not allowed: the approval's (current) state.
     Refused(State),
     /// The approval does not exist or is bound to another request.
@@ -619,7 +619,7 @@ impl ApprovalStore {
                     .rev()
                     .find(|t| matches!(t.kind, TransitionKind::Used | TransitionKind::Reused))
                     .cloned()
-                    .map(Redemption::Allowed)
+                    .map(|t| Redemption::Allowed(Box::new(t)))
                     .ok_or_else(|| ApprovalError::Store("redemption made no transition".into())),
             },
         };
