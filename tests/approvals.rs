@@ -469,3 +469,58 @@ fn wait_returns_when_an_approver_acts() {
     assert_eq!(r.json()["state"], "approved", "{}", r.body);
     assert!(took < Duration::from_secs(10), "{took:?}");
 }
+
+#[test]
+fn the_cli_opens_approves_and_redeems() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let url = format!("http://{}", d.addr);
+    let hall = |tok: &str, args: &[&str]| {
+        let out = std::process::Command::new(common::HALL)
+            .args(args)
+            .env("HALL_URL", &url)
+            .env("HALL_TOKEN", tok)
+            .env_remove("HALL_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let req = [
+        "route",
+        "--capability",
+        "cap.code.deploy",
+        "--env",
+        "prod",
+        "--label",
+        "INTERNAL",
+        "--tenant",
+        "org.acme",
+    ];
+    let (code, out, err) = hall(&app, &req);
+    assert_eq!(code, Some(1), "denied until approved: {out} {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let id = v["approval_id"].as_str().unwrap().to_string();
+    assert!(
+        err.contains(&format!("hall approvals approve {id}")),
+        "the approver's command: {err}"
+    );
+    let (code, out, _) = hall(&boss, &["approvals", "list", "--state", "pending"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(&id), "{out}");
+    let (code, out, err) = hall(&boss, &["approvals", "approve", &id, "--note", "ok"]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(out.contains("\"approved\""), "{out}");
+    let (code, out, err) = hall(&boss, &["approvals", "deny", &id]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(err.contains("approval_conflict"), "{err}");
+    let mut redeem = req.to_vec();
+    redeem.extend(["--approval-id", &id]);
+    let (code, out, err) = hall(&app, &redeem);
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(out.contains("worker.deploy.canary"), "{out}");
+}

@@ -1,6 +1,7 @@
 //! The `hall` command line: offline commands run the engine directly; client commands
 //! are thin HTTP clients of a running daemon.
 
+mod approvals;
 mod client;
 pub mod fixtures;
 mod mcp;
@@ -46,6 +47,9 @@ pub enum Command {
     /// Read, verify and export the audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The approval queue: list, show (--wait), approve, deny, cancel.
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCmd),
     /// Serve the Model Context Protocol on stdin/stdout, forwarding to the daemon's /mcp
     /// (for assistants configured with a command: `command = "hall"`, `args = ["mcp"]`).
     Mcp(ClientArgs),
@@ -127,6 +131,9 @@ pub struct RouteArgs {
     pub dry_run: bool,
     #[arg(long, value_name = "ID")]
     pub correlation_id: Option<String>,
+    /// Redeem this approval (from an earlier `approval_required` answer).
+    #[arg(long, value_name = "APPROVAL_ID")]
+    pub approval_id: Option<String>,
     /// Decide locally from the files instead of asking the daemon.
     #[arg(long)]
     pub offline: bool,
@@ -250,6 +257,7 @@ pub fn main() -> ExitCode {
         Command::Secret(s) => client::secret(s),
         Command::Audit(a) => client::audit(a),
         Command::Mcp(c) => mcp::run(&c),
+        Command::Approvals(a) => approvals::run(a),
         Command::Version => {
             println!("hall {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
