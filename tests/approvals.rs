@@ -136,6 +136,10 @@ fn open_approve_redeem_then_used() {
     let boss = issue(&d, "boss", &["approve"], None);
 
     let id = open(&d, &app, "org.acme");
+    assert!(d
+        .get("/metrics")
+        .body
+        .contains("\nhall_approvals_pending 1\n"));
     let r = route(&d, &app, "org.acme", None);
     assert_eq!(r.json()["deny_reason"], "approval_required");
     assert_eq!(
@@ -214,6 +218,16 @@ fn open_approve_redeem_then_used() {
         "{rec}"
     );
     assert_eq!(d.get("/api/audit/verify").json()["ok"], true);
+    let m = d.get("/metrics").body;
+    assert!(m.contains("\nhall_approvals_pending 0\n"), "{m}");
+    assert!(
+        m.contains("hall_approval_transitions_total{kind=\"used\"} 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("hall_approval_transitions_total{kind=\"opened\"} 1\n"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -523,4 +537,125 @@ fn the_cli_opens_approves_and_redeems() {
     let (code, out, err) = hall(&app, &redeem);
     assert_eq!(code, Some(0), "{out} {err}");
     assert!(out.contains("worker.deploy.canary"), "{out}");
+}
+
+/// Open an event stream; return the socket and what was read so far (the response head, the
+/// stream's opening comment, and any events that came with them).
+fn sse(d: &Daemon, tok: &str, query: &str, last_id: Option<u64>) -> (std::net::TcpStream, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(d.addr).unwrap();
+    let last = last_id
+        .map(|n| format!("Last-Event-ID: {n}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET /api/events{query} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {tok}\r\nAccept: text/event-stream\r\n{last}\r\n",
+        d.addr
+    )
+    .unwrap();
+    let head = read_until(&mut s, "", ": from seq", Duration::from_secs(10));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/event-stream"), "{head}");
+    (s, head)
+}
+
+/// Read from the stream until `needle` has been seen (in `seen` or after it); return all of it.
+fn read_until(s: &mut std::net::TcpStream, seen: &str, needle: &str, timeout: Duration) -> String {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = seen.as_bytes().to_vec();
+    let mut chunk = [0u8; 4096];
+    while start.elapsed() < timeout {
+        if String::from_utf8_lossy(&buf).contains(needle) {
+            break;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => continue,
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    assert!(text.contains(needle), "{needle:?} not seen in:\n{text}");
+    text
+}
+
+/// The `id:` of the first event of type `ty` in `text`.
+fn event_id(text: &str, ty: &str) -> u64 {
+    let at = text
+        .find(&format!("event: {ty}\n"))
+        .unwrap_or_else(|| panic!("no {ty} in {text}"));
+    let before = &text[..at];
+    let line = before
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("id: "))
+        .unwrap();
+    line[4..].trim().parse().unwrap()
+}
+
+#[test]
+fn the_event_stream_shows_opened_then_decided_and_resumes() {
+    let d = start();
+    let admin = d.admin_token().unwrap();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let (mut s, seen) = sse(&d, &admin, "?types=approval.opened,approval.decided", None);
+    let id = open(&d, &app, "org.acme");
+    assert_eq!(act(&d, &boss, &id, "approve", None).status, 200);
+    let text = read_until(
+        &mut s,
+        &seen,
+        "event: approval.decided",
+        Duration::from_secs(10),
+    );
+    let opened = event_id(&text, "approval.opened");
+    let decided = event_id(&text, "approval.decided");
+    assert!(opened < decided, "{text}");
+    assert!(text.contains(&id), "{text}");
+    assert!(
+        !text.contains("event: decision\n"),
+        "filtered by type: {text}"
+    );
+    drop(s);
+
+    // Reconnect from the opened event: the next one is the decision, nothing before it.
+    let (mut s, seen) = sse(
+        &d,
+        &admin,
+        "?types=approval.opened,approval.decided",
+        Some(opened),
+    );
+    let text = read_until(
+        &mut s,
+        &seen,
+        "event: approval.decided",
+        Duration::from_secs(10),
+    );
+    assert_eq!(event_id(&text, "approval.decided"), decided);
+    assert!(!text.contains("event: approval.opened"), "{text}");
+
+    // A tenant-bound audit token sees its tenant only.
+    let beta = issue(&d, "beta-audit", &["audit"], Some("org.beta"));
+    let (mut s, seen) = sse(&d, &beta, "?types=decision", None);
+    assert_eq!(
+        d.route("cap.doc.summarize", "dev", "PUBLIC", "org.acme")
+            .status,
+        200
+    );
+    assert_eq!(
+        d.route("cap.doc.summarize", "dev", "PUBLIC", "org.beta")
+            .status,
+        200
+    );
+    let text = read_until(&mut s, &seen, "org.beta", Duration::from_secs(10));
+    assert!(!text.contains("org.acme"), "{text}");
+    // Unknown types are refused.
+    call(&d, &admin, "GET", "/api/events?types=nope", None).assert_error(
+        400,
+        "invalid_request",
+        Some("types"),
+    );
 }

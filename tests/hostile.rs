@@ -107,6 +107,7 @@ fn endpoints() -> Vec<Endpoint> {
             Some("secrets:release"),
             Some(r#"{"decision_id":"01234567-89ab-7def-8123-456789abcdef"}"#),
         ),
+        e("GET", "/api/events?types=nope", Some("audit"), None),
         e("GET", "/api/approvals", Some("approve"), None),
         e(
             "GET",

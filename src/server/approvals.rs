@@ -471,3 +471,25 @@ pub fn spawn_sweep(state: &std::sync::Arc<AppState>) {
         }
     });
 }
+
+/// Approval metrics for `/metrics`: the pending gauge and transitions by kind.
+pub fn metrics_text(state: &AppState) -> String {
+    use std::fmt::Write;
+    let store = &state.stores.approvals;
+    let mut s = String::new();
+    s.push_str("# HELP hall_approvals_pending Approvals pending now.\n# TYPE hall_approvals_pending gauge\n");
+    let _ = writeln!(
+        s,
+        "hall_approvals_pending {}",
+        store.pending_now(now_ms()).unwrap_or(0)
+    );
+    s.push_str("# HELP hall_approval_transitions_total Approval transitions since start, by kind.\n# TYPE hall_approval_transitions_total counter\n");
+    for (k, n) in store.transition_counts() {
+        let _ = writeln!(
+            s,
+            "hall_approval_transitions_total{{kind=\"{}\"}} {n}",
+            k.as_str()
+        );
+    }
+    s
+}

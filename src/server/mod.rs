@@ -4,6 +4,7 @@ mod api;
 mod approvals;
 pub mod auth;
 mod errors;
+mod events;
 pub mod guard;
 mod mcp;
 mod metrics;
@@ -449,6 +450,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
             )
             .route(web::post().to(approvals::cancel)),
         )
+        // Server-Sent Events from the audit log; tenant-bound tokens see their tenant's.
+        .service(endpoint("/api/events", scope(Scope::Audit)).route(web::get().to(events::events)))
         // MCP over streamable HTTP: POST only (no server-initiated stream, so GET is 405).
         .service(endpoint("/mcp", scope(Scope::Route)).route(web::post().to(mcp::post)));
 }

@@ -69,6 +69,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .ok;
     let mut text = state.metrics.render(loaded, failed);
     text.push_str(&audit_metrics(state.stores.audit.stats()));
+    text.push_str(&super::approvals::metrics_text(&state));
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(text)

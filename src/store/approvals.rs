@@ -143,7 +143,7 @@ pub struct Transition {
     pub note: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TransitionKind {
     Opened,
     /// An approver said yes but more distinct approvers are needed.
@@ -155,6 +155,32 @@ pub enum TransitionKind {
     Used,
     /// A reusable approval was redeemed again (`approval_use` is a duration).
     Reused,
+}
+
+impl TransitionKind {
+    pub const ALL: [TransitionKind; 8] = [
+        TransitionKind::Opened,
+        TransitionKind::Voted,
+        TransitionKind::Approved,
+        TransitionKind::Denied,
+        TransitionKind::Expired,
+        TransitionKind::Cancelled,
+        TransitionKind::Used,
+        TransitionKind::Reused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransitionKind::Opened => "opened",
+            TransitionKind::Voted => "voted",
+            TransitionKind::Approved => "approved",
+            TransitionKind::Denied => "denied",
+            TransitionKind::Expired => "expired",
+            TransitionKind::Cancelled => "cancelled",
+            TransitionKind::Used => "used",
+            TransitionKind::Reused => "reused",
+        }
+    }
 }
 
 /// Why an operation was refused.
@@ -266,6 +292,8 @@ pub struct ApprovalStore {
     max_pending: usize,
     /// Bumped after every write; `?wait` long-polls subscribe to it (no thread per waiter).
     changed: tokio::sync::watch::Sender<u64>,
+    /// Transitions written since start, by [`TransitionKind::ALL`] index (for /metrics).
+    counts: [std::sync::atomic::AtomicU64; 8],
 }
 
 impl ApprovalStore {
@@ -277,6 +305,7 @@ impl ApprovalStore {
             open_lock: Mutex::new(()),
             max_pending,
             changed: tokio::sync::watch::channel(0).0,
+            counts: Default::default(),
         })
     }
 
@@ -287,6 +316,42 @@ impl ApprovalStore {
 
     fn bump(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn count(&self, ts: &[Transition]) {
+        for t in ts {
+            if let Some(i) = TransitionKind::ALL.iter().position(|k| *k == t.kind) {
+                self.counts[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Transitions written since start, by kind.
+    pub fn transition_counts(&self) -> Vec<(TransitionKind, u64)> {
+        TransitionKind::ALL
+            .iter()
+            .zip(&self.counts)
+            .map(|(k, c)| (*k, c.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Approvals pending now, across tenants (walks the pending index).
+    pub fn pending_now(&self, now: i64) -> Result<usize, ApprovalError> {
+        let mut n = 0;
+        for kv in self.pending.iter() {
+            let (k, _) = kv?;
+            let Some(i) = k.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let id = String::from_utf8_lossy(&k[i + 1..]).into_owned();
+            if self
+                .get(&id, now)?
+                .is_some_and(|a| a.state == State::Pending)
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     fn load_raw(&self, id: &str) -> Result<Option<(sled::IVec, Approval)>, ApprovalError> {
@@ -425,6 +490,7 @@ impl ApprovalStore {
             token_id: Some(new.opened_by.into()),
             note: None,
         });
+        self.count(&transitions[transitions.len() - 1..]);
         Ok(a)
     }
 
@@ -464,8 +530,10 @@ impl ApprovalStore {
             {
                 Ok(()) => {
                     self.bump();
+                    self.count(&timed);
                     out.extend(timed);
                     let explicit = explicit?;
+                    self.count(explicit.as_slice());
                     out.extend(explicit);
                     return Ok(a);
                 }
