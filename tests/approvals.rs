@@ -537,6 +537,43 @@ fn the_cli_opens_approves_and_redeems() {
     let (code, out, err) = hall(&app, &redeem);
     assert_eq!(code, Some(0), "{out} {err}");
     assert!(out.contains("worker.deploy.canary"), "{out}");
+
+    // `hall route --wait`: opens, waits for the approver, then redeems.
+    let mut args = req.to_vec();
+    args[8] = "org.beta";
+    args.push("--wait");
+    let child = std::process::Command::new(common::HALL)
+        .args(&args)
+        .env("HALL_URL", &url)
+        .env("HALL_TOKEN", &app)
+        .env_remove("HALL_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pending = String::new();
+    d.wait_until(Duration::from_secs(20), || {
+        let r = d.get("/api/approvals?state=pending&tenant_id=org.beta");
+        match r.json()["approvals"][0]["id"].as_str() {
+            Some(id) => {
+                pending = id.to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(act(&d, &boss, &pending, "approve", None).status, 200);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("\"allowed\": true"), "{stdout}");
+    assert_eq!(state_of(&d, &pending), "used");
 }
 
 /// Open an event stream; return the socket and what was read so far (the response head, the

@@ -146,3 +146,38 @@ pub(super) fn hint(a: &super::RouteArgs, id: &str, v: &Value) {
         a.capability, a.env, a.label, a.tenant
     );
 }
+
+/// `hall route --wait`: long-poll the approval until it leaves `pending`, then redeem it with
+/// the same request. Exit 0 only when the redemption is allowed.
+pub(super) fn wait_and_redeem(c: &Client, id: &str, mut body: Value) -> CliResult {
+    eprintln!("waiting for a decision on {id} …");
+    loop {
+        // Under the client's 30 s request timeout; the daemon answers earlier on any change.
+        let (s, v) = c.send("GET", &format!("/api/approvals/{}?wait=25", enc(id)), None)?;
+        if s != 200 {
+            let msg = v
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("request failed");
+            return Err(format!("{msg} (HTTP {s})").into());
+        }
+        match v.get("state").and_then(Value::as_str) {
+            Some("pending") => continue,
+            Some("approved") => break,
+            other => {
+                eprintln!("approval {id} is {}", other.unwrap_or("unknown"));
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    body["approval_id"] = json!(id);
+    let (s, v) = c.send("POST", "/api/route", Some(&serde_json::to_vec(&body)?))?;
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    Ok(
+        if s == 200 && v.get("allowed").and_then(Value::as_bool) == Some(true) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}

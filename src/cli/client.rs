@@ -119,6 +119,9 @@ pub(super) fn route(a: &RouteArgs) -> CliResult {
     let allowed = v.get("allowed").and_then(Value::as_bool).unwrap_or(false);
     if let (false, Some(id)) = (allowed, v.get("approval_id").and_then(Value::as_str)) {
         super::approvals::hint(a, id, &v);
+        if a.wait && a.approval_id.is_none() {
+            return super::approvals::wait_and_redeem(&c, id, body);
+        }
     }
     Ok(if allowed {
         ExitCode::SUCCESS

@@ -134,6 +134,9 @@ pub struct RouteArgs {
     /// Redeem this approval (from an earlier `approval_required` answer).
     #[arg(long, value_name = "APPROVAL_ID")]
     pub approval_id: Option<String>,
+    /// When the answer is an approval to wait for: wait until a person decides, then redeem it.
+    #[arg(long)]
+    pub wait: bool,
     /// Decide locally from the files instead of asking the daemon.
     #[arg(long)]
     pub offline: bool,
