@@ -103,6 +103,9 @@ pub(super) fn route(a: &RouteArgs) -> CliResult {
     if let Some(cid) = &a.correlation_id {
         body["correlation_id"] = json!(cid);
     }
+    if let Some(id) = &a.approval_id {
+        body["approval_id"] = json!(id);
+    }
     let path = if a.explain {
         "/api/route?explain=true"
     } else {
@@ -114,6 +117,12 @@ pub(super) fn route(a: &RouteArgs) -> CliResult {
     }
     print(&v);
     let allowed = v.get("allowed").and_then(Value::as_bool).unwrap_or(false);
+    if let (false, Some(id)) = (allowed, v.get("approval_id").and_then(Value::as_str)) {
+        super::approvals::hint(a, id, &v);
+        if a.wait && a.approval_id.is_none() {
+            return super::approvals::wait_and_redeem(&c, id, body);
+        }
+    }
     Ok(if allowed {
         ExitCode::SUCCESS
     } else {

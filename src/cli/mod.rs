@@ -1,10 +1,11 @@
 //! The `hall` command line: offline commands run the engine directly; client commands
 //! are thin HTTP clients of a running daemon.
 
+mod approvals;
 mod client;
 pub mod fixtures;
-mod mcp;
 pub mod import;
+mod mcp;
 mod offline;
 pub mod replay;
 
@@ -48,6 +49,9 @@ pub enum Command {
     /// Read, verify and export the audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The approval queue: list, show (--wait), approve, deny, cancel.
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCmd),
     /// Serve the Model Context Protocol on stdin/stdout, forwarding to the daemon's /mcp
     /// (for assistants configured with a command: `command = "hall"`, `args = ["mcp"]`).
     Mcp(ClientArgs),
@@ -139,6 +143,12 @@ pub struct RouteArgs {
     pub dry_run: bool,
     #[arg(long, value_name = "ID")]
     pub correlation_id: Option<String>,
+    /// Redeem this approval (from an earlier `approval_required` answer).
+    #[arg(long, value_name = "APPROVAL_ID")]
+    pub approval_id: Option<String>,
+    /// When the answer is an approval to wait for: wait until a person decides, then redeem it.
+    #[arg(long)]
+    pub wait: bool,
     /// Decide locally from the files instead of asking the daemon.
     #[arg(long)]
     pub offline: bool,
@@ -159,7 +169,7 @@ pub enum TokenCmd {
     Create {
         #[arg(long)]
         name: String,
-        /// route, audit, metrics, secrets:write, secrets:release, admin (repeatable or comma-separated).
+        /// route, audit, metrics, secrets:write, secrets:release, approve, admin (repeatable or comma-separated).
         #[arg(long = "scope", required = true, value_delimiter = ',')]
         scopes: Vec<String>,
         /// Bind the token to one tenant.
@@ -264,6 +274,7 @@ pub fn main() -> ExitCode {
         Command::Mcp(c) => mcp::run(&c),
         Command::Replay(a) => replay::run(&a),
         Command::Import(c) => import::run(c),
+        Command::Approvals(a) => approvals::run(a),
         Command::Version => {
             println!("hall {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)

@@ -73,14 +73,14 @@ pub fn decide<'s>(
         deny_reason: None,
         rule_id: Some(rule.id.as_str()),
         explain: None,
+        approval: None,
     };
     match rule.effect {
         // 3. deny with the rule's reason
         Effect::Deny => d.deny_reason = Some(rule.reason.as_str()),
-        // 4. approvals arrive in a later release: until then, always denied.
-        Effect::RequireApproval => d.deny_reason = Some(APPROVAL_REQUIRED),
-        // 5. first eligible candidate
-        Effect::Allow => {
+        // 4. require_approval and 5. allow: first eligible candidate. An approval binds the
+        // worker step 5 selects; with none eligible nothing can be approved.
+        Effect::Allow | Effect::RequireApproval => {
             let default_candidates;
             let candidates: &[u32] = match &rule.compiled.workers {
                 Some(ws) => ws,
@@ -117,9 +117,22 @@ pub fn decide<'s>(
                 }
             }
             match chosen {
-                Some(w) => {
+                Some(w) if rule.effect == Effect::Allow => {
                     d.allowed = true;
                     d.worker_id = Some(w);
+                }
+                Some(w) => {
+                    let settings = rule.approval;
+                    d.deny_reason = Some(if settings.auto_approve_after_secs.is_some() {
+                        HELD_FOR_VETO
+                    } else {
+                        APPROVAL_REQUIRED
+                    });
+                    d.approval = Some(ApprovalNeed {
+                        digest: approval_digest(req, &rule.id, w),
+                        worker_id: w,
+                        settings,
+                    });
                 }
                 None => d.deny_reason = Some(NO_ELIGIBLE_WORKER),
             }

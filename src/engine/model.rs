@@ -10,6 +10,9 @@ pub const NO_MATCHING_RULE: &str = "no_matching_rule";
 pub const DENIED_BY_POLICY: &str = "denied_by_policy";
 /// Deny reason: the matching rule requires a human approval.
 pub const APPROVAL_REQUIRED: &str = "approval_required";
+/// Deny reason: the matching rule requires approval with a veto window; it is approved
+/// unless someone denies it within the window.
+pub const HELD_FOR_VETO: &str = "held_for_veto";
 /// Deny reason: the rule allowed, but none of its candidate workers is eligible.
 pub const NO_ELIGIBLE_WORKER: &str = "no_eligible_worker";
 
@@ -41,6 +44,38 @@ pub struct Decision<'s> {
     pub rule_id: Option<&'s str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub explain: Option<Explain<'s>>,
+    /// For a `require_approval` rule with an eligible worker: what a human must approve.
+    #[serde(skip)]
+    pub approval: Option<ApprovalNeed<'s>>,
+}
+
+/// What a `require_approval` decision asks a human to approve: the request digest (SPEC 3.1:
+/// blake3 over capability, env, data label, tenant, rule id and the selected worker), the
+/// worker that would do it, and the rule's approval settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApprovalNeed<'s> {
+    pub digest: [u8; 32],
+    pub worker_id: &'s str,
+    pub settings: crate::engine::ApprovalSettings,
+}
+
+/// The digest an approval is bound to. Each field is length-prefixed so no two different
+/// requests can hash the same bytes; the domain string versions the construction.
+pub fn approval_digest(req: &Request<'_>, rule_id: &str, worker_id: &str) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"hall.approval.v1");
+    for part in [
+        req.capability_id,
+        req.env,
+        req.data_label,
+        req.tenant_id,
+        rule_id,
+        worker_id,
+    ] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    *h.finalize().as_bytes()
 }
 
 impl Decision<'_> {
@@ -51,6 +86,7 @@ impl Decision<'_> {
             deny_reason: Some(reason),
             rule_id: None,
             explain: None,
+            approval: None,
         }
     }
 }

@@ -372,7 +372,19 @@ proptest! {
 
             match rule.effect {
                 Effect::Deny => prop_assert_eq!(fast.deny_reason, Some(rule.reason.as_str())),
-                Effect::RequireApproval => prop_assert_eq!(fast.deny_reason, Some(APPROVAL_REQUIRED)),
+                Effect::RequireApproval => {
+                    // Opens an approval exactly when a worker is eligible; never allows by itself.
+                    prop_assert!(!fast.allowed);
+                    let cands = candidates(snap, rule, c);
+                    match (fast.approval, cands.iter().find(|w| eligible(snap, w, rule, &q))) {
+                        (Some(a), Some(exp)) => {
+                            prop_assert_eq!(a.worker_id, exp.id.as_str());
+                            prop_assert_eq!(fast.deny_reason, Some(APPROVAL_REQUIRED));
+                        }
+                        (None, None) => prop_assert_eq!(fast.deny_reason, Some(NO_ELIGIBLE_WORKER)),
+                        (got, exp) => prop_assert!(false, "approval {:?}, oracle {:?}", got, exp.map(|w| &w.id)),
+                    }
+                }
                 Effect::Allow => {
                     let cands = candidates(snap, rule, c);
                     let expect = cands.iter().find(|w| eligible(snap, w, rule, &q));

@@ -93,6 +93,32 @@ pub enum Effect {
     RequireApproval,
 }
 
+/// How the approvals a `require_approval` rule opens behave (rule keys `approval_ttl`,
+/// `approvers_required`, `auto_approve_after`, `approval_use`). Durations in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct ApprovalSettings {
+    /// How long an approval may stay pending (default 15 minutes).
+    pub ttl_secs: u64,
+    /// Distinct approvers needed (default 1).
+    pub approvers_required: u32,
+    /// The veto window: approved when nobody denies within it.
+    pub auto_approve_after_secs: Option<u64>,
+    /// `None`: single use (`"once"`); `Some(s)`: the approved digest may be routed again for
+    /// `s` seconds after approval.
+    pub use_window_secs: Option<u64>,
+}
+
+impl Default for ApprovalSettings {
+    fn default() -> Self {
+        ApprovalSettings {
+            ttl_secs: 15 * 60,
+            approvers_required: 1,
+            auto_approve_after_secs: None,
+            use_window_secs: None,
+        }
+    }
+}
+
 /// An id pattern: exact, a prefix glob ending in `.*`, or `*` (any).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Pattern {
@@ -169,6 +195,9 @@ pub struct Rule {
     pub max_blast_radius: Option<u8>,
     /// The deny reason used when `effect = "deny"`.
     pub reason: String,
+    /// How approvals opened by this rule behave (only used when `effect = "require_approval"`).
+    #[serde(skip)]
+    pub approval: ApprovalSettings,
     pub location: Location,
     #[serde(skip)]
     pub(crate) compiled: CompiledRule,

@@ -151,12 +151,129 @@ fn deny_approval_required() {
         REG,
         "[[rule]]\nid = \"ask\"\neffect = \"require_approval\"\nworkers = [\"w.all\"]\n",
     );
-    let d = decide_both(&l.snapshot, req("cap.doc", "prod", "SECRET", "t"));
+    let r = req("cap.doc", "prod", "SECRET", "t");
+    let d = decide_both(&l.snapshot, r);
     assert_eq!(
         (d.allowed, d.deny_reason, d.rule_id, d.worker_id),
         (false, Some(APPROVAL_REQUIRED), Some("ask"), None)
     );
-    assert!(d.explain.unwrap().candidates.is_empty());
+    // The approval is bound to the worker step 5 selects, and carries the rule's defaults.
+    let need = d.approval.expect("an approval to open");
+    assert_eq!(need.worker_id, "w.all");
+    assert_eq!(need.digest, approval_digest(&r, "ask", "w.all"));
+    assert_eq!(need.settings, ApprovalSettings::default());
+    assert_eq!(need.settings.ttl_secs, 900);
+    // Any change of the request changes the digest.
+    for other in [
+        req("cap.doc.x", "prod", "SECRET", "t"),
+        req("cap.doc", "dev", "SECRET", "t"),
+        req("cap.doc", "prod", "PUBLIC", "t"),
+        req("cap.doc", "prod", "SECRET", "u"),
+    ] {
+        assert_ne!(
+            need.digest,
+            approval_digest(&other, "ask", "w.all"),
+            "{other:?}"
+        );
+    }
+    assert_ne!(need.digest, approval_digest(&r, "ask2", "w.all"));
+    assert_ne!(need.digest, approval_digest(&r, "ask", "w.other"));
+    // Length-prefixed: moving a character between fields changes the digest.
+    assert_ne!(
+        approval_digest(&req("ab", "c", "L", "t"), "r", "w"),
+        approval_digest(&req("a", "bc", "L", "t"), "r", "w")
+    );
+}
+
+#[test]
+fn approval_keys_and_veto_window() {
+    let l = load(
+        REG,
+        "[[rule]]\nid = \"ask\"\neffect = \"require_approval\"\nworkers = [\"w.all\"]\napproval_ttl = \"2h\"\napprovers_required = 2\nauto_approve_after = \"90s\"\napproval_use = \"10m\"\n",
+    );
+    let d = decide_both(&l.snapshot, req("cap.doc", "prod", "SECRET", "t"));
+    assert_eq!(d.deny_reason, Some(HELD_FOR_VETO));
+    assert_eq!(
+        d.approval.unwrap().settings,
+        ApprovalSettings {
+            ttl_secs: 7200,
+            approvers_required: 2,
+            auto_approve_after_secs: Some(90),
+            use_window_secs: Some(600),
+        }
+    );
+}
+
+#[test]
+fn approval_without_an_eligible_worker_opens_nothing() {
+    let l = load(
+        REG,
+        "[[rule]]\nid = \"ask\"\neffect = \"require_approval\"\nworkers = [\"w.all\"]\nmax_blast_radius = 0\nrequire_controls = [\"ctrl.none\"]\n",
+    );
+    let d = decide_both(&l.snapshot, req("cap.doc", "prod", "SECRET", "t"));
+    assert_eq!(
+        (d.allowed, d.deny_reason, d.approval),
+        (false, Some(NO_ELIGIBLE_WORKER), None)
+    );
+}
+
+#[test]
+fn error_bad_approval_keys() {
+    let rule = |extra: &str| {
+        policy_errors(&format!(
+            "[[rule]]\nid = \"r\"\neffect = \"require_approval\"\n{extra}\n"
+        ))
+    };
+    assert_eq!(
+        rule("approval_ttl = \"15 minutes\""),
+        ["pol.toml:4:16: error: rule[r].approval_ttl: approval_ttl must be a duration from 1s to 30d such as \"90s\", \"15m\", \"2h\" or \"1d\", got \"15 minutes\""]
+    );
+    assert_eq!(rule("approval_ttl = \"31d\"").len(), 1,);
+    assert_eq!(
+        rule("approvers_required = 0"),
+        ["pol.toml:4:22: error: rule[r].approvers_required: approvers_required must be between 1 and 10, got 0"]
+    );
+    assert_eq!(
+        rule("approval_use = \"twice\""),
+        ["pol.toml:4:16: error: rule[r].approval_use: approval_use must be \"once\" or a duration from 1s to 30d such as \"90s\", \"15m\", \"2h\" or \"1d\", got \"twice\""]
+    );
+    assert_eq!(
+        rule("approval_ttl = \"1m\"\nauto_approve_after = \"5m\""),
+        ["pol.toml:5:22: error: rule[r].auto_approve_after: auto_approve_after (300s) must be shorter than approval_ttl (60s), or the approval expires before its veto window ends"]
+    );
+    // On another effect: a warning, not an error.
+    let w = warnings(
+        REG,
+        "[[rule]]\nid = \"r\"\neffect = \"allow\"\napproval_ttl = \"5m\"\n",
+    );
+    assert!(
+        w.iter().any(|w| w.contains(
+            "rule[r].approval_ttl: approval_ttl is only used when effect = \"require_approval\""
+        )),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn durations() {
+    use crate::load::parse_duration;
+    assert_eq!(parse_duration("15m"), Some(900));
+    assert_eq!(parse_duration("1s"), Some(1));
+    assert_eq!(parse_duration("2h"), Some(7200));
+    assert_eq!(parse_duration("1d"), Some(86_400));
+    for bad in [
+        "",
+        "m",
+        "15",
+        "1.5h",
+        "-1m",
+        " 1m",
+        "1M",
+        "1w",
+        "9999999999s",
+    ] {
+        assert_eq!(parse_duration(bad), None, "{bad:?}");
+    }
 }
 
 #[test]

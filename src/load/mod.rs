@@ -17,8 +17,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::engine::{
-    lint, valid_id, Capability, Diagnostic, Effect, Location, Pattern, Rule, Settings, Severity,
-    Snapshot, Worker, DENIED_BY_POLICY,
+    lint, valid_id, ApprovalSettings, Capability, Diagnostic, Effect, Location, Pattern, Rule,
+    Settings, Severity, Snapshot, Worker, DENIED_BY_POLICY,
 };
 
 /// One file's name (as shown in messages) and contents.
@@ -315,6 +315,10 @@ struct RawRule {
     require_controls: Vec<S>,
     max_blast_radius: Option<Spanned<i64>>,
     reason: Option<S>,
+    approval_ttl: Option<S>,
+    approvers_required: Option<Spanned<i64>>,
+    auto_approve_after: Option<S>,
+    approval_use: Option<S>,
 }
 
 // ---- validation --------------------------------------------------------------------------
@@ -1200,6 +1204,7 @@ fn assemble(
                     reason.get_ref().clone()
                 }
             };
+            let approval = approval_settings(&mut ck, r, key, effect);
             rules.push(Rule {
                 id: r.id.get_ref().clone(),
                 description: r.description.clone(),
@@ -1213,6 +1218,7 @@ fn assemble(
                 require_controls: strings(&r.require_controls),
                 max_blast_radius,
                 reason,
+                approval,
                 location,
                 compiled: Default::default(),
             });
@@ -1282,6 +1288,120 @@ fn not_reused<'a, T>(sources: &'a [Source], reuse: &[Option<T>]) -> Vec<&'a Sour
 
 fn strings(v: &[S]) -> Vec<String> {
     v.iter().map(|s| s.get_ref().clone()).collect()
+}
+
+/// The longest an approval may stay pending, or be reused: 30 days.
+const MAX_APPROVAL_SECS: u64 = 30 * 24 * 3600;
+/// The most distinct approvers a rule may require.
+const MAX_APPROVERS: i64 = 10;
+
+/// The approval keys of a rule (SPEC 3.1), validated with `file:line:col` diagnostics.
+/// On a rule whose effect is not `require_approval` they are warned about and ignored.
+fn approval_settings(
+    ck: &mut Checker<'_>,
+    r: &RawRule,
+    key: Key<'_>,
+    effect: Option<Effect>,
+) -> ApprovalSettings {
+    let mut out = ApprovalSettings::default();
+    let duration = |ck: &mut Checker<'_>, v: &S, field: &'static str| -> Option<u64> {
+        match parse_duration(v.get_ref()) {
+            Some(secs) if (1..=MAX_APPROVAL_SECS).contains(&secs) => Some(secs),
+            _ => {
+                ck.error(
+                    v.span().start,
+                    format!("{}", key.at(field)),
+                    format!(
+                        "{} must be {}a duration from 1s to 30d such as \"90s\", \"15m\", \"2h\" or \"1d\", got {:?}",
+                        &field[1..],
+                        if field == ".approval_use" { "\"once\" or " } else { "" },
+                        v.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    };
+    if let Some(v) = &r.approval_ttl {
+        if let Some(s) = duration(ck, v, ".approval_ttl") {
+            out.ttl_secs = s;
+        }
+    }
+    if let Some(v) = &r.auto_approve_after {
+        if let Some(s) = duration(ck, v, ".auto_approve_after") {
+            if s >= out.ttl_secs {
+                ck.error(
+                    v.span().start,
+                    format!("{}", key.at(".auto_approve_after")),
+                    format!(
+                        "auto_approve_after ({s}s) must be shorter than approval_ttl ({}s), or the approval expires before its veto window ends",
+                        out.ttl_secs
+                    ),
+                );
+            }
+            out.auto_approve_after_secs = Some(s);
+        }
+    }
+    if let Some(v) = &r.approval_use {
+        if v.get_ref() != "once" {
+            out.use_window_secs = duration(ck, v, ".approval_use");
+        }
+    }
+    if let Some(n) = &r.approvers_required {
+        let v = *n.get_ref();
+        if (1..=MAX_APPROVERS).contains(&v) {
+            out.approvers_required = v as u32;
+        } else {
+            ck.error(
+                n.span().start,
+                format!("{}", key.at(".approvers_required")),
+                format!("approvers_required must be between 1 and {MAX_APPROVERS}, got {v}"),
+            );
+        }
+    }
+    if effect != Some(Effect::RequireApproval) {
+        for (field, span) in [
+            (".approval_ttl", r.approval_ttl.as_ref().map(|v| v.span())),
+            (
+                ".approvers_required",
+                r.approvers_required.as_ref().map(|v| v.span()),
+            ),
+            (
+                ".auto_approve_after",
+                r.auto_approve_after.as_ref().map(|v| v.span()),
+            ),
+            (".approval_use", r.approval_use.as_ref().map(|v| v.span())),
+        ] {
+            if let Some(span) = span {
+                ck.warn(
+                    span.start,
+                    format!("{}", key.at(field)),
+                    format!(
+                        "{} is only used when effect = \"require_approval\"",
+                        &field[1..]
+                    ),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// `<n><unit>` with unit `s`, `m`, `h` or `d` (e.g. `"15m"`), in seconds. One unit, no
+/// spaces: the four forms a rule needs do not justify a parsing crate.
+pub fn parse_duration(s: &str) -> Option<u64> {
+    let unit = match s.as_bytes().last()? {
+        b's' => 1,
+        b'm' => 60,
+        b'h' => 3600,
+        b'd' => 86_400,
+        _ => return None,
+    };
+    let n = &s[..s.len() - 1];
+    if n.is_empty() || n.len() > 9 || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse::<u64>().ok()?.checked_mul(unit)
 }
 
 /// Deny reasons are machine codes: `[a-z][a-z0-9_]{0,63}`.

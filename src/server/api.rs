@@ -165,7 +165,7 @@ pub async fn audit_verify(
 }
 
 /// Split a query string into decoded pairs.
-fn form_pairs(q: &str) -> Vec<(String, String)> {
+pub(crate) fn form_pairs(q: &str) -> Vec<(String, String)> {
     q.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {

@@ -49,6 +49,8 @@ pub enum Access {
     AnyToken,
     /// A token with this scope (admin has every scope).
     Scope(Scope),
+    /// A token with either scope (one approval: the app that opened it, or an approver).
+    EitherScope(Scope, Scope),
 }
 
 /// `X-RateLimit-*` headers to put on a response.
@@ -316,6 +318,18 @@ fn admit_token(
         }
     }
 
+    if let Access::EitherScope(a, b) = access {
+        if !auth.allows(a) && !auth.allows(b) {
+            state.metrics.refused("forbidden");
+            let mut e = ApiError::new(
+                403,
+                "forbidden",
+                format!("this token lacks the {a} or {b} scope"),
+            );
+            e.headers.extend(rate_headers);
+            return Err(e);
+        }
+    }
     if let Access::Scope(scope) = access {
         if !auth.allows(scope) {
             state.metrics.refused("forbidden");

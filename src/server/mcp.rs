@@ -228,7 +228,7 @@ fn route_input_schema() -> Value {
             "tenant_id": s("The tenant the work is for. A token bound to a tenant may only ask for that tenant."),
             "correlation_id": s("Your own id for this request (1-128 printable characters), recorded in the audit log."),
             "dry_run": {"type": "boolean", "description": "Ask without the answer counting as a real decision (recorded as a dry run; no secret can be released for it)."},
-            "approval_id": s("An approval id, as for /api/route (recorded; approvals are not enforced by this release)."),
+            "approval_id": s("An approval id from an earlier approval_required answer, to redeem it once a person approved (as for /api/route)."),
             "context": {"type": "object", "description": "Free-form context (at most 8 KiB), recorded in the audit log."},
             "tenant_risk": s("Recorded in the audit log (at most 64 characters)."),
             "qos_class": s("Recorded in the audit log (at most 64 characters)."),

@@ -1,9 +1,11 @@
 //! The daemon (`hall serve`): actix-web on loopback, hot reload, graceful shutdown.
 
 mod api;
+mod approvals;
 pub mod auth;
 mod conn;
 mod errors;
+mod events;
 pub mod guard;
 mod mcp;
 mod metrics;
@@ -130,10 +132,16 @@ fn open_stores(
     let (secrets, key_source) = secrets::SecretStore::open_from(&db, &key_sources)
         .map_err(|e| format!("cannot open the secret store: {e}"))?;
     tracing::info!(source = %key_source, key_id = %secrets.key_id(), "master key loaded");
+    let approvals = crate::store::approvals::ApprovalStore::open(
+        &db,
+        crate::store::approvals::DEFAULT_MAX_PENDING,
+    )
+    .map_err(|e| format!("cannot open the approval store: {e}"))?;
     Ok(state::Stores {
         audit,
         tokens,
         secrets,
+        approvals,
         key_sources,
         key_source,
         db,
@@ -236,6 +244,7 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
     notify_ready(&state);
     spawn_watchdog();
     spawn_memory_trim(&state);
+    approvals::spawn_sweep(&state);
 
     // Hot reload: file events (debounced), a periodic rescan, and SIGHUP.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -496,6 +505,35 @@ fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::put().to(api::secret_put))
                 .route(web::delete().to(api::secret_delete)),
         )
+        // Approvals (SPEC 3.1): the queue for approvers; one approval for its opener (route)
+        // or an approver; cancel is the opener's, checked by the handler.
+        .service(
+            endpoint("/api/approvals", scope(Scope::Approve)).route(web::get().to(approvals::list)),
+        )
+        .service(
+            endpoint(
+                "/api/approvals/{id}",
+                Access::EitherScope(Scope::Route, Scope::Approve),
+            )
+            .route(web::get().to(approvals::show)),
+        )
+        .service(
+            endpoint("/api/approvals/{id}/approve", scope(Scope::Approve))
+                .route(web::post().to(approvals::approve)),
+        )
+        .service(
+            endpoint("/api/approvals/{id}/deny", scope(Scope::Approve))
+                .route(web::post().to(approvals::deny)),
+        )
+        .service(
+            endpoint(
+                "/api/approvals/{id}/cancel",
+                Access::EitherScope(Scope::Route, Scope::Approve),
+            )
+            .route(web::post().to(approvals::cancel)),
+        )
+        // Server-Sent Events from the audit log; tenant-bound tokens see their tenant's.
+        .service(endpoint("/api/events", scope(Scope::Audit)).route(web::get().to(events::events)))
         // MCP over streamable HTTP: POST only (no server-initiated stream, so GET is 405).
         .service(endpoint("/mcp", scope(Scope::Route)).route(web::post().to(mcp::post)));
 }

@@ -109,6 +109,7 @@ pub async fn metrics(caller: super::auth::Caller, state: web::Data<AppState>) ->
         u8::from(watch_ok),
         u8::from(storage_ok)
     ));
+    text.push_str(&super::approvals::metrics_text(&state));
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(text)

@@ -9,14 +9,16 @@ use crate::store::audit::{AuditEntry, RecordKind};
 use crate::store::tokens::Authenticated;
 
 /// Record a route decision and return its id (the audit writer makes it, see
-/// `store::audit`); an error means the response must be 503.
-pub async fn decision(
+/// `store::audit`); an error means the response must be 503. `detail` names the approval a
+/// decision opened or redeemed.
+pub async fn decision_noted(
     state: &AppState,
     caller: &Authenticated,
     body: &RouteBody,
     decision: &Decision<'_>,
     policy_version: &str,
     dry_run: bool,
+    detail: Option<String>,
 ) -> Result<uuid::Uuid, ApiError> {
     // The context exactly as the client sent it (bounded to 8 KiB by the handler): numbers
     // are not re-parsed (no rounding), nothing is dropped for being deep.
@@ -37,6 +39,7 @@ pub async fn decision(
         tenant_risk: body.tenant_risk.clone(),
         qos_class: body.qos_class.clone(),
         token_id: Some(caller.id().to_string()),
+        detail,
         ..AuditEntry::new(RecordKind::Decision, now_ms())
     };
     state
@@ -50,6 +53,43 @@ pub async fn decision(
         })?
         .decision_id
         .ok_or_else(|| ApiError::new(500, "internal", "the audit log gave no decision id"))
+}
+
+/// Record every approval transition an operation made (SPEC 3.1: each is an audit record
+/// naming the token and the note). An error means the caller must answer 503.
+pub async fn approval_transitions(
+    state: &AppState,
+    transitions: &[crate::store::approvals::Transition],
+) -> Result<(), ApiError> {
+    use crate::store::approvals::TransitionKind as T;
+    for t in transitions {
+        let kind = match t.kind {
+            T::Opened => RecordKind::ApprovalOpened,
+            T::Voted => RecordKind::ApprovalVoted,
+            T::Approved => RecordKind::ApprovalApproved,
+            T::Denied => RecordKind::ApprovalDenied,
+            T::Expired => RecordKind::ApprovalExpired,
+            T::Cancelled => RecordKind::ApprovalCancelled,
+            T::Used | T::Reused => RecordKind::ApprovalUsed,
+        };
+        let a = &t.approval;
+        event(state, kind, t.token_id.as_deref(), |e| {
+            e.tenant_id = Some(a.tenant_id.clone());
+            e.capability_id = Some(a.capability_id.clone());
+            e.env = Some(a.env.clone());
+            e.data_label = Some(a.data_label.clone());
+            e.rule_id = Some(a.rule_id.clone());
+            e.worker_id = Some(a.worker_id.clone());
+            let mut d = format!("approval_id={} state={} digest={}", a.id, a.state, a.digest);
+            if let Some(n) = &t.note {
+                d.push_str(" note=");
+                d.push_str(n);
+            }
+            e.detail = Some(d);
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 /// Append a non-decision record. Failures are logged; the caller decides whether they

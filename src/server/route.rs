@@ -53,6 +53,9 @@ struct RouteResponse<'a> {
     rule_id: Option<&'a str>,
     policy_version: &'a str,
     approval_id: Option<&'a str>,
+    /// When an opened approval expires unless decided, or until when a redeemed one holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval_expires_at: Option<String>,
     dry_run: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     explain: Option<&'a Explain<'a>>,
@@ -314,11 +317,35 @@ pub async fn decide_and_record(
         data_label: &body.data_label,
         tenant_id: &body.tenant_id,
     };
-    let decision =
+    let mut decision =
         decide(&snap, &request, explain).map_err(|e| ApiError::invalid(e.field, e.message))?;
     let dry_run = body.dry_run.unwrap_or(false);
-    let decision_id =
-        super::record::decision(state, caller, body, &decision, &snap.version, dry_run).await?;
+    let approval = super::approvals::settle(state, caller, body, &mut decision, dry_run).await;
+    let (approval_id, approval_expires_at, refusal) = match approval {
+        Ok(Some(s)) => (Some(s.id), s.expires_at, None),
+        Ok(None) => (None, None, None),
+        // A forged, re-targeted or spent approval is refused, and recorded as such.
+        Err(super::approvals::Settle::Refused(e)) => (None, None, Some(e)),
+        Err(super::approvals::Settle::Failed(e)) => return Err(e),
+    };
+    let detail = body
+        .approval_id
+        .as_deref()
+        .or(approval_id.as_deref())
+        .map(|id| format!("approval_id={id}"));
+    let decision_id = super::record::decision_noted(
+        state,
+        caller,
+        body,
+        &decision,
+        &snap.version,
+        dry_run,
+        detail,
+    )
+    .await?;
+    if let Some(e) = refusal {
+        return Err(e);
+    }
     let mut id_buf = uuid::Uuid::encode_buffer();
     let decision_id = &*decision_id.hyphenated().encode_lower(&mut id_buf);
 
@@ -329,7 +356,8 @@ pub async fn decide_and_record(
         deny_reason: decision.deny_reason,
         rule_id: decision.rule_id,
         policy_version: &snap.version,
-        approval_id: body.approval_id.as_deref(),
+        approval_id: approval_id.as_deref(),
+        approval_expires_at,
         dry_run,
         explain: decision.explain.as_ref(),
     };

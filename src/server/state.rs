@@ -59,6 +59,7 @@ pub struct Stores {
     pub audit: AuditLog,
     pub tokens: TokenStore,
     pub secrets: SecretStore,
+    pub approvals: crate::store::approvals::ApprovalStore,
     pub key_sources: KeySources,
     pub key_source: KeySource,
     /// Kept so the database outlives every tree handle.

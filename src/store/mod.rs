@@ -1,9 +1,11 @@
 //! sled-backed state, one module per tree.
 //!
+//! - [`approvals`]: human approvals for `require_approval` rules (state machine, CAS writes).
 //! - [`audit`]: the hash-chained audit log with a group-commit writer.
 //! - [`tokens`]: API tokens (stored as blake3 hashes), scopes, rate limits.
 //! - [`secrets`]: AEAD-encrypted secrets; [`keys`]: where the master key comes from.
 
+pub mod approvals;
 pub mod audit;
 pub mod keys;
 pub mod secrets;

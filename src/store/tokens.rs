@@ -67,18 +67,21 @@ pub enum Scope {
     SecretsWrite,
     /// Release a secret for an allowed decision.
     SecretsRelease,
+    /// Decide approvals (`require_approval` rules): list, approve, deny.
+    Approve,
     /// Everything, including token management and reload.
     Admin,
 }
 
 impl Scope {
     /// Every scope, in the order the spec lists them.
-    pub const ALL: [Scope; 6] = [
+    pub const ALL: [Scope; 7] = [
         Scope::Route,
         Scope::Audit,
         Scope::Metrics,
         Scope::SecretsWrite,
         Scope::SecretsRelease,
+        Scope::Approve,
         Scope::Admin,
     ];
 
@@ -90,6 +93,7 @@ impl Scope {
             Scope::Metrics => "metrics",
             Scope::SecretsWrite => "secrets:write",
             Scope::SecretsRelease => "secrets:release",
+            Scope::Approve => "approve",
             Scope::Admin => "admin",
         }
     }
@@ -103,7 +107,7 @@ impl fmt::Display for Scope {
 
 /// A scope name that is not one of [`Scope::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scope {0:?} (expected one of: route, audit, metrics, secrets:write, secrets:release, admin)")]
+#[error("unknown scope {0:?} (expected one of: route, audit, metrics, secrets:write, secrets:release, approve, admin)")]
 pub struct UnknownScope(pub String);
 
 impl FromStr for Scope {
@@ -520,7 +524,7 @@ fn validate(new: &mut NewToken, now_ms: i64) -> Result<(), TokenError> {
     if new.scopes.is_empty() {
         return Err(TokenError::invalid(
             "scopes",
-            "at least one scope is required (route, audit, metrics, secrets:write, secrets:release, admin)",
+            "at least one scope is required (route, audit, metrics, secrets:write, secrets:release, approve, admin)",
         ));
     }
     new.scopes.sort();

@@ -133,6 +133,23 @@ pub enum RecordKind {
     /// The master key was rotated (`detail` = old and new key ids). Added after the first
     /// release: older logs never hold it.
     KeyRotate,
+    // Approvals (SPEC 3.1). Each names the token and the request (tenant, capability, env,
+    // label, rule, worker); `detail` holds `approval_id=…`, the digest and the note.
+    // Added after the first release: older logs never hold them.
+    /// An approval was opened by a `require_approval` decision.
+    ApprovalOpened,
+    /// An approver said yes but more distinct approvers are needed.
+    ApprovalVoted,
+    /// It became approved (last approver, or the veto window passed).
+    ApprovalApproved,
+    /// An approver denied (or vetoed) it.
+    ApprovalDenied,
+    /// Its ttl (or, once approved, its redemption window) passed.
+    ApprovalExpired,
+    /// The opener cancelled it.
+    ApprovalCancelled,
+    /// A redemption was allowed (single use: it is now used).
+    ApprovalUsed,
 }
 
 /// What a caller hands to `AuditLog::append`: everything but `seq`, `prev_hash` and `hash`,

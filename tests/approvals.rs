@@ -1,0 +1,698 @@
+//! End-to-end: human approvals for `require_approval` rules (SPEC 3.1) against the real binary.
+//!
+//! The shipped policies hold `deploy-prod-approval` (cap.code.deploy in prod). The tests add
+//! `05-approvals.toml` with rules for dedicated tenants: a short ttl, a veto window, two
+//! approvers.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{raw_request, Daemon, Resp};
+use serde_json::Value;
+
+const EXTRA: &str = r#"
+[[rule]]
+id = "t-ttl"
+capabilities = ["cap.code.deploy"]
+envs = ["prod"]
+tenants = ["org.ttl"]
+effect = "require_approval"
+approval_ttl = "2s"
+
+[[rule]]
+id = "t-veto"
+capabilities = ["cap.code.deploy"]
+envs = ["prod"]
+tenants = ["org.veto"]
+effect = "require_approval"
+auto_approve_after = "1s"
+
+[[rule]]
+id = "t-two"
+capabilities = ["cap.code.deploy"]
+envs = ["prod"]
+tenants = ["org.two"]
+effect = "require_approval"
+approvers_required = 2
+"#;
+
+fn start() -> Daemon {
+    Daemon::builder()
+        .setup(|p| std::fs::write(p.join("policies/05-approvals.toml"), EXTRA).unwrap())
+        .start()
+}
+
+fn issue(d: &Daemon, name: &str, scopes: &[&str], tenant: Option<&str>) -> String {
+    let scopes: Vec<String> = scopes.iter().map(|s| format!("\"{s}\"")).collect();
+    let tenant = tenant
+        .map(|t| format!(r#","tenant_id":"{t}""#))
+        .unwrap_or_default();
+    let r = d.post_json(
+        "/api/tokens",
+        &format!(
+            r#"{{"name":"{name}","scopes":[{}]{tenant}}}"#,
+            scopes.join(",")
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.json()["token"].as_str().unwrap().to_string()
+}
+
+fn call(d: &Daemon, tok: &str, method: &str, path: &str, body: Option<&str>) -> Resp {
+    let mut h = vec![
+        ("Host".to_string(), d.addr.to_string()),
+        ("Authorization".to_string(), format!("Bearer {tok}")),
+    ];
+    if body.is_some() {
+        h.push(("Content-Type".into(), "application/json".into()));
+    }
+    d.request(method, path, &h, body.map(str::as_bytes))
+}
+
+fn deploy_body(tenant: &str, label: &str, approval: Option<&str>) -> String {
+    let a = approval
+        .map(|a| format!(r#","approval_id":"{a}""#))
+        .unwrap_or_default();
+    format!(
+        r#"{{"capability_id":"cap.code.deploy","env":"prod","data_label":"{label}","tenant_id":"{tenant}"{a}}}"#
+    )
+}
+
+fn route(d: &Daemon, tok: &str, tenant: &str, approval: Option<&str>) -> Resp {
+    call(
+        d,
+        tok,
+        "POST",
+        "/api/route",
+        Some(&deploy_body(tenant, "INTERNAL", approval)),
+    )
+}
+
+/// Open an approval as `tok`; return its id.
+fn open(d: &Daemon, tok: &str, tenant: &str) -> String {
+    let r = route(d, tok, tenant, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["allowed"], false, "{j}");
+    let id = j["approval_id"].as_str().expect("approval_id").to_string();
+    assert!(id.starts_with("apr_"), "{id}");
+    assert!(j["approval_expires_at"].is_string(), "{j}");
+    id
+}
+
+fn act(d: &Daemon, tok: &str, id: &str, what: &str, note: Option<&str>) -> Resp {
+    let body = note.map(|n| format!(r#"{{"note":"{n}"}}"#));
+    call(
+        d,
+        tok,
+        "POST",
+        &format!("/api/approvals/{id}/{what}"),
+        body.as_deref(),
+    )
+}
+
+fn state_of(d: &Daemon, id: &str) -> String {
+    let r = d.get(&format!("/api/approvals/{id}"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["state"].as_str().unwrap().to_string()
+}
+
+fn kinds(d: &Daemon) -> Vec<String> {
+    let r = d.get("/api/audit?limit=1000");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn open_approve_redeem_then_used() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+
+    let id = open(&d, &app, "org.acme");
+    assert!(d
+        .get("/metrics")
+        .body
+        .contains("\nhall_approvals_pending 1\n"));
+    let r = route(&d, &app, "org.acme", None);
+    assert_eq!(r.json()["deny_reason"], "approval_required");
+    assert_eq!(
+        r.json()["approval_id"],
+        id.as_str(),
+        "a retry gets the same approval"
+    );
+
+    // Pending: not yet.
+    let r = route(&d, &app, "org.acme", Some(&id));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (r.json()["allowed"].clone(), r.json()["deny_reason"].clone()),
+        (Value::Bool(false), Value::from("approval_pending"))
+    );
+    // The app cannot approve (no approve scope); the approver can, with a note.
+    assert_eq!(act(&d, &app, &id, "approve", None).status, 403);
+    let r = act(&d, &boss, &id, "approve", Some("ship it"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["state"], "approved");
+    // The app sees its own approval; the list is the approver's.
+    let r = call(&d, &app, "GET", &format!("/api/approvals/{id}"), None);
+    assert_eq!(r.json()["state"], "approved", "{}", r.body);
+    assert_eq!(call(&d, &app, "GET", "/api/approvals", None).status, 403);
+    let r = call(&d, &boss, "GET", "/api/approvals?state=approved", None);
+    assert_eq!(
+        r.json()["approvals"].as_array().unwrap().len(),
+        1,
+        "{}",
+        r.body
+    );
+
+    // A changed request with the approval: an attack, not a policy outcome.
+    let r = call(
+        &d,
+        &app,
+        "POST",
+        "/api/route",
+        Some(&deploy_body("org.acme", "PUBLIC", Some(&id))),
+    );
+    r.assert_error(403, "approval_mismatch", None);
+    let r = route(
+        &d,
+        &app,
+        "org.acme",
+        Some("apr_00000000000000000000000000000000"),
+    );
+    r.assert_error(403, "approval_mismatch", None);
+
+    let r = route(&d, &app, "org.acme", Some(&id));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["allowed"], true, "{j}");
+    assert_eq!(j["worker_id"], "worker.deploy.canary");
+    assert_eq!(j["approval_id"], id.as_str());
+    route(&d, &app, "org.acme", Some(&id)).assert_error(409, "approval_used", None);
+    assert_eq!(state_of(&d, &id), "used");
+    // Moving a used approval is a conflict naming its state.
+    let r = act(&d, &boss, &id, "deny", None);
+    r.assert_error(409, "approval_conflict", None);
+    assert!(r.body.contains("used"), "{}", r.body);
+
+    let k = kinds(&d);
+    for want in ["approval_opened", "approval_approved", "approval_used"] {
+        assert!(k.iter().any(|x| x == want), "{want} missing from {k:?}");
+    }
+    let r = d.get("/api/audit?kind=approval_approved");
+    let rec = &r.json()["records"][0];
+    assert!(rec["detail"].as_str().unwrap().contains(&id), "{rec}");
+    assert!(
+        rec["detail"].as_str().unwrap().contains("note=ship it"),
+        "{rec}"
+    );
+    assert!(
+        rec["token_id"].as_str().unwrap().starts_with("tok_"),
+        "{rec}"
+    );
+    assert_eq!(d.get("/api/audit/verify").json()["ok"], true);
+    let m = d.get("/metrics").body;
+    assert!(m.contains("\nhall_approvals_pending 0\n"), "{m}");
+    assert!(
+        m.contains("hall_approval_transitions_total{kind=\"used\"} 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("hall_approval_transitions_total{kind=\"opened\"} 1\n"),
+        "{m}"
+    );
+}
+
+#[test]
+fn thirty_two_concurrent_redemptions_allow_exactly_one() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let id = open(&d, &app, "org.acme");
+    assert_eq!(act(&d, &boss, &id, "approve", None).status, 200);
+    let body = deploy_body("org.acme", "INTERNAL", Some(&id));
+    let statuses: Vec<(u16, bool)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..32)
+            .map(|_| {
+                let (body, app, addr) = (&body, &app, d.addr);
+                s.spawn(move || {
+                    let h = vec![
+                        ("Host".to_string(), addr.to_string()),
+                        ("Authorization".to_string(), format!("Bearer {app}")),
+                        ("Content-Type".to_string(), "application/json".to_string()),
+                    ];
+                    let r =
+                        raw_request(addr, "POST", "/api/route", &h, Some(body.as_bytes())).unwrap();
+                    let allowed = r.status == 200 && r.json()["allowed"] == true;
+                    (r.status, allowed)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses.iter().filter(|s| s.1).count(), 1, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| s.0 == 409).count(),
+        31,
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn deny_expiry_and_separation_of_duties() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let both = issue(&d, "both", &["route", "approve"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+
+    // Denied, with a note; deciding twice is a conflict.
+    let id = open(&d, &app, "org.acme");
+    assert_eq!(act(&d, &boss, &id, "deny", Some("not today")).status, 200);
+    assert_eq!(
+        route(&d, &app, "org.acme", Some(&id)).json()["deny_reason"],
+        "approval_denied"
+    );
+    let r = act(&d, &boss, &id, "approve", None);
+    r.assert_error(409, "approval_conflict", None);
+    assert!(r.body.contains("denied"), "{}", r.body);
+    // A new request opens a new approval once the old one is decided.
+    let id2 = open(&d, &app, "org.acme");
+    assert_ne!(id, id2);
+
+    // The opener cannot approve its own approval, even with the scope; it may cancel.
+    let own = open(&d, &both, "org.beta");
+    act(&d, &both, &own, "approve", None).assert_error(403, "self_approval", None);
+    act(&d, &boss, &own, "cancel", None).assert_error(403, "not_opener", None);
+    assert_eq!(act(&d, &both, &own, "cancel", None).status, 200);
+    assert_eq!(state_of(&d, &own), "cancelled");
+    // A note is bounded text.
+    let bad = act(&d, &boss, &id2, "deny", Some("a\\u0007b"));
+    bad.assert_error(400, "invalid_request", Some("note"));
+    assert_eq!(state_of(&d, &id2), "pending");
+
+    // Expiry with a short ttl: expired on read, redemption says so, no transition after.
+    let short = open(&d, &app, "org.ttl");
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(state_of(&d, &short), "expired");
+    assert_eq!(
+        route(&d, &app, "org.ttl", Some(&short)).json()["deny_reason"],
+        "approval_expired"
+    );
+    act(&d, &boss, &short, "approve", None).assert_error(409, "approval_conflict", None);
+    // Exactly one expiry record for it (read, sweep and conflict did not duplicate it).
+    let r = d.get("/api/audit?kind=approval_expired");
+    let n = r.json()["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["detail"].as_str().unwrap().contains(&short))
+        .count();
+    assert_eq!(n, 1, "{}", r.body);
+}
+
+#[test]
+fn veto_window_and_two_approvers() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let a1 = issue(&d, "a1", &["approve"], None);
+    let a2 = issue(&d, "a2", &["approve"], None);
+
+    // Held for veto: approved when nobody denies within the window.
+    let r = route(&d, &app, "org.veto", None);
+    assert_eq!(r.json()["deny_reason"], "held_for_veto", "{}", r.body);
+    let id = r.json()["approval_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        route(&d, &app, "org.veto", Some(&id)).json()["deny_reason"],
+        "approval_pending"
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = route(&d, &app, "org.veto", Some(&id));
+    assert_eq!(r.json()["allowed"], true, "{}", r.body);
+
+    // Vetoed inside the window.
+    let r = route(&d, &app, "org.veto", None);
+    let id = r.json()["approval_id"].as_str().unwrap().to_string();
+    assert_eq!(act(&d, &a1, &id, "deny", Some("veto")).status, 200);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        route(&d, &app, "org.veto", Some(&id)).json()["deny_reason"],
+        "approval_denied"
+    );
+
+    // Two distinct approvers: the same one twice does not count.
+    let id = open(&d, &app, "org.two");
+    assert_eq!(
+        act(&d, &a1, &id, "approve", None).json()["state"],
+        "pending"
+    );
+    act(&d, &a1, &id, "approve", None).assert_error(409, "approval_conflict", None);
+    assert_eq!(
+        route(&d, &app, "org.two", Some(&id)).json()["deny_reason"],
+        "approval_pending"
+    );
+    assert_eq!(
+        act(&d, &a2, &id, "approve", None).json()["state"],
+        "approved"
+    );
+    assert_eq!(
+        route(&d, &app, "org.two", Some(&id)).json()["allowed"],
+        true
+    );
+    assert!(kinds(&d).iter().any(|k| k == "approval_voted"));
+}
+
+#[test]
+fn tenant_bound_approvers() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let acme_boss = issue(&d, "acme-boss", &["approve"], Some("org.acme"));
+    let beta = open(&d, &app, "org.beta");
+    let acme = open(&d, &app, "org.acme");
+    act(&d, &acme_boss, &beta, "approve", None).assert_error(403, "tenant_mismatch", None);
+    assert_eq!(state_of(&d, &beta), "pending");
+    let r = call(&d, &acme_boss, "GET", "/api/approvals", None);
+    let list = r.json()["approvals"].as_array().unwrap().clone();
+    assert_eq!(list.len(), 1, "{}", r.body);
+    assert_eq!(list[0]["id"], acme.as_str());
+    call(
+        &d,
+        &acme_boss,
+        "GET",
+        "/api/approvals?tenant_id=org.beta",
+        None,
+    )
+    .assert_error(403, "tenant_mismatch", None);
+    assert_eq!(act(&d, &acme_boss, &acme, "approve", None).status, 200);
+}
+
+#[test]
+fn a_policy_edit_between_open_and_redeem_is_a_mismatch() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let id = open(&d, &app, "org.acme");
+    assert_eq!(act(&d, &boss, &id, "approve", None).status, 200);
+    let before = d.get("/api/status").json()["policy_version"].clone();
+    std::fs::write(
+        d.policies().join("01-allow-deploys.toml"),
+        "[[rule]]\nid = \"deploy-anything\"\ncapabilities = [\"cap.code.deploy\"]\neffect = \"allow\"\n",
+    )
+    .unwrap();
+    d.wait_until(Duration::from_secs(10), || {
+        d.get("/api/status").json()["policy_version"] != before
+    });
+    // The approval was for a require_approval rule: under the new policy it proves nothing.
+    route(&d, &app, "org.acme", Some(&id)).assert_error(403, "approval_mismatch", None);
+    // Without it, the request is simply allowed by the new rule.
+    assert_eq!(route(&d, &app, "org.acme", None).json()["allowed"], true);
+}
+
+#[test]
+fn approvals_survive_a_restart() {
+    let mut d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let pending = open(&d, &app, "org.acme");
+    let approved = open(&d, &app, "org.beta");
+    assert_eq!(act(&d, &boss, &approved, "approve", None).status, 200);
+    assert!(d.stop().success());
+    let d = Daemon::spawn(d.into_dir(), &[], &[], true);
+    assert_eq!(state_of(&d, &pending), "pending");
+    assert_eq!(
+        route(&d, &app, "org.acme", None).json()["approval_id"],
+        pending.as_str()
+    );
+    let r = route(&d, &app, "org.beta", Some(&approved));
+    assert_eq!(r.json()["allowed"], true, "{}", r.body);
+    assert_eq!(d.get("/api/audit/verify").json()["ok"], true);
+}
+
+#[test]
+fn wait_returns_when_an_approver_acts() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let id = open(&d, &app, "org.acme");
+    // Nothing happens: the wait runs its course (1 s), state unchanged.
+    let t = Instant::now();
+    let r = call(
+        &d,
+        &app,
+        "GET",
+        &format!("/api/approvals/{id}?wait=1"),
+        None,
+    );
+    assert_eq!(r.json()["state"], "pending");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    call(
+        &d,
+        &app,
+        "GET",
+        &format!("/api/approvals/{id}?wait=61"),
+        None,
+    )
+    .assert_error(400, "invalid_request", Some("wait"));
+
+    let (r, took) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let t = Instant::now();
+            let r = call(
+                &d,
+                &app,
+                "GET",
+                &format!("/api/approvals/{id}?wait=30"),
+                None,
+            );
+            (r, t.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(act(&d, &boss, &id, "approve", None).status, 200);
+        h.join().unwrap()
+    });
+    assert_eq!(r.json()["state"], "approved", "{}", r.body);
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[test]
+fn the_cli_opens_approves_and_redeems() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let url = format!("http://{}", d.addr);
+    let hall = |tok: &str, args: &[&str]| {
+        let out = std::process::Command::new(common::HALL)
+            .args(args)
+            .env("HALL_URL", &url)
+            .env("HALL_TOKEN", tok)
+            .env_remove("HALL_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let req = [
+        "route",
+        "--capability",
+        "cap.code.deploy",
+        "--env",
+        "prod",
+        "--label",
+        "INTERNAL",
+        "--tenant",
+        "org.acme",
+    ];
+    let (code, out, err) = hall(&app, &req);
+    assert_eq!(code, Some(1), "denied until approved: {out} {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let id = v["approval_id"].as_str().unwrap().to_string();
+    assert!(
+        err.contains(&format!("hall approvals approve {id}")),
+        "the approver's command: {err}"
+    );
+    let (code, out, _) = hall(&boss, &["approvals", "list", "--state", "pending"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(&id), "{out}");
+    let (code, out, err) = hall(&boss, &["approvals", "approve", &id, "--note", "ok"]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(out.contains("\"approved\""), "{out}");
+    let (code, out, err) = hall(&boss, &["approvals", "deny", &id]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(err.contains("approval_conflict"), "{err}");
+    let mut redeem = req.to_vec();
+    redeem.extend(["--approval-id", &id]);
+    let (code, out, err) = hall(&app, &redeem);
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(out.contains("worker.deploy.canary"), "{out}");
+
+    // `hall route --wait`: opens, waits for the approver, then redeems.
+    let mut args = req.to_vec();
+    args[8] = "org.beta";
+    args.push("--wait");
+    let child = std::process::Command::new(common::HALL)
+        .args(&args)
+        .env("HALL_URL", &url)
+        .env("HALL_TOKEN", &app)
+        .env_remove("HALL_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pending = String::new();
+    d.wait_until(Duration::from_secs(20), || {
+        let r = d.get("/api/approvals?state=pending&tenant_id=org.beta");
+        match r.json()["approvals"][0]["id"].as_str() {
+            Some(id) => {
+                pending = id.to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(act(&d, &boss, &pending, "approve", None).status, 200);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("\"allowed\": true"), "{stdout}");
+    assert_eq!(state_of(&d, &pending), "used");
+}
+
+/// Open an event stream; return the socket and what was read so far (the response head, the
+/// stream's opening comment, and any events that came with them).
+fn sse(d: &Daemon, tok: &str, query: &str, last_id: Option<u64>) -> (std::net::TcpStream, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(d.addr).unwrap();
+    let last = last_id
+        .map(|n| format!("Last-Event-ID: {n}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET /api/events{query} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {tok}\r\nAccept: text/event-stream\r\n{last}\r\n",
+        d.addr
+    )
+    .unwrap();
+    let head = read_until(&mut s, "", ": from seq", Duration::from_secs(10));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/event-stream"), "{head}");
+    (s, head)
+}
+
+/// Read from the stream until `needle` has been seen (in `seen` or after it); return all of it.
+fn read_until(s: &mut std::net::TcpStream, seen: &str, needle: &str, timeout: Duration) -> String {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = seen.as_bytes().to_vec();
+    let mut chunk = [0u8; 4096];
+    while start.elapsed() < timeout {
+        if String::from_utf8_lossy(&buf).contains(needle) {
+            break;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => continue,
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    assert!(text.contains(needle), "{needle:?} not seen in:\n{text}");
+    text
+}
+
+/// The `id:` of the first event of type `ty` in `text`.
+fn event_id(text: &str, ty: &str) -> u64 {
+    let at = text
+        .find(&format!("event: {ty}\n"))
+        .unwrap_or_else(|| panic!("no {ty} in {text}"));
+    let before = &text[..at];
+    let line = before
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("id: "))
+        .unwrap();
+    line[4..].trim().parse().unwrap()
+}
+
+#[test]
+fn the_event_stream_shows_opened_then_decided_and_resumes() {
+    let d = start();
+    let admin = d.admin_token().unwrap();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let (mut s, seen) = sse(&d, &admin, "?types=approval.opened,approval.decided", None);
+    let id = open(&d, &app, "org.acme");
+    assert_eq!(act(&d, &boss, &id, "approve", None).status, 200);
+    let text = read_until(
+        &mut s,
+        &seen,
+        "event: approval.decided",
+        Duration::from_secs(10),
+    );
+    let opened = event_id(&text, "approval.opened");
+    let decided = event_id(&text, "approval.decided");
+    assert!(opened < decided, "{text}");
+    assert!(text.contains(&id), "{text}");
+    assert!(
+        !text.contains("event: decision\n"),
+        "filtered by type: {text}"
+    );
+    drop(s);
+
+    // Reconnect from the opened event: the next one is the decision, nothing before it.
+    let (mut s, seen) = sse(
+        &d,
+        &admin,
+        "?types=approval.opened,approval.decided",
+        Some(opened),
+    );
+    let text = read_until(
+        &mut s,
+        &seen,
+        "event: approval.decided",
+        Duration::from_secs(10),
+    );
+    assert_eq!(event_id(&text, "approval.decided"), decided);
+    assert!(!text.contains("event: approval.opened"), "{text}");
+
+    // A tenant-bound audit token sees its tenant only.
+    let beta = issue(&d, "beta-audit", &["audit"], Some("org.beta"));
+    let (mut s, seen) = sse(&d, &beta, "?types=decision", None);
+    assert_eq!(
+        d.route("cap.doc.summarize", "dev", "PUBLIC", "org.acme")
+            .status,
+        200
+    );
+    assert_eq!(
+        d.route("cap.doc.summarize", "dev", "PUBLIC", "org.beta")
+            .status,
+        200
+    );
+    let text = read_until(&mut s, &seen, "org.beta", Duration::from_secs(10));
+    assert!(!text.contains("org.acme"), "{text}");
+    // Unknown types are refused.
+    call(&d, &admin, "GET", "/api/events?types=nope", None).assert_error(
+        400,
+        "invalid_request",
+        Some("types"),
+    );
+}
