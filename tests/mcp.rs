@@ -138,7 +138,7 @@ fn core_session(t: Transport) {
     let names: BTreeSet<&str> = tools.iter().map(|t| t["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        BTreeSet::from(["route", "explain", "list_capabilities"]),
+        BTreeSet::from(["route", "explain", "list_capabilities", "approval_status"]),
         "{out}"
     );
     for tool in tools {
@@ -658,4 +658,64 @@ fn the_token_rate_limit_applies_to_mcp_on_both_transports() {
         "{}",
         out[0]
     );
+}
+
+#[test]
+fn approval_status_follows_an_approval_over_both_transports() {
+    let d = Daemon::start();
+    let (app, _) = issue(&d, "app", &["route"], Some("org.acme"));
+    let (approver, _) = issue(&d, "approver", &["approve"], None);
+    let (other, _) = issue(&d, "other-app", &["route"], Some("org.acme"));
+    // The app opens an approval through MCP itself.
+    let open = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "route", "arguments": route_args("cap.code.deploy", "prod", "INTERNAL", "org.acme")}});
+    let r = mcp_post(&d, Some(&app), &[], &open.to_string());
+    assert_eq!(r.status, 200, "{}", r.body);
+    let decision = r.json()["result"]["structuredContent"].clone();
+    assert_eq!(decision["deny_reason"], "approval_required", "{decision}");
+    let id = decision["approval_id"].as_str().unwrap().to_string();
+
+    let status = |token: &str, id: &str| {
+        let msg = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "approval_status", "arguments": {"approval_id": id}}});
+        let r = mcp_post(&d, Some(token), &[], &msg.to_string());
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    let v = status(&app, &id);
+    assert_eq!(v["result"]["structuredContent"]["state"], "pending", "{v}");
+    assert_eq!(v["result"]["structuredContent"]["id"], id.as_str(), "{v}");
+    // Another route token of the same tenant did not open it: not found, as over HTTP.
+    let v = status(&other, &id);
+    assert_eq!(v["result"]["isError"], true, "{v}");
+    // An approver approves over HTTP; the app sees it over stdio.
+    let mut h = d.default_headers();
+    h.retain(|(k, _)| k != "Authorization");
+    h.push(("Authorization".into(), format!("Bearer {approver}")));
+    let r = d.request("POST", &format!("/api/approvals/{id}/approve"), &h, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "approval_status", "arguments": {"approval_id": id}}})
+    .to_string();
+    let (out, stderr) = bridge(&d, &app, &[init, &call]);
+    let last = out
+        .last()
+        .unwrap_or_else(|| panic!("no answer; stderr: {stderr}"));
+    assert_eq!(
+        last["result"]["structuredContent"]["state"], "approved",
+        "{last}"
+    );
+    // It is listed, and a malformed id is a protocol error.
+    let list = mcp_post(
+        &d,
+        Some(&app),
+        &[],
+        r#"{"jsonrpc":"2.0","id":4,"method":"tools/list"}"#,
+    );
+    assert!(list.body.contains("approval_status"), "{}", list.body);
+    let bad = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": {"name": "approval_status", "arguments": {"approval_id": "\u{202e}x"}}});
+    let r = mcp_post(&d, Some(&app), &[], &bad.to_string());
+    assert_eq!(r.json()["error"]["code"], -32602, "{}", r.body);
 }

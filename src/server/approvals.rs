@@ -233,19 +233,35 @@ fn view(a: &Approval) -> serde_json::Value {
 }
 
 /// The approval `id`, visible to this caller (a tenant-bound token: its tenant only).
-fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<Approval, ApiError> {
+fn visible(
+    state: &AppState,
+    caller: &crate::store::tokens::Authenticated,
+    id: &str,
+) -> Result<Approval, ApiError> {
     let a = state
         .stores
         .approvals
         .get(id, now_ms())
         .map_err(internal)?
         .ok_or_else(|| ApiError::not_found("no such approval"))?;
-    caller.check_tenant(&a.tenant_id)?;
+    if !caller.may_act_for(&a.tenant_id) {
+        return Err(super::auth::tenant_mismatch());
+    }
     // A route-only token sees the approvals it opened; approvers see the queue.
     if !caller.allows(Scope::Approve) && a.opened_by != caller.id() {
         return Err(ApiError::not_found("no such approval"));
     }
     Ok(a)
+}
+
+/// One approval as `GET /api/approvals/{id}` shows it, for a caller that is not an HTTP
+/// request (the MCP `approval_status` tool): the same visibility rules as [`visible`].
+pub fn status_for(
+    state: &AppState,
+    who: &crate::store::tokens::Authenticated,
+    id: &str,
+) -> Result<serde_json::Value, ApiError> {
+    visible(state, who, id).map(|a| view(&a))
 }
 
 /// `GET /api/approvals?state=&tenant_id=&limit=`

@@ -290,6 +290,32 @@ fn tools() -> Value {
             "annotations": {"readOnlyHint": false, "destructiveHint": false, "idempotentHint": false, "openWorldHint": false},
         },
         {
+            "name": "approval_status",
+            "title": "The state of an approval",
+            "description": "Where an approval that a require_approval rule opened stands: pending, approved, denied, expired, cancelled or used, with its votes, notes and deadlines. A route-only token sees the approvals it opened; an approver sees its tenant's (or every) queue. Once approved, redeem it with the route tool and approval_id.",
+            "inputSchema": {
+                "type": "object",
+                "properties": {
+                    "approval_id": {"type": "string", "description": "The approval_id a route answer returned (apr_…)."},
+                },
+                "required": ["approval_id"],
+                "additionalProperties": false,
+            },
+            "outputSchema": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "state": {"type": "string", "enum": ["pending", "approved", "denied", "expired", "cancelled", "used"]},
+                    "tenant_id": {"type": "string"},
+                    "capability_id": {"type": "string"},
+                    "worker_id": {"type": "string"},
+                    "expires_at": {"type": ["string", "null"]},
+                },
+                "required": ["id", "state"],
+            },
+            "annotations": {"readOnlyHint": true, "destructiveHint": false, "idempotentHint": true, "openWorldHint": false},
+        },
+        {
             "name": "list_capabilities",
             "title": "What the registry offers",
             "description": "The capabilities Hall knows, with descriptions. With a tenant (a tenant-bound token always uses its own), only those the current policy would allow that tenant, each with the environments and data labels where it is allowed; with env, only those usable in that environment.",
@@ -401,10 +427,26 @@ async fn call_tool(
             Ok(v) => Ok(tool_result(v)),
             Err(e) => tool_failure(state, e),
         },
+        "approval_status" => {
+            let id = args
+                .get("approval_id")
+                .and_then(Value::as_str)
+                .filter(|id| crate::engine::valid_id(id))
+                .ok_or_else(|| {
+                    RpcError::new(
+                        INVALID_PARAMS,
+                        "approval_status needs arguments.approval_id (an approval id, apr_…)",
+                    )
+                })?;
+            match super::approvals::status_for(state, caller, id) {
+                Ok(v) => Ok(tool_result(v)),
+                Err(e) => tool_failure(state, e),
+            }
+        }
         other => Err(RpcError::new(
             INVALID_PARAMS,
             format!(
-                "unknown tool {other:?}; this server offers route, explain and list_capabilities"
+                "unknown tool {other:?}; this server offers route, explain, list_capabilities and approval_status"
             ),
         )),
     }
