@@ -232,7 +232,8 @@ fn route_offline_unknown_env_is_a_clear_error() {
         "--tenant",
         "org.acme",
     ]);
-    assert_eq!(code, Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    // A bad request is a usage error (2), not a denial (1).
+    assert_eq!(code, Some(2), "stdout:\n{out}\nstderr:\n{err}");
     assert!(out.is_empty(), "no decision is printed: {out}");
     assert!(
         err.contains(

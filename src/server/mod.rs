@@ -67,8 +67,20 @@ pub fn run(args: ServeArgs) -> CliResult {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    // Take the port before anything is written: a start that fails because the port is in
+    // use must leave no audit record (such as a freshly issued admin token) behind.
+    let listener = std::net::TcpListener::bind(config.listen).map_err(|e| {
+        format!(
+            "cannot listen on {}: {e} (another daemon on that port? change listen in {}, or pass --listen)",
+            config.listen,
+            config
+                .config_file
+                .as_ref()
+                .map_or_else(|| "hall.toml".to_string(), |p| p.display().to_string())
+        )
+    })?;
     let stores = open_stores(&config)?;
-    actix_web::rt::System::new().block_on(serve(config, stores))
+    actix_web::rt::System::new().block_on(serve(config, stores, listener))
 }
 
 /// Open sled and every store, before the runtime starts (the OS keyring may block).
@@ -160,7 +172,11 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-async fn serve(config: Config, stores: state::Stores) -> CliResult {
+async fn serve(
+    config: Config,
+    stores: state::Stores,
+    listener: std::net::TcpListener,
+) -> CliResult {
     tracing::info!(
         registry = %config.registry_dir.display(),
         policies = %config.policies_dir.display(),
@@ -174,7 +190,8 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
         Err(errs) => {
             record::reload(&state, false, "", &errs).await;
             tracing::warn!(
-                "no policy set loaded: /api/route answers 503 until the files are fixed"
+                "no policy set loaded: /api/route answers 503 until the files are fixed (read {})",
+                config.describe_sources()
             );
         }
     }
@@ -189,7 +206,7 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
     })
     .backlog(2048)
     .shutdown_timeout(30)
-    .bind(config.listen)
+    .listen(listener)
     .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = server.addrs().first().copied().unwrap_or(config.listen);
     state
