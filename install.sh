@@ -502,13 +502,20 @@ for name in registry policies; do
 	fi
 done
 
+case $SERVICE in
+systemd) if [ "$SCOPE" = user ]; then RESTART_HINT='systemctl --user restart hall'; else RESTART_HINT='systemctl restart hall'; fi ;;
+launchd) RESTART_HINT="launchctl kickstart -k gui/$(id -u)/$LABEL" ;;
+*) RESTART_HINT='stop and start hall serve' ;;
+esac
 if [ -e "$CONFIG_FILE" ]; then
 	say kept "$CONFIG_FILE (exists: edit it freely)"
 else
 	cat <<EOF | install_text "$CONFIG_FILE" "$CONF_FILE_MODE" "config"
 # Hall configuration, written by install.sh on first install. install.sh never changes this
-# file again: edit it freely, then reload (\`systemctl reload hall\`, or SIGHUP) or restart.
-# HALL_* environment variables and command-line flags override these keys.
+# file again: edit it freely, then restart the daemon ($RESTART_HINT).
+# A reload (SIGHUP, \`hall reload\`) re-reads the registry and policy files only, not this file.
+# HALL_* environment variables and command-line flags override these keys. The hall CLI
+# reads this file too (listen: where the daemon is; state_dir: where its admin token is).
 listen = "127.0.0.1:8765"
 registry_dir = "$(toml_escape "$CONFIG_DIR/registry")"
 policies_dir = "$(toml_escape "$CONFIG_DIR/policies")"
@@ -607,9 +614,22 @@ echo "Hall is installed."
 echo "  binary   $BIN"
 echo "  config   $CONFIG_FILE (registry/ and policies/ next to it)"
 echo "  state    $STATE_DIR"
-echo "  daemon   http://127.0.0.1:8765 (the listen key in hall.toml)"
+# The address the daemon really uses: the listen key of the config in force (a kept,
+# edited hall.toml included), localhost and 0.0.0.0 shown as the loopback address a client uses.
+LISTEN=$(sed -n 's/^[[:space:]]*listen[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\1/p' "$CONFIG_FILE" | head -n 1)
+[ -n "$LISTEN" ] || LISTEN=127.0.0.1:8765
+case $LISTEN in
+localhost:* | 0.0.0.0:*) LISTEN=127.0.0.1:${LISTEN##*:} ;;
+"[::]:"*) LISTEN="[::1]:${LISTEN##*:}" ;;
+esac
+echo "  daemon   http://$LISTEN (the listen key in hall.toml)"
 echo "  token    $STATE_DIR/admin.token, written by the daemon at first start (0600)"
-echo "  try      ${SUDO}HALL_CONFIG='$CONFIG_FILE' '$BIN' status"
+if [ "$PREFIX_GIVEN" = 1 ]; then
+	# Only the per-user and system locations are found without being named.
+	echo "  try      ${SUDO}HALL_CONFIG='$CONFIG_FILE' '$BIN' status"
+else
+	echo "  try      ${SUDO}'$BIN' status    (the CLI finds $CONFIG_FILE by itself)"
+fi
 case $SERVICE in
 systemd)
 	if [ "$SCOPE" = system ]; then

@@ -197,6 +197,19 @@ no_changes "$WORK/install2.out" "--no-service"
 grep -q '^  unchanged  binary ' "$WORK/install2.out" || fail "second run did not report the binary unchanged"
 ok "identical tree (checksums, modes, mtimes), every step unchanged/kept, edits and deletion kept"
 
+step "the summary prints the listen address of the config in force"
+grep -q '^  daemon   http://127.0.0.1:8765 ' "$WORK/install2.out" || fail "summary does not print the default address"
+sed -i 's/^listen = .*/listen = "localhost:8799"/' "$P/etc/hall/hall.toml"
+"${INSTALL[@]}" --prefix "$P" --no-service >"$WORK/install-listen.out"
+grep -q '^  daemon   http://127.0.0.1:8799 ' "$WORK/install-listen.out" || fail "summary ignores the edited listen"
+if grep -q 'or SIGHUP) or restart' "$P/etc/hall/hall.toml"; then
+	fail "generated hall.toml still says a reload applies config edits"
+fi
+grep -q 're-reads the registry and policy files only' "$P/etc/hall/hall.toml" ||
+	fail "generated hall.toml does not say what a reload re-reads"
+sed -i 's/^listen = .*/listen = "127.0.0.1:8765"/' "$P/etc/hall/hall.toml"
+ok "summary shows http://127.0.0.1:8799 after listen was edited"
+
 # ---------------------------------------------------------------------------------------------
 step "systemd user unit: install, verify, idempotent"
 export HALL_SERVICE_MANAGER=systemd HALL_UNIT_DIR=$WORK/units/user
