@@ -344,10 +344,7 @@ impl Config {
                     .iter()
                     .map(|p| p.display().to_string())
                     .collect();
-                s.push_str(&format!(
-                    " (no config file: none at {}; ./registry and ./policies are used when present)",
-                    tried.join(", ")
-                ));
+                s.push_str(&format!(" (no hall.toml at {})", tried.join(" or ")));
             }
         }
         s

@@ -562,3 +562,65 @@ fn the_daemon_route_suggests_a_capability_and_prints_a_table_free_decision() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["deny_reason"], "unknown_capability");
 }
+
+#[test]
+fn check_suggests_keys_and_workers_and_shows_a_caret_under_a_syntax_error() {
+    let home = tempfile::tempdir().unwrap();
+    common::copy_dir(
+        &common::repo().join("registry"),
+        &home.path().join("registry"),
+    );
+    common::copy_dir(
+        &common::repo().join("policies"),
+        &home.path().join("policies"),
+    );
+    let extra = home.path().join("policies/90-typos.toml");
+    std::fs::write(
+        &extra,
+        "[[rule]]\nid = \"typo\"\ntenant = [\"org.acme\"]\neffect = \"allow\"\n",
+    )
+    .unwrap();
+    let o = hall(home.path(), &["check"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(text.contains("did you mean `tenants`?"), "{text}");
+    assert!(
+        stderr(&o).contains("checking registry registry, policies policies"),
+        "names the paths it read: {}",
+        out(&o)
+    );
+
+    std::fs::write(
+        &extra,
+        "[[rule]]\nid = \"typo\"\nworkers = [\"worker.doc.sumarize\"]\nenvs = [\"prdo\"]\neffect = \"allow\"\n",
+    )
+    .unwrap();
+    let o = hall(home.path(), &["check"], &[]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        text.contains("did you mean \"worker.doc.summarize\"?"),
+        "{text}"
+    );
+    assert!(text.contains("did you mean \"prod\"?"), "{text}");
+
+    std::fs::write(&extra, "[[rule]\nid = \"x\"\n").unwrap();
+    let o = hall(home.path(), &["check"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        text.contains("policies/90-typos.toml:1:7: error:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 | [[rule]\n  |       ^\n"),
+        "the line and a caret under column 7: {text}"
+    );
+
+    // --format json: every diagnostic as data.
+    let o = hall(home.path(), &["check", "--format", "json"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["diagnostics"][0]["line"], 1);
+    assert_eq!(v["diagnostics"][0]["col"], 7);
+}

@@ -195,6 +195,10 @@ pub struct CheckArgs {
     /// Treat warnings as errors.
     #[arg(long)]
     pub strict: bool,
+    /// Output: text (file:line:col lines, errors with the source line and a caret) or json
+    /// (one object with every diagnostic, for editors and CI annotations).
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub format: String,
 }
 
 #[derive(Debug, Args)]
@@ -401,7 +405,7 @@ pub fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Serve(a) => crate::server::run(a),
-        Command::Check(a) => offline::check(&a),
+        Command::Check(a) => offline::check(&a, cli.json),
         Command::Test(a) => offline::test(&a),
         Command::Route(a) if a.offline => offline::route(&a, json),
         Command::Route(a) => client::route(&a, json),

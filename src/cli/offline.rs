@@ -36,21 +36,39 @@ fn load(f: &FilesArgs) -> Result<Loaded, Box<dyn std::error::Error>> {
     })
 }
 
-pub(super) fn check(a: &CheckArgs) -> CliResult {
+pub(super) fn check(a: &CheckArgs, json: bool) -> CliResult {
     let cfg = resolve_files(&a.files)?;
     let (diags, loaded) = match load_dirs(&cfg.registry_dir, &cfg.policies_dir) {
         Ok(l) => (l.warnings.clone(), Some(l)),
         Err(e) => (e.diagnostics, None),
     };
-    eprintln!("checking {}", cfg.describe_sources());
-    for d in &diags {
-        println!("{d}");
-    }
     let errors = diags
         .iter()
         .filter(|d| d.severity == Severity::Error)
         .count();
     let warnings = diags.len() - errors;
+    let fail = errors > 0 || (a.strict && warnings > 0);
+    if json || a.format == "json" {
+        let v = serde_json::json!({
+            "ok": !fail,
+            "errors": errors,
+            "warnings": warnings,
+            "registry_dir": cfg.registry_dir,
+            "policies_dir": cfg.policies_dir,
+            "config_file": cfg.config_file,
+            "policy_version": loaded.as_ref().map(|l| l.snapshot.version.clone()),
+            "diagnostics": diags,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::from(if fail { exit::FAILURE } else { exit::OK }));
+    }
+    eprintln!("checking {}", cfg.describe_sources());
+    for d in &diags {
+        println!("{d}");
+        if d.severity == Severity::Error {
+            print!("{}", snippet(&d.location));
+        }
+    }
     match loaded {
         Some(l) => {
             let s = &l.snapshot;
@@ -63,15 +81,38 @@ pub(super) fn check(a: &CheckArgs) -> CliResult {
                 s.version
             );
         }
-        None => println!("policy set does not load (read {})", cfg.describe_sources()),
+        None => println!("policy set does not load"),
     }
     println!("{errors} errors, {warnings} warnings");
-    let fail = errors > 0 || (a.strict && warnings > 0);
-    Ok(if fail {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(ExitCode::from(if fail { exit::FAILURE } else { exit::OK }))
+}
+
+/// The source line of a finding with a caret under its column, as rustc and cargo show it:
+///
+/// ```text
+///    |
+/// 12 | id = "x
+///    |      ^
+/// ```
+pub(super) fn snippet(loc: &crate::engine::Location) -> String {
+    if loc.line == 0 {
+        return String::new();
+    }
+    let Ok(text) = std::fs::read_to_string(&loc.file) else {
+        return String::new();
+    };
+    let Some(line) = text.lines().nth(loc.line - 1) else {
+        return String::new();
+    };
+    let num = loc.line.to_string();
+    let pad = " ".repeat(num.len());
+    // Tabs keep their width under the caret.
+    let lead: String = line
+        .chars()
+        .take(loc.col.saturating_sub(1))
+        .map(|c| if c == '\t' { '\t' } else { ' ' })
+        .collect();
+    format!("{pad} |\n{num} | {line}\n{pad} | {lead}^\n")
 }
 
 pub(super) fn test(a: &TestArgs) -> CliResult {

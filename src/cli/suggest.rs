@@ -4,7 +4,8 @@
 ///
 /// Damerau-Levenshtein (a swapped pair of letters counts as one edit) from `strsim`, the
 /// crate clap and cargo use for the same job; a candidate qualifies within 1 edit for short
-/// words, else within a third of the longer length. Case differences alone always qualify.
+/// words, else within a fifth of the longer length (ids share long prefixes such as `cap.`:
+/// a looser bound pairs unrelated names). Case differences alone always qualify.
 pub fn did_you_mean<'a>(
     input: &str,
     candidates: impl IntoIterator<Item = &'a str>,
@@ -21,8 +22,9 @@ pub fn did_you_mean<'a>(
             strsim::damerau_levenshtein(&lower, &c.to_ascii_lowercase())
         };
         let longest = input.chars().count().max(c.chars().count());
-        let limit = if longest <= 4 { 1 } else { longest.div_ceil(3) };
-        if d <= limit && best.is_none_or(|(bd, _)| d < bd) {
+        let limit = longest.div_ceil(5).max(1);
+        // Ties go to the smaller name, so the answer does not depend on the input order.
+        if d <= limit && best.is_none_or(|(bd, bc)| d < bd || (d == bd && c < bc)) {
             best = Some((d, c));
         }
     }
