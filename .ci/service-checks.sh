@@ -161,7 +161,12 @@ grep -qx "state_dir = \"$P/var/lib/hall\"" "$P/etc/hall/hall.toml" || fail "hall
 grep -qx "policies_dir = \"$P/etc/hall/policies\"" "$P/etc/hall/hall.toml" || fail "hall.toml policies_dir"
 [ "$(stat -c %a "$P/var/lib/hall")" = 700 ] || fail "state dir is not 0700"
 [ "$(stat -c %a "$P/etc/hall/hall.toml")" = 600 ] || fail "user hall.toml is not 0600"
-ok "binary, config, examples and state dir under $P"
+for f in share/man/man1/hall.1 share/bash-completion/completions/hall share/zsh/site-functions/_hall share/fish/vendor_completions.d/hall.fish; do
+	[ -s "$P/$f" ] || fail "no $P/$f"
+done
+grep -q '^\.TH' "$P/share/man/man1/hall.1" || fail "hall.1 is not a man page"
+grep -q 'complete' "$P/share/bash-completion/completions/hall" || fail "bash completion looks empty"
+ok "binary, config, examples and state dir, man page and completions under $P"
 
 step "hall check on the installed config"
 # On a branch where the CLI is not written yet the binary does nothing; these checks need main.
@@ -301,6 +306,8 @@ step "--uninstall keeps config and state; --purge removes them"
 PATH=$STUB:$PATH "${INSTALL[@]}" --prefix "$P" --uninstall | tee "$WORK/uninstall1.out"
 [ ! -e "$P/bin/hall" ] || fail "binary left behind"
 [ ! -e "$UNIT" ] || fail "unit left behind"
+[ ! -e "$P/share/man/man1/hall.1" ] || fail "man page left behind"
+[ ! -e "$P/share/bash-completion/completions/hall" ] || fail "bash completion left behind"
 grep -qx 'systemctl --user disable --now hall.service' "$CALLS" || fail "service not disabled"
 if [ ! -f "$P/etc/hall/hall.toml" ] || [ ! -d "$P/etc/hall/policies" ] || [ ! -d "$P/var/lib/hall" ]; then
 	fail "--uninstall removed config or state"

@@ -624,3 +624,34 @@ fn check_suggests_keys_and_workers_and_shows_a_caret_under_a_syntax_error() {
     assert_eq!(v["diagnostics"][0]["line"], 1);
     assert_eq!(v["diagnostics"][0]["col"], 7);
 }
+
+#[test]
+fn completions_and_the_man_page_are_generated_from_the_flags() {
+    let home = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let o = hall(home.path(), &["completions", shell], &[]);
+        assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("capability"), "{shell}: {text}");
+        assert!(text.contains("approval-id"), "{shell}: {text}");
+    }
+    let o = hall(home.path(), &["completions", "tcsh"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+
+    let o = hall(home.path(), &["man"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    let roff = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        roff.starts_with(".ie") || roff.contains(".TH hall 1"),
+        "{roff}"
+    );
+    for want in [
+        "HALL ROUTE",
+        "HALL TOKEN CREATE",
+        "HALL AUDIT VERIFY",
+        "HALL_LISTEN",
+        "Exit codes",
+    ] {
+        assert!(roff.contains(want), "man page lacks {want:?}");
+    }
+}

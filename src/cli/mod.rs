@@ -129,6 +129,17 @@ pub enum Command {
     Audit(AuditCmd),
     /// Print the version.
     Version,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Install, for example:\n  \
+hall completions bash > ~/.local/share/bash-completion/completions/hall\n  \
+hall completions zsh > ~/.zfunc/_hall   (with fpath+=~/.zfunc before compinit)\n  \
+hall completions fish > ~/.config/fish/completions/hall.fish")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) for hall(1): `hall man | man -l -`.
+    Man,
 }
 
 /// Where the policy files are (flags override `hall.toml` and `HALL_*`).
@@ -414,6 +425,12 @@ pub fn main() -> ExitCode {
         Command::Token(t) => client::token(t, json),
         Command::Secret(s) => client::secret(s, json),
         Command::Audit(a) => client::audit(a, json),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "hall", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => man(),
         Command::Version => {
             println!("hall {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
@@ -426,6 +443,50 @@ pub fn main() -> ExitCode {
             ExitCode::from(error_code(e.as_ref()))
         }
     }
+}
+
+/// hall(1): one page for the whole tool, each command (and each command of a group such
+/// as `token create`) in its own section with its synopsis, options and notes.
+fn man() -> CliResult {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    let page = clap_mangen::Man::new(cmd.clone());
+    page.render_title(&mut out)?;
+    page.render_name_section(&mut out)?;
+    page.render_synopsis_section(&mut out)?;
+    page.render_description_section(&mut out)?;
+    page.render_options_section(&mut out)?;
+    page.render_extra_section(&mut out)?;
+    man_commands(&cmd, "hall", &mut out)?;
+    page.render_version_section(&mut out)?;
+    use std::io::Write;
+    std::io::stdout().write_all(&out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn man_commands(cmd: &clap::Command, prefix: &str, out: &mut Vec<u8>) -> std::io::Result<()> {
+    for sub in cmd.get_subcommands() {
+        let name = format!("{prefix} {}", sub.get_name());
+        if sub.get_name() == "help" {
+            continue;
+        }
+        let mut roff = clap_mangen::roff::Roff::new();
+        roff.control("SH", [name.to_uppercase().as_str()]);
+        out.extend_from_slice(roff.to_roff().as_bytes());
+        let m = clap_mangen::Man::new(sub.clone().bin_name(name.clone()));
+        if sub.get_subcommands().next().is_none() {
+            m.render_synopsis_section(out)?;
+        }
+        m.render_description_section(out)?;
+        if sub.get_arguments().any(|a| !a.is_hide_set()) {
+            m.render_options_section(out)?;
+        }
+        if sub.get_after_help().is_some() || sub.get_after_long_help().is_some() {
+            m.render_extra_section(out)?;
+        }
+        man_commands(sub, &name, out)?;
+    }
+    Ok(())
 }
 
 /// The exit code an error stands for: a [`CliError`] says; a config error is a usage error.
