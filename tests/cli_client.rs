@@ -655,3 +655,91 @@ fn completions_and_the_man_page_are_generated_from_the_flags() {
         assert!(roff.contains(want), "man page lacks {want:?}");
     }
 }
+
+#[test]
+fn explain_names_the_values_that_failed() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = common::repo();
+    let (reg, pol) = (repo.join("registry"), repo.join("policies"));
+    let o = hall(
+        home.path(),
+        &[
+            "route",
+            "--offline",
+            "--explain",
+            "--json",
+            "--registry",
+            reg.to_str().unwrap(),
+            "--policies",
+            pol.to_str().unwrap(),
+            "--capability",
+            "cap.code.deploy",
+            "--env",
+            "dev",
+            "--label",
+            "INTERNAL",
+            "--tenant",
+            "org.acme",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let whys: Vec<&str> = v["explain"]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(v["explain"]["candidates"].as_array().unwrap())
+        .filter_map(|x| x["why"].as_str())
+        .collect();
+    assert!(whys.contains(&"env dev not in [prod]"), "{whys:?}");
+    assert!(whys.contains(&"env dev not in [staging, prod]"), "{whys:?}");
+    assert!(whys.contains(&"blast radius 8 > 5"), "{whys:?}");
+}
+
+#[test]
+fn audit_tail_follow_prints_new_records_as_they_come() {
+    let d = Daemon::start();
+    let home = tempfile::tempdir().unwrap();
+    let url = format!("http://{}", d.addr);
+    let token = d.admin_token().unwrap();
+    let mut child = Command::new(HALL)
+        .args(["audit", "tail", "-f", "-n", "1", "--json"])
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", home.path().join(".config"))
+        .env("HALL_URL", &url)
+        .env("HALL_TOKEN", &token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The newest existing record first, then what is written while it follows.
+    let first = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a first record");
+    assert!(first.contains("\"seq\""), "{first}");
+    d.route("cap.doc.summarize", "dev", "PUBLIC", "org.followed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = false;
+    while std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            if line.contains("org.followed") {
+                seen = true;
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen, "tail -f did not print the new decision");
+}

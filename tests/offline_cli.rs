@@ -214,7 +214,8 @@ fn route_offline_explain_shows_the_trace() {
     assert_eq!(
         j["explain"]["candidates"],
         serde_json::json!([
-            {"worker_id": "worker.email.legacy", "eligible": false, "skipped": "disabled"},
+            {"worker_id": "worker.email.legacy", "eligible": false, "skipped": "disabled",
+             "why": "disabled (enabled = false)"},
             {"worker_id": "worker.email.send", "eligible": true}
         ])
     );

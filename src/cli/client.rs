@@ -379,9 +379,22 @@ pub(super) fn route(a: &RouteArgs, json: bool) -> CliResult {
     } else {
         "/api/route"
     };
-    let (status, v) = c.call("POST", path, Some(&body))?;
+    let (status, mut v) = c.call("POST", path, Some(&body))?;
     if status != 200 {
         return Err(c.error_for(status, &v).into());
+    }
+    if let Some(x) = v.get_mut("explain") {
+        // The daemon's trace names what failed; the loaded workers give the values. (Its
+        // rules are not served: a rule's miss names the request's value only.)
+        let workers = match c.call("GET", "/api/registry/workers", None) {
+            Ok((200, w)) => w
+                .get("workers")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        human::explain_why(x, &super::offline::asked(a), &[], &workers);
     }
     if json {
         print(&v);

@@ -38,7 +38,7 @@ fn local_time_str(s: &str) -> Option<String> {
 fn scalar(key: &str, v: &Value) -> String {
     match v {
         Value::String(s) => {
-            if key == "time" || key.ends_with("_at") {
+            if key == "time" || key == "at" || key.ends_with("_at") {
                 local_time_str(s).unwrap_or_else(|| s.clone())
             } else {
                 s.clone()
@@ -297,6 +297,7 @@ pub fn decision(v: &Value) {
                 let detail = c
                     .get("detail")
                     .and_then(Value::as_str)
+                    .filter(|_| c.get("why").is_none())
                     .map(|d| format!(" ({d})"))
                     .unwrap_or_default();
                 println!("  worker {id}: skipped, {why}{detail}");
@@ -325,5 +326,125 @@ pub fn verify(v: &Value) {
             v.get("first_bad_seq").and_then(Value::as_u64).unwrap_or(0),
             v.get("problem").and_then(Value::as_str).unwrap_or("")
         );
+    }
+}
+
+/// The request an explain trace is about.
+pub struct Asked<'a> {
+    pub capability: &'a str,
+    pub env: &'a str,
+    pub label: &'a str,
+    pub tenant: &'a str,
+}
+
+fn list_of(v: Option<&Value>) -> Option<String> {
+    let a = v?.as_array()?;
+    Some(format!(
+        "[{}]",
+        a.iter()
+            .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// Add a `why` to each rule and candidate of an explain trace, with the values that failed:
+/// "env prod not in [dev, staging]", "blast radius 8 > 5". `rules` and `workers` are the
+/// loaded rules and workers as JSON (an empty slice where they are not known, e.g. the
+/// daemon's rules: the message then names the request's value only).
+pub fn explain_why(explain: &mut Value, asked: &Asked, rules: &[Value], workers: &[Value]) {
+    let find = |list: &[Value], id: &str| {
+        list.iter()
+            .find(|x| x.get("id").and_then(Value::as_str) == Some(id))
+            .cloned()
+    };
+    let mut chosen: Option<Value> = None;
+    if let Some(rs) = explain.get_mut("rules").and_then(Value::as_array_mut) {
+        for r in rs {
+            let id = r
+                .get("rule_id")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let rule = find(rules, &id);
+            if r.get("matched").and_then(Value::as_bool) == Some(true) {
+                chosen = rule;
+                continue;
+            }
+            let why = match r.get("mismatch").and_then(Value::as_str) {
+                Some("env") => match list_of(rule.as_ref().and_then(|x| x.get("envs"))) {
+                    Some(l) => format!("env {} not in {l}", asked.env),
+                    None => format!("env {} does not match", asked.env),
+                },
+                Some("data_label") => {
+                    let rule = rule.as_ref();
+                    if let Some(l) = list_of(rule.and_then(|x| x.get("data_labels"))) {
+                        format!("label {} not in {l}", asked.label)
+                    } else if let Some(m) = rule
+                        .and_then(|x| x.get("max_data_label"))
+                        .and_then(Value::as_str)
+                    {
+                        format!("label {} above max_data_label {m}", asked.label)
+                    } else {
+                        format!("label {} does not match", asked.label)
+                    }
+                }
+                Some("tenant") => match list_of(rule.as_ref().and_then(|x| x.get("tenants"))) {
+                    Some(l) => format!("tenant {} not in {l}", asked.tenant),
+                    None => format!("tenant {} does not match", asked.tenant),
+                },
+                Some(other) => format!("{other} does not match"),
+                None => continue,
+            };
+            r["why"] = Value::String(why);
+        }
+    }
+    let rule_max = chosen
+        .as_ref()
+        .and_then(|r| r.get("max_blast_radius"))
+        .and_then(Value::as_u64);
+    if let Some(cs) = explain.get_mut("candidates").and_then(Value::as_array_mut) {
+        for c in cs {
+            let id = c
+                .get("worker_id")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let w = find(workers, &id);
+            let wf = |k: &str| w.as_ref().and_then(|w| w.get(k)).cloned();
+            let why = match c.get("skipped").and_then(Value::as_str) {
+                Some("disabled") => "disabled (enabled = false)".to_string(),
+                Some("capability_not_offered") => {
+                    format!("does not offer {}", asked.capability)
+                }
+                Some("env_not_listed") => match list_of(wf("environments").as_ref()) {
+                    Some(l) => format!("env {} not in {l}", asked.env),
+                    None => format!("env {} not listed", asked.env),
+                },
+                Some("label_not_cleared") => match wf("max_data_label") {
+                    Some(Value::String(m)) => {
+                        format!("label {} above its max_data_label {m}", asked.label)
+                    }
+                    _ => format!("not cleared for label {}", asked.label),
+                },
+                Some("missing_control") => format!(
+                    "lacks control {}",
+                    c.get("detail").and_then(Value::as_str).unwrap_or("?")
+                ),
+                Some("blast_radius_exceeded") => {
+                    match (wf("blast_radius").and_then(|b| b.as_u64()), rule_max) {
+                        (Some(b), Some(m)) => format!("blast radius {b} > {m}"),
+                        (Some(b), None) => {
+                            format!("blast radius {b} > the rule's max_blast_radius")
+                        }
+                        _ => "blast radius above the rule's max_blast_radius".to_string(),
+                    }
+                }
+                Some("unknown_worker") => "not in the registry".to_string(),
+                Some(other) => other.to_string(),
+                None => continue,
+            };
+            c["why"] = Value::String(why);
+        }
     }
 }

@@ -172,7 +172,19 @@ pub(super) fn route(a: &RouteArgs, json: bool) -> CliResult {
         "dry_run": a.dry_run,
     });
     if let Some(x) = &d.explain {
-        out["explain"] = serde_json::to_value(x)?;
+        let mut x = serde_json::to_value(x)?;
+        let rules: Vec<serde_json::Value> = snap
+            .rules
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?;
+        let workers: Vec<serde_json::Value> = snap
+            .workers
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?;
+        human::explain_why(&mut x, &asked(a), &rules, &workers);
+        out["explain"] = x;
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -187,6 +199,15 @@ pub(super) fn route(a: &RouteArgs, json: bool) -> CliResult {
     } else {
         ExitCode::from(exit::FAILURE)
     })
+}
+
+pub(super) fn asked(a: &RouteArgs) -> human::Asked<'_> {
+    human::Asked {
+        capability: &a.capability,
+        env: &a.env,
+        label: &a.label,
+        tenant: &a.tenant,
+    }
 }
 
 fn capability_ids(snap: &Snapshot) -> Vec<String> {
