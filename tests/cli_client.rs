@@ -743,3 +743,49 @@ fn audit_tail_follow_prints_new_records_as_they_come() {
     let _ = child.wait();
     assert!(seen, "tail -f did not print the new decision");
 }
+
+#[test]
+fn a_start_that_fails_on_a_busy_port_writes_nothing_to_the_audit_log() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    common::copy_dir(
+        &common::repo().join("registry"),
+        &dir.path().join("registry"),
+    );
+    common::copy_dir(
+        &common::repo().join("policies"),
+        &dir.path().join("policies"),
+    );
+    let p = dir.path();
+    let o = Command::new(HALL)
+        .arg("serve")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--state-dir")
+        .arg(p.join("state"))
+        .arg("--registry")
+        .arg(p.join("registry"))
+        .arg("--policies")
+        .arg(p.join("policies"))
+        .env("HALL_KEYRING", "off")
+        .env("XDG_CONFIG_HOME", p.join("xdg"))
+        .env_remove("HALL_CONFIG")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", out(&o));
+    assert!(
+        stderr(&o).contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{}",
+        out(&o)
+    );
+    let state = dir.path().join("state");
+    assert!(
+        !state.join("db").exists(),
+        "no database, so no audit record, was written"
+    );
+    assert!(!state.join("admin.token").exists(), "no admin token issued");
+    drop(busy);
+}
