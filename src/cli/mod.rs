@@ -5,6 +5,7 @@ pub mod client;
 pub mod fixtures;
 mod human;
 mod offline;
+pub mod schema;
 pub mod suggest;
 
 use std::io::IsTerminal;
@@ -140,6 +141,16 @@ hall completions fish > ~/.config/fish/completions/hall.fish")]
     },
     /// Print the man page (roff) for hall(1): `hall man | man -l -`.
     Man,
+    /// Print the JSON Schema of registry, policy or fixture files (for editors that validate TOML).
+    #[command(
+        after_help = "For Taplo / Even Better TOML, save it and point a file at it:\n  \
+hall schema policy > policy.schema.json\n  \
+then put  #:schema ./policy.schema.json  on the first line of a policy file."
+    )]
+    Schema {
+        /// Which file.
+        kind: schema::SchemaKind,
+    },
 }
 
 /// Where the policy files are (flags override `hall.toml` and `HALL_*`).
@@ -431,6 +442,11 @@ pub fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Man => man(),
+        Command::Schema { kind } => {
+            let text = serde_json::to_string_pretty(&schema::schema(kind)).unwrap_or_default();
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Version => {
             println!("hall {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
