@@ -503,6 +503,52 @@ mod tests {
     }
 
     #[test]
+    fn localhost_listen_and_any_case_log_format_are_accepted() {
+        assert_eq!(
+            parse_listen("localhost:8767").unwrap(),
+            "127.0.0.1:8767".parse::<SocketAddr>().unwrap()
+        );
+        assert!(parse_listen("example.com:80").is_err(), "no name lookups");
+        let c = Config::resolve_with(
+            &Flags::default(),
+            &env_of(&[("HALL_LOG_FORMAT", "JSON"), ("HOME", "/nonexistent")]),
+        )
+        .unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn the_config_file_is_found_at_the_per_user_location() {
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path().to_str().unwrap().to_string();
+        let user = if cfg!(target_os = "macos") {
+            home.path()
+                .join("Library/Application Support/hall/hall.toml")
+        } else {
+            home.path().join(".config/hall/hall.toml")
+        };
+        let c = Config::resolve_with(&Flags::default(), &env_of(&[("HOME", &h)])).unwrap();
+        assert_eq!(c.config_origin, ConfigOrigin::None);
+        assert!(c.config_tried.contains(&user), "{:?}", c.config_tried);
+        std::fs::create_dir_all(user.parent().unwrap()).unwrap();
+        std::fs::write(&user, "listen = \"127.0.0.1:9911\"\nstate_dir = \"st\"\n").unwrap();
+        let c = Config::resolve_with(&Flags::default(), &env_of(&[("HOME", &h)])).unwrap();
+        assert_eq!(c.config_origin, ConfigOrigin::Default);
+        assert_eq!(c.listen.port(), 9911);
+        assert_eq!(c.state_dir, user.parent().unwrap().join("st"));
+        // HALL_CONFIG names another file: the default one is not read.
+        let other = home.path().join("other.toml");
+        std::fs::write(&other, "listen = \"127.0.0.1:9912\"\n").unwrap();
+        let c = Config::resolve_with(
+            &Flags::default(),
+            &env_of(&[("HOME", &h), ("HALL_CONFIG", other.to_str().unwrap())]),
+        )
+        .unwrap();
+        assert_eq!(c.config_origin, ConfigOrigin::Env);
+        assert_eq!(c.listen.port(), 9912);
+    }
+
+    #[test]
     fn zero_retention_is_refused() {
         let e = Config::resolve_with(
             &Flags::default(),
