@@ -331,10 +331,12 @@ impl Config {
     /// The paths a load of the policy files reads, and the config that named them, for
     /// messages that must say where Hall looked.
     pub fn describe_sources(&self) -> String {
+        // Absolute, so "registry" is not mistaken for a path relative to somewhere else.
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
         let mut s = format!(
             "registry {}, policies {}",
-            self.registry_dir.display(),
-            self.policies_dir.display()
+            abs(&self.registry_dir).display(),
+            abs(&self.policies_dir).display()
         );
         match (&self.config_file, self.config_origin) {
             (Some(f), o) => s.push_str(&format!(" (config {} from {})", f.display(), o.describe())),

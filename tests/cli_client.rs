@@ -585,7 +585,11 @@ fn check_suggests_keys_and_workers_and_shows_a_caret_under_a_syntax_error() {
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(text.contains("did you mean `tenants`?"), "{text}");
     assert!(
-        stderr(&o).contains("checking registry registry, policies policies"),
+        stderr(&o).contains(&format!(
+            "checking registry {}, policies {}",
+            home.path().join("registry").display(),
+            home.path().join("policies").display()
+        )),
         "names the paths it read: {}",
         out(&o)
     );

@@ -3,9 +3,9 @@
 /// The closest of `candidates` to `input`, if one is close enough to be a likely typo.
 ///
 /// Damerau-Levenshtein (a swapped pair of letters counts as one edit) from `strsim`, the
-/// crate clap and cargo use for the same job; a candidate qualifies within 1 edit for short
-/// words, else within a fifth of the longer length (ids share long prefixes such as `cap.`:
-/// a looser bound pairs unrelated names). Case differences alone always qualify.
+/// crate clap and cargo use for the same job; a candidate qualifies within a third of the
+/// length of what differs after the shared prefix (at least 1 edit). Case differences alone
+/// always qualify.
 pub fn did_you_mean<'a>(
     input: &str,
     candidates: impl IntoIterator<Item = &'a str>,
@@ -21,8 +21,15 @@ pub fn did_you_mean<'a>(
         } else {
             strsim::damerau_levenshtein(&lower, &c.to_ascii_lowercase())
         };
-        let longest = input.chars().count().max(c.chars().count());
-        let limit = longest.div_ceil(5).max(1);
+        // Measured against what differs after the shared prefix: ids share long prefixes
+        // (`cap.`, `worker.doc.`), which would make unrelated short names look close.
+        let common = lower
+            .chars()
+            .zip(c.to_ascii_lowercase().chars())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let rest = (input.chars().count().max(c.chars().count())) - common;
+        let limit = rest.div_ceil(3).max(1);
         // Ties go to the smaller name, so the answer does not depend on the input order.
         if d <= limit && best.is_none_or(|(bd, bc)| d < bd || (d == bd && c < bc)) {
             best = Some((d, c));
@@ -62,6 +69,23 @@ mod tests {
         );
         assert_eq!(did_you_mean("public", ["PUBLIC", "SECRET"]), Some("PUBLIC"));
         assert_eq!(did_you_mean("x", ["dev"]), None);
+        assert_eq!(did_you_mean("cap.zz", ["cap.a", "cap.b"]), None);
+        assert_eq!(
+            did_you_mean(
+                "worker.doc.sumarize",
+                ["worker.doc.summarize", "worker.doc.local"]
+            ),
+            Some("worker.doc.summarize")
+        );
+        assert_eq!(
+            did_you_mean("lisen", ["listen", "state_dir"]),
+            Some("listen")
+        );
+        assert_eq!(
+            did_you_mean("capabilty", ["capability", "worker"]),
+            Some("capability")
+        );
+        assert_eq!(did_you_mean("rout", ["route", "audit"]), Some("route"));
     }
 
     #[test]
