@@ -595,7 +595,12 @@ pub(super) fn audit(cmd: AuditCmd, json: bool) -> CliResult {
                 return Err(c.error_for(s, &v).into());
             }
             let records = records_of(&v);
-            print_records(&records, json);
+            if json && !follow {
+                // The API's answer as it is; with -f, one record per line instead.
+                print(&v);
+            } else {
+                print_records(&records, json);
+            }
             if follow {
                 let mut after = records
                     .last()
