@@ -161,7 +161,12 @@ grep -qx "state_dir = \"$P/var/lib/hall\"" "$P/etc/hall/hall.toml" || fail "hall
 grep -qx "policies_dir = \"$P/etc/hall/policies\"" "$P/etc/hall/hall.toml" || fail "hall.toml policies_dir"
 [ "$(stat -c %a "$P/var/lib/hall")" = 700 ] || fail "state dir is not 0700"
 [ "$(stat -c %a "$P/etc/hall/hall.toml")" = 600 ] || fail "user hall.toml is not 0600"
-ok "binary, config, examples and state dir under $P"
+for f in share/man/man1/hall.1 share/bash-completion/completions/hall share/zsh/site-functions/_hall share/fish/vendor_completions.d/hall.fish; do
+	[ -s "$P/$f" ] || fail "no $P/$f"
+done
+grep -q '^\.TH' "$P/share/man/man1/hall.1" || fail "hall.1 is not a man page"
+grep -q 'complete' "$P/share/bash-completion/completions/hall" || fail "bash completion looks empty"
+ok "binary, config, examples and state dir, man page and completions under $P"
 
 step "hall check on the installed config"
 # On a branch where the CLI is not written yet the binary does nothing; these checks need main.
@@ -196,6 +201,19 @@ diff "$WORK/before" "$WORK/after" || fail "second run changed files under $P"
 no_changes "$WORK/install2.out" "--no-service"
 grep -q '^  unchanged  binary ' "$WORK/install2.out" || fail "second run did not report the binary unchanged"
 ok "identical tree (checksums, modes, mtimes), every step unchanged/kept, edits and deletion kept"
+
+step "the summary prints the listen address of the config in force"
+grep -q '^  daemon   http://127.0.0.1:8765 ' "$WORK/install2.out" || fail "summary does not print the default address"
+sed -i 's/^listen = .*/listen = "localhost:8799"/' "$P/etc/hall/hall.toml"
+"${INSTALL[@]}" --prefix "$P" --no-service >"$WORK/install-listen.out"
+grep -q '^  daemon   http://127.0.0.1:8799 ' "$WORK/install-listen.out" || fail "summary ignores the edited listen"
+if grep -q 'or SIGHUP) or restart' "$P/etc/hall/hall.toml"; then
+	fail "generated hall.toml still says a reload applies config edits"
+fi
+grep -q 're-reads the registry and policy files only' "$P/etc/hall/hall.toml" ||
+	fail "generated hall.toml does not say what a reload re-reads"
+sed -i 's/^listen = .*/listen = "127.0.0.1:8765"/' "$P/etc/hall/hall.toml"
+ok "summary shows http://127.0.0.1:8799 after listen was edited"
 
 # ---------------------------------------------------------------------------------------------
 step "systemd user unit: install, verify, idempotent"
@@ -288,6 +306,8 @@ step "--uninstall keeps config and state; --purge removes them"
 PATH=$STUB:$PATH "${INSTALL[@]}" --prefix "$P" --uninstall | tee "$WORK/uninstall1.out"
 [ ! -e "$P/bin/hall" ] || fail "binary left behind"
 [ ! -e "$UNIT" ] || fail "unit left behind"
+[ ! -e "$P/share/man/man1/hall.1" ] || fail "man page left behind"
+[ ! -e "$P/share/bash-completion/completions/hall" ] || fail "bash completion left behind"
 grep -qx 'systemctl --user disable --now hall.service' "$CALLS" || fail "service not disabled"
 if [ ! -f "$P/etc/hall/hall.toml" ] || [ ! -d "$P/etc/hall/policies" ] || [ ! -d "$P/var/lib/hall" ]; then
 	fail "--uninstall removed config or state"

@@ -1,4 +1,9 @@
-//! Configuration: `hall.toml`, then `HALL_*` environment variables, then flags (SPEC 8).
+//! Configuration: `hall.toml`, then `HALL_*` environment variables, then flags.
+//!
+//! One resolution serves the daemon and every client command, so `hall status` talks to the
+//! address in `listen` with the token file in `state_dir` of the same file `hall serve` read.
+//! The file is the first of: `--config`, `HALL_CONFIG`, then the per-user and system
+//! locations `install.sh` writes (see [`default_config_files`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,7 +23,7 @@ pub enum LogFormat {
 impl std::str::FromStr for LogFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
+        match s.to_ascii_lowercase().as_str() {
             "pretty" => Ok(LogFormat::Pretty),
             "json" => Ok(LogFormat::Json),
             other => Err(format!(
@@ -42,6 +47,73 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
+    /// How that file was chosen (or why none was).
+    pub config_origin: ConfigOrigin,
+    /// The default locations looked at when neither `--config` nor `HALL_CONFIG` named a
+    /// file (empty when one did): for messages that say where Hall looked.
+    pub config_tried: Vec<PathBuf>,
+}
+
+/// Where the config file came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigOrigin {
+    /// `--config FILE`.
+    Flag,
+    /// `HALL_CONFIG`.
+    Env,
+    /// Found at a default location (per-user, then system).
+    Default,
+    /// No file: built-in defaults, `HALL_*` and flags only.
+    None,
+}
+
+impl ConfigOrigin {
+    /// How to say it in a message.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ConfigOrigin::Flag => "--config",
+            ConfigOrigin::Env => "HALL_CONFIG",
+            ConfigOrigin::Default => "default location",
+            ConfigOrigin::None => "no config file",
+        }
+    }
+}
+
+/// The per-user and system places `install.sh` writes `hall.toml`, in the order they are
+/// tried: Linux `$XDG_CONFIG_HOME/hall` (else `~/.config/hall`), macOS
+/// `~/Library/Application Support/hall`, then `/etc/hall`.
+pub fn default_config_files(env: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if cfg!(target_os = "macos") {
+        if let Some(h) = env("HOME") {
+            v.push(PathBuf::from(h).join("Library/Application Support/hall/hall.toml"));
+        }
+    } else if let Some(d) = env("XDG_CONFIG_HOME") {
+        v.push(PathBuf::from(d).join("hall/hall.toml"));
+    } else if let Some(h) = env("HOME") {
+        v.push(PathBuf::from(h).join(".config/hall/hall.toml"));
+    }
+    v.push(PathBuf::from("/etc/hall/hall.toml"));
+    v
+}
+
+/// Parse a listen address: `IP:PORT`, or `localhost:PORT` (taken as `127.0.0.1:PORT`, so
+/// no name lookup decides where the daemon listens or where the CLI sends its token).
+pub fn parse_listen(s: &str) -> Result<SocketAddr, ConfigError> {
+    let t = s.trim();
+    let parsed = t.parse::<SocketAddr>().ok().or_else(|| {
+        let (host, port) = t.rsplit_once(':')?;
+        if host.eq_ignore_ascii_case("localhost") {
+            format!("127.0.0.1:{port}").parse().ok()
+        } else {
+            None
+        }
+    });
+    parsed.ok_or_else(|| {
+        ConfigError(format!(
+            "listen {s:?} is not an address:port (for example 127.0.0.1:8765, localhost:8765 or [::1]:8765)"
+        ))
+    })
 }
 
 /// Values given on the command line; `None` leaves the lower layers in force.
@@ -101,17 +173,35 @@ impl Config {
         flags: &Flags,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let config_file = flags
-            .config
-            .clone()
-            .or_else(|| env("HALL_CONFIG").map(PathBuf::from));
+        let mut config_tried = Vec::new();
+        let (config_file, config_origin) = if let Some(p) = &flags.config {
+            (Some(p.clone()), ConfigOrigin::Flag)
+        } else if let Some(p) = env("HALL_CONFIG") {
+            (Some(PathBuf::from(p)), ConfigOrigin::Env)
+        } else {
+            config_tried = default_config_files(env);
+            match config_tried.iter().find(|p| p.is_file()) {
+                Some(p) => (Some(p.clone()), ConfigOrigin::Default),
+                None => (None, ConfigOrigin::None),
+            }
+        };
         let (file, base) = match &config_file {
             None => (FileConfig::default(), PathBuf::from(".")),
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError(format!("cannot read config {}: {e}", p.display())))?;
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    ConfigError(format!(
+                        "cannot read config {} (from {}): {e}",
+                        p.display(),
+                        config_origin.describe()
+                    ))
+                })?;
                 let fc: FileConfig = toml::from_str(&text).map_err(|e| {
-                    ConfigError(format!("config {}: {}", p.display(), e.message().trim()))
+                    ConfigError(format!(
+                        "config {}: {}{}",
+                        p.display(),
+                        e.message().trim(),
+                        config_key_hint(e.message())
+                    ))
                 })?;
                 let base = p
                     .parent()
@@ -127,15 +217,19 @@ impl Config {
             .or_else(|| env("HALL_LISTEN"))
             .or(file.listen)
             .unwrap_or_else(|| "127.0.0.1:8765".into());
-        let listen: SocketAddr = listen_s.parse().map_err(|_| {
-            ConfigError(format!(
-                "listen {listen_s:?} is not an address:port (for example 127.0.0.1:8765)"
-            ))
-        })?;
+        let listen = parse_listen(&listen_s)?;
 
+        // A config found at a default location (an installed one) does not take the policy
+        // files away from a checkout: `./registry` and `./policies` in the current directory
+        // still win over its dirs, as they win over the built-in defaults.
+        let discovered = config_origin == ConfigOrigin::Default;
         let pick_dir = |flag: &Option<PathBuf>, var: &str, filev: Option<PathBuf>, name: &str| {
             flag.clone()
                 .or_else(|| env(var).map(PathBuf::from))
+                .or_else(|| {
+                    let local = PathBuf::from(name);
+                    (discovered && local.is_dir()).then_some(local)
+                })
                 .or(filev.map(rel))
                 .unwrap_or_else(|| default_config_subdir(name, env))
         };
@@ -229,8 +323,60 @@ impl Config {
             release_ttl_secs,
             log_format,
             config_file,
+            config_origin,
+            config_tried,
         })
     }
+
+    /// The paths a load of the policy files reads, and the config that named them, for
+    /// messages that must say where Hall looked.
+    pub fn describe_sources(&self) -> String {
+        // Absolute, so "registry" is not mistaken for a path relative to somewhere else.
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut s = format!(
+            "registry {}, policies {}",
+            abs(&self.registry_dir).display(),
+            abs(&self.policies_dir).display()
+        );
+        match (&self.config_file, self.config_origin) {
+            (Some(f), o) => s.push_str(&format!(" (config {} from {})", f.display(), o.describe())),
+            (None, _) => {
+                let tried: Vec<String> = self
+                    .config_tried
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect();
+                s.push_str(&format!(" (no hall.toml at {})", tried.join(" or ")));
+            }
+        }
+        s
+    }
+}
+
+/// Every key `hall.toml` accepts, for "did you mean".
+const CONFIG_KEYS: &[&str] = &[
+    "listen",
+    "registry_dir",
+    "policies_dir",
+    "state_dir",
+    "allowed_origins",
+    "log_format",
+    "audit",
+    "secrets",
+    "durability",
+    "retention_days",
+    "release_ttl",
+];
+
+/// `, did you mean "listen"?` for serde's ``unknown field `lisen` `` message.
+fn config_key_hint(msg: &str) -> String {
+    let Some(rest) = msg.split("unknown field `").nth(1) else {
+        return String::new();
+    };
+    let key = rest.split('`').next().unwrap_or("");
+    crate::cli::suggest::did_you_mean(key, CONFIG_KEYS.iter().copied())
+        .map(|k| format!(" (did you mean `{k}`?)"))
+        .unwrap_or_default()
 }
 
 /// `./registry` when present, else the service's or user's config dir, else `/etc/hall`.
@@ -356,6 +502,52 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn localhost_listen_and_any_case_log_format_are_accepted() {
+        assert_eq!(
+            parse_listen("localhost:8767").unwrap(),
+            "127.0.0.1:8767".parse::<SocketAddr>().unwrap()
+        );
+        assert!(parse_listen("example.com:80").is_err(), "no name lookups");
+        let c = Config::resolve_with(
+            &Flags::default(),
+            &env_of(&[("HALL_LOG_FORMAT", "JSON"), ("HOME", "/nonexistent")]),
+        )
+        .unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn the_config_file_is_found_at_the_per_user_location() {
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path().to_str().unwrap().to_string();
+        let user = if cfg!(target_os = "macos") {
+            home.path()
+                .join("Library/Application Support/hall/hall.toml")
+        } else {
+            home.path().join(".config/hall/hall.toml")
+        };
+        let c = Config::resolve_with(&Flags::default(), &env_of(&[("HOME", &h)])).unwrap();
+        assert_eq!(c.config_origin, ConfigOrigin::None);
+        assert!(c.config_tried.contains(&user), "{:?}", c.config_tried);
+        std::fs::create_dir_all(user.parent().unwrap()).unwrap();
+        std::fs::write(&user, "listen = \"127.0.0.1:9911\"\nstate_dir = \"st\"\n").unwrap();
+        let c = Config::resolve_with(&Flags::default(), &env_of(&[("HOME", &h)])).unwrap();
+        assert_eq!(c.config_origin, ConfigOrigin::Default);
+        assert_eq!(c.listen.port(), 9911);
+        assert_eq!(c.state_dir, user.parent().unwrap().join("st"));
+        // HALL_CONFIG names another file: the default one is not read.
+        let other = home.path().join("other.toml");
+        std::fs::write(&other, "listen = \"127.0.0.1:9912\"\n").unwrap();
+        let c = Config::resolve_with(
+            &Flags::default(),
+            &env_of(&[("HOME", &h), ("HALL_CONFIG", other.to_str().unwrap())]),
+        )
+        .unwrap();
+        assert_eq!(c.config_origin, ConfigOrigin::Env);
+        assert_eq!(c.listen.port(), 9912);
     }
 
     #[test]

@@ -702,9 +702,9 @@ fn export_round_trips_through_the_cli() {
     let o = hall_audit(&d, &["export", "--after-seq", &last.to_string()]);
     assert_eq!(o.status.code(), Some(0), "{o:?}");
     assert!(o.stdout.is_empty());
-    // A bad --since is the daemon's 400, reported as a failure.
+    // A bad --since is the daemon's 400, reported as a usage error.
     let o = hall_audit(&d, &["export", "--since", "last tuesday"]);
-    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("since"),
         "{o:?}"
@@ -846,7 +846,8 @@ fn an_audit_write_failure_is_503_and_never_an_unrecorded_allow() {
         .env("HALL_TOKEN", d.admin_token().unwrap())
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    // A 503 is the daemon refusing the call: exit 3, not a denial.
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("503"), "{o:?}");
     // Reads and liveness still work; the head did not move.
     assert_eq!(d.get("/health").status, 200);
@@ -1088,7 +1089,7 @@ fn cli_tail_show_verify() {
     assert_eq!(v["ok"], true);
     assert_eq!(v["entries"], 4);
 
-    // Usage errors exit 2; a wrong token or no daemon exit 1 with a message.
+    // Usage errors exit 2; a wrong token or no daemon exit 3 with a message.
     let o = hall_audit(&d, &["show"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     let o = Command::new(HALL)
@@ -1097,7 +1098,7 @@ fn cli_tail_show_verify() {
         .env("HALL_TOKEN", "hall_wrong")
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("401"), "{o:?}");
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -1108,7 +1109,7 @@ fn cli_tail_show_verify() {
         .env("HALL_TOKEN", d.admin_token().unwrap())
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("cannot reach the daemon"),
         "{o:?}"

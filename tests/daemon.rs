@@ -153,7 +153,7 @@ fn operator_endpoints() {
 
     let s = d.get("/api/status").json();
     assert_eq!(s["policy_version"], ready["policy_version"]);
-    assert_eq!(s["counts"]["rules"], 11);
+    assert_eq!(s["counts"]["rules"], 12);
     assert_eq!(s["counts"]["capabilities"], 7);
     assert_eq!(s["counts"]["workers"], 9);
     assert_eq!(s["last_reload"]["ok"], true);
@@ -292,7 +292,7 @@ fn removing_a_file_is_an_edit() {
             .json()["deny_reason"]
             == "no_matching_rule"
     });
-    assert_eq!(d.get("/api/status").json()["counts"]["rules"], 8);
+    assert_eq!(d.get("/api/status").json()["counts"]["rules"], 9);
 }
 
 #[test]

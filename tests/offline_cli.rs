@@ -214,7 +214,8 @@ fn route_offline_explain_shows_the_trace() {
     assert_eq!(
         j["explain"]["candidates"],
         serde_json::json!([
-            {"worker_id": "worker.email.legacy", "eligible": false, "skipped": "disabled"},
+            {"worker_id": "worker.email.legacy", "eligible": false, "skipped": "disabled",
+             "why": "disabled (enabled = false)"},
             {"worker_id": "worker.email.send", "eligible": true}
         ])
     );
@@ -232,7 +233,8 @@ fn route_offline_unknown_env_is_a_clear_error() {
         "--tenant",
         "org.acme",
     ]);
-    assert_eq!(code, Some(1), "stdout:\n{out}\nstderr:\n{err}");
+    // A bad request is a usage error (2), not a denial (1).
+    assert_eq!(code, Some(2), "stdout:\n{out}\nstderr:\n{err}");
     assert!(out.is_empty(), "no decision is printed: {out}");
     assert!(
         err.contains(

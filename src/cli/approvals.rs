@@ -106,7 +106,7 @@ pub(super) fn run(cmd: ApprovalsCmd) -> CliResult {
         };
         serde_json::to_vec(&v).unwrap_or_default()
     });
-    let (status, v) = Client::new(&client)?.send(method, &path, body.as_deref())?;
+    let (status, v) = Client::from_args(&client)?.send(method, &path, body.as_deref())?;
     if (200..300).contains(&status) {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(ExitCode::SUCCESS);

@@ -1,44 +1,169 @@
 //! Client commands: thin HTTP clients of the daemon's API.
 
 use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use serde_json::{json, Value};
 
-use super::{AuditCmd, CliResult, ClientArgs, RouteArgs, SecretCmd, TokenCmd};
-use crate::config::{Config, Flags};
+use super::{
+    exit, human, AuditCmd, CliError, CliResult, ClientArgs, RouteArgs, SecretCmd, TokenCmd,
+};
+use crate::config::{Config, ConfigOrigin, Flags};
 
-pub(super) struct Client {
+/// Where the token a client sends came from, for messages that must say so.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// `--token`.
+    Flag,
+    /// `HALL_TOKEN`.
+    Env,
+    /// The admin token file in the configured state dir.
+    File(PathBuf),
+    /// No token: the token file does not exist or cannot be read (`why`).
+    Missing { path: PathBuf, why: String },
+}
+
+/// A client of the daemon's API: the daemon's URL and the token to send, resolved once from
+/// flags, `HALL_URL`/`HALL_TOKEN` and the same `hall.toml` that `hall serve` reads.
+pub struct Client {
     base: String,
-    token: Option<String>,
+    /// How `base` was chosen ("--url", "HALL_URL", "listen in FILE", "the default").
+    url_origin: String,
+    token: Option<zeroize::Zeroizing<String>>,
+    token_source: TokenSource,
+    /// How the config was found, for hints.
+    config_note: String,
 }
 
 impl Client {
-    /// `HALL_URL` (default `http://127.0.0.1:8765`), token from `HALL_TOKEN` or the admin
-    /// token file in the state dir.
-    pub(super) fn new(args: &ClientArgs) -> Result<Client, Box<dyn std::error::Error>> {
-        let base = args
-            .url
-            .clone()
-            .or_else(|| std::env::var("HALL_URL").ok().filter(|s| !s.is_empty()))
-            .unwrap_or_else(|| "http://127.0.0.1:8765".into());
-        let token = match std::env::var("HALL_TOKEN").ok().filter(|s| !s.is_empty()) {
-            Some(t) => Some(t),
-            None => {
-                let cfg = Config::resolve(&Flags::default())?;
-                std::fs::read_to_string(cfg.state_dir.join("admin.token"))
-                    .ok()
-                    .map(|s| s.trim().to_string())
+    /// Resolve the daemon URL and token for a client command:
+    ///
+    /// - URL: `--url`, else `HALL_URL`, else `http://<listen>` from `hall.toml` (found as
+    ///   `hall serve` finds it: `--config`, `HALL_CONFIG`, the per-user then the system file),
+    ///   else `http://127.0.0.1:8765`.
+    /// - Token: `--token`, else `HALL_TOKEN`, else `<state_dir>/admin.token` of that config.
+    ///
+    /// The admin token file is sent only to the daemon that config names, or to a loopback
+    /// URL the user named: never to another machine (pass `--token` or `HALL_TOKEN` for that).
+    pub fn from_args(args: &ClientArgs) -> Result<Client, CliError> {
+        Self::from_args_with(args, &|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// [`from_args`](Self::from_args) with an injected environment (for tests).
+    pub fn from_args_with(
+        args: &ClientArgs,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Client, CliError> {
+        let cfg = Config::resolve_with(
+            &Flags {
+                config: args.config.clone(),
+                ..Default::default()
+            },
+            env,
+        )
+        .map_err(|e| CliError::usage(e.0))?;
+        let config_note = match (&cfg.config_file, cfg.config_origin) {
+            (Some(f), o) => format!("config {} (from {})", f.display(), o.describe()),
+            (None, _) => "no config file".to_string(),
+        };
+        let (base, url_origin, user_named) = if let Some(u) = &args.url {
+            (u.clone(), "--url".to_string(), true)
+        } else if let Some(u) = env("HALL_URL") {
+            (u, "HALL_URL".to_string(), true)
+        } else {
+            let origin = match (&cfg.config_file, cfg.config_origin) {
+                (Some(f), _) => format!("listen in {}", f.display()),
+                (None, ConfigOrigin::None) => "the default address".to_string(),
+                (None, _) => "the default address".to_string(),
+            };
+            (listen_url(cfg.listen), origin, false)
+        };
+        let base = base.trim_end_matches('/').to_string();
+        let host = url_host(&base).ok_or_else(|| {
+            CliError::usage(format!(
+                "{url_origin} {base:?} is not an http:// or https:// URL (for example http://127.0.0.1:8765)"
+            ))
+        })?;
+        let (token, token_source) = if let Some(t) = &args.token {
+            (Some(t.trim().to_string()), TokenSource::Flag)
+        } else if let Some(t) = env("HALL_TOKEN") {
+            (Some(t.trim().to_string()), TokenSource::Env)
+        } else {
+            let path = cfg.state_dir.join("admin.token");
+            match std::fs::read_to_string(&path) {
+                Ok(t) if !t.trim().is_empty() => {
+                    (Some(t.trim().to_string()), TokenSource::File(path))
+                }
+                Ok(_) => (
+                    None,
+                    TokenSource::Missing {
+                        path,
+                        why: "is empty".into(),
+                    },
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                    None,
+                    TokenSource::Missing {
+                        path,
+                        why: "does not exist".into(),
+                    },
+                ),
+                Err(e) => (
+                    None,
+                    TokenSource::Missing {
+                        path,
+                        why: format!("cannot be read ({e})"),
+                    },
+                ),
             }
         };
+        if let TokenSource::File(path) = &token_source {
+            if user_named && !is_loopback_host(&host) {
+                return Err(CliError::usage(format!(
+                    "refusing to send the admin token from {} to {base} ({url_origin}): that is not \
+                     this machine. Give that daemon's token with HALL_TOKEN or --token.",
+                    path.display()
+                )));
+            }
+        }
         Ok(Client {
-            base: base.trim_end_matches('/').to_string(),
-            token,
+            base,
+            url_origin,
+            token: token.map(zeroize::Zeroizing::new),
+            token_source,
+            config_note,
         })
     }
 
-    /// Send a request; returns the status and the JSON body (errors included).
-    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), String> {
+    /// The same as [`from_args`](Self::from_args), under its earlier name.
+    pub fn new(args: &ClientArgs) -> Result<Client, CliError> {
+        Self::from_args(args)
+    }
+
+    /// The daemon's base URL, without a trailing slash.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// The token this client sends, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref().map(String::as_str)
+    }
+
+    /// Where the token came from.
+    pub fn token_source(&self) -> &TokenSource {
+        &self.token_source
+    }
+
+    /// Send a request; returns the status and the JSON body (errors included). Fails with
+    /// exit code 3 when the daemon cannot be reached.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), CliError> {
         let bytes = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
         self.send(method, path, bytes.as_deref())
     }
@@ -48,11 +173,20 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<&[u8]>,
-    ) -> Result<(u16, Value), String> {
-        let mut req = ureq::request(method, &format!("{}{path}", self.base))
-            .timeout(std::time::Duration::from_secs(30));
+    ) -> Result<(u16, Value), CliError> {
+        self.send_timeout(method, path, body, std::time::Duration::from_secs(30))
+    }
+
+    fn send_timeout(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        timeout: std::time::Duration,
+    ) -> Result<(u16, Value), CliError> {
+        let mut req = ureq::request(method, &format!("{}{path}", self.base)).timeout(timeout);
         if let Some(t) = &self.token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
+            req = req.set("Authorization", &format!("Bearer {}", t.as_str()));
         }
         let res = match body {
             Some(b) => req.set("Content-Type", "application/json").send_bytes(b),
@@ -62,16 +196,148 @@ impl Client {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
             Err(e) => {
-                return Err(format!(
-                    "cannot reach the daemon at {}: {e} (is `hall serve` running? set HALL_URL to point elsewhere)",
-                    self.base
-                ))
+                return Err(CliError::daemon(format!(
+                    "cannot reach the daemon at {} (from {}; {}): {}\n  \
+                     is `hall serve` running there? Point elsewhere with --url or HALL_URL, or \
+                     name the daemon's hall.toml with --config or HALL_CONFIG.",
+                    self.base,
+                    self.url_origin,
+                    self.config_note,
+                    transport_reason(&e)
+                )))
             }
         };
         let status = resp.status();
-        let text = resp.into_string().map_err(|e| e.to_string())?;
+        let text = resp
+            .into_string()
+            .map_err(|e| CliError::daemon(format!("reading the daemon's answer: {e}")))?;
         let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, v))
+    }
+
+    /// The error for a non-2xx answer, with the exit code it stands for.
+    pub fn error_for(&self, status: u16, v: &Value) -> CliError {
+        let msg = v
+            .get("error")
+            .and_then(Value::as_str)
+            .or_else(|| v.as_str())
+            .unwrap_or("request failed");
+        let code = v.get("code").and_then(Value::as_str).unwrap_or("");
+        let line = format!("{msg} (HTTP {status} {code})");
+        match status {
+            401 => CliError::daemon(format!("{line}\n{}", self.unauthorized_help())),
+            403 => CliError::daemon(format!(
+                "{line}\n  token: {}\n  fix: use a token with the scope this command needs (admin \
+                 has them all), or one bound to the right tenant",
+                self.describe_token()
+            )),
+            400 | 413 | 415 => CliError::usage(line),
+            429 | 500..=599 => CliError::daemon(line),
+            _ => CliError::failure(line),
+        }
+    }
+
+    fn describe_token(&self) -> String {
+        match &self.token_source {
+            TokenSource::Flag => "from --token".into(),
+            TokenSource::Env => "from HALL_TOKEN".into(),
+            TokenSource::File(p) => format!(
+                "the admin token file {} ({})",
+                p.display(),
+                self.config_note
+            ),
+            TokenSource::Missing { path, why } => format!(
+                "none sent: no --token, HALL_TOKEN is unset, and {} {why} ({})",
+                path.display(),
+                self.config_note
+            ),
+        }
+    }
+
+    /// What a 401 means for the token this client sent, and what to do.
+    fn unauthorized_help(&self) -> String {
+        let fix = match &self.token_source {
+            TokenSource::Flag => "check the token passed with --token: it may be mistyped, revoked or expired \
+                 (`hall token list` shows which are live)"
+                .to_string(),
+            TokenSource::Env => "HALL_TOKEN holds a token this daemon does not accept (mistyped, revoked or \
+                 expired; `hall token list` shows which are live); unset HALL_TOKEN to use the admin \
+                 token file instead"
+                .to_string(),
+            TokenSource::File(p) => format!(
+                "{} is not a token of the daemon at {}: if that daemon uses another state dir, \
+                 name its hall.toml with --config (or HALL_CONFIG), or set HALL_STATE_DIR; if the file \
+                 was replaced, restart the daemon so it re-issues it",
+                p.display(),
+                self.base
+            ),
+            TokenSource::Missing { path, why } if why.starts_with("cannot be read") => format!(
+                "run as the user that can read {} (sudo for a system install), or set HALL_TOKEN",
+                path.display()
+            ),
+            TokenSource::Missing { .. } => "the daemon writes admin.token in its state dir at first start: \
+                 name the daemon's hall.toml with --config (or HALL_CONFIG), or set HALL_STATE_DIR to its \
+                 state dir, or pass a token with HALL_TOKEN"
+                .to_string(),
+        };
+        format!("  token: {}\n  fix: {fix}", self.describe_token())
+    }
+
+    /// Print a 2xx body (JSON, or `human` for a terminal) and succeed; else the error.
+    fn finish(&self, status: u16, v: &Value, json: bool, human: impl FnOnce(&Value)) -> CliResult {
+        if (200..300).contains(&status) {
+            if json {
+                print(v);
+            } else {
+                human(v);
+            }
+            Ok(ExitCode::SUCCESS)
+        } else {
+            Err(self.error_for(status, v).into())
+        }
+    }
+}
+
+/// `http://<listen>`, with an unspecified address (0.0.0.0, ::) replaced by loopback.
+fn listen_url(addr: std::net::SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v) if v.is_unspecified() => "127.0.0.1".to_string(),
+        std::net::IpAddr::V6(v) if v.is_unspecified() => "[::1]".to_string(),
+        std::net::IpAddr::V6(v) => format!("[{v}]"),
+        std::net::IpAddr::V4(v) => v.to_string(),
+    };
+    format!("http://{ip}:{}", addr.port())
+}
+
+/// The host of an http(s) URL, lowercased, without port or brackets.
+fn url_host(url: &str) -> Option<String> {
+    let lower = url.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("http://")
+        .or_else(|| lower.strip_prefix("https://"))?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(r) = authority.strip_prefix('[') {
+        r.split(']').next()?.to_string()
+    } else {
+        authority.split(':').next()?.to_string()
+    };
+    (!host.is_empty()).then_some(host)
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn transport_reason(e: &ureq::Error) -> String {
+    let s = e.to_string();
+    // ureq prefixes the URL; the message already names it.
+    match s.rsplit_once(": ") {
+        Some((_, tail)) if !tail.is_empty() => tail.to_string(),
+        _ => s,
     }
 }
 
@@ -79,23 +345,8 @@ fn print(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-/// Print the body; an HTTP error becomes a message on stderr and exit 1.
-fn finish(status: u16, v: &Value) -> CliResult {
-    if (200..300).contains(&status) {
-        print(v);
-        Ok(ExitCode::SUCCESS)
-    } else {
-        let msg = v
-            .get("error")
-            .and_then(Value::as_str)
-            .unwrap_or("request failed");
-        let code = v.get("code").and_then(Value::as_str).unwrap_or("");
-        Err(format!("{msg} (HTTP {status} {code})").into())
-    }
-}
-
-pub(super) fn route(a: &RouteArgs) -> CliResult {
-    let c = Client::new(&super::ClientArgs::default())?;
+pub(super) fn route(a: &RouteArgs, json: bool) -> CliResult {
+    let c = Client::from_args(&a.client_args())?;
     let mut body = json!({
         "capability_id": a.capability, "env": a.env, "data_label": a.label, "tenant_id": a.tenant,
         "dry_run": a.dry_run,
@@ -103,19 +354,65 @@ pub(super) fn route(a: &RouteArgs) -> CliResult {
     if let Some(cid) = &a.correlation_id {
         body["correlation_id"] = json!(cid);
     }
-    if let Some(id) = &a.approval_id {
-        body["approval_id"] = json!(id);
+    if let Some(ctx) = &a.context {
+        let v: Value = serde_json::from_str(ctx)
+            .map_err(|e| CliError::usage(format!("--context is not JSON: {e}")))?;
+        if !v.is_object() {
+            return Err(CliError::usage(
+                "--context must be a JSON object, e.g. '{\"ticket\":\"T-1\"}'",
+            )
+            .into());
+        }
+        body["context"] = v;
+    }
+    if let Some(v) = &a.tenant_risk {
+        body["tenant_risk"] = json!(v);
+    }
+    if let Some(v) = &a.qos_class {
+        body["qos_class"] = json!(v);
+    }
+    if let Some(v) = &a.approval_id {
+        body["approval_id"] = json!(v);
     }
     let path = if a.explain {
         "/api/route?explain=true"
     } else {
         "/api/route"
     };
-    let (status, v) = c.call("POST", path, Some(&body))?;
+    let (status, mut v) = c.call("POST", path, Some(&body))?;
     if status != 200 {
-        return finish(status, &v);
+        return Err(c.error_for(status, &v).into());
     }
-    print(&v);
+    if let Some(x) = v.get_mut("explain") {
+        // The daemon's trace names what failed; the loaded workers give the values. (Its
+        // rules are not served: a rule's miss names the request's value only.)
+        let workers = match c.call("GET", "/api/registry/workers", None) {
+            Ok((200, w)) => w
+                .get("workers")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        human::explain_why(x, &super::offline::asked(a), &[], &workers);
+    }
+    if json {
+        print(&v);
+    } else {
+        human::decision(&v);
+    }
+    if v.get("deny_reason").and_then(Value::as_str) == Some(crate::engine::UNKNOWN_CAPABILITY) {
+        if let Ok((200, caps)) = c.call("GET", "/api/registry/capabilities", None) {
+            let known: Vec<String> = caps
+                .get("capabilities")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.get("id").and_then(Value::as_str).map(str::to_string))
+                .collect();
+            super::offline::hint_capability(&a.capability, known);
+        }
+    }
     let allowed = v.get("allowed").and_then(Value::as_bool).unwrap_or(false);
     if let (false, Some(id)) = (allowed, v.get("approval_id").and_then(Value::as_str)) {
         super::approvals::hint(a, id, &v);
@@ -126,25 +423,31 @@ pub(super) fn route(a: &RouteArgs) -> CliResult {
     Ok(if allowed {
         ExitCode::SUCCESS
     } else {
-        ExitCode::FAILURE
+        ExitCode::from(exit::FAILURE)
     })
 }
 
-pub(super) fn status(a: &ClientArgs) -> CliResult {
-    let (s, v) = Client::new(a)?.call("GET", "/api/status", None)?;
-    finish(s, &v)
+pub(super) fn status(a: &ClientArgs, json: bool) -> CliResult {
+    let c = Client::from_args(a)?;
+    let (s, v) = c.call("GET", "/api/status", None)?;
+    c.finish(s, &v, json, human::object)
 }
 
-pub(super) fn reload(a: &ClientArgs) -> CliResult {
-    let (s, v) = Client::new(a)?.call("POST", "/api/reload", None)?;
+pub(super) fn reload(a: &ClientArgs, json: bool) -> CliResult {
+    let c = Client::from_args(a)?;
+    let (s, v) = c.call("POST", "/api/reload", None)?;
     if s == 422 {
-        print(&v);
-        return Ok(ExitCode::FAILURE);
+        if json {
+            print(&v);
+        } else {
+            human::object(&v);
+        }
+        return Ok(ExitCode::from(exit::FAILURE));
     }
-    finish(s, &v)
+    c.finish(s, &v, json, human::object)
 }
 
-pub(super) fn token(cmd: TokenCmd) -> CliResult {
+pub(super) fn token(cmd: TokenCmd, json: bool) -> CliResult {
     match cmd {
         TokenCmd::Create {
             name,
@@ -154,57 +457,66 @@ pub(super) fn token(cmd: TokenCmd) -> CliResult {
             rate_limit,
             client,
         } => {
+            for sc in &scopes {
+                if sc.parse::<crate::store::tokens::Scope>().is_err() {
+                    let known = crate::store::tokens::Scope::ALL.map(|s| s.as_str());
+                    return Err(CliError::usage(format!(
+                        "unknown scope {sc:?}{} (scopes: {})",
+                        super::suggest::hint(sc, known),
+                        known.join(", ")
+                    ))
+                    .into());
+                }
+            }
             let body = json!({
                 "name": name, "scopes": scopes, "tenant_id": tenant,
                 "expires_in_secs": expires_in, "rate_limit_per_minute": rate_limit,
             });
-            let (s, v) = Client::new(&client)?.call("POST", "/api/tokens", Some(&body))?;
+            let c = Client::from_args(&client)?;
+            let (s, v) = c.call("POST", "/api/tokens", Some(&body))?;
             if s == 201 || s == 200 {
                 eprintln!("Store this token now: it is shown only once.");
             }
-            finish(s, &v)
+            c.finish(s, &v, json, human::object)
         }
         TokenCmd::List(a) => {
-            let (s, v) = Client::new(&a)?.call("GET", "/api/tokens", None)?;
-            finish(s, &v)
+            let c = Client::from_args(&a)?;
+            let (s, v) = c.call("GET", "/api/tokens", None)?;
+            c.finish(s, &v, json, |v| human::list(v, "tokens"))
         }
         TokenCmd::Revoke { id, client } => {
-            let (s, v) =
-                Client::new(&client)?.call("DELETE", &format!("/api/tokens/{}", enc(&id)), None)?;
-            finish(s, &v)
+            let c = Client::from_args(&client)?;
+            let (s, v) = c.call("DELETE", &format!("/api/tokens/{}", enc(&id)), None)?;
+            c.finish(s, &v, json, human::object)
         }
     }
 }
 
-pub(super) fn secret(cmd: SecretCmd) -> CliResult {
+pub(super) fn secret(cmd: SecretCmd, json: bool) -> CliResult {
     match cmd {
         SecretCmd::Set { name, client } => {
             let value = read_secret_value(&name)?;
             // Serialized into a buffer that is wiped on drop, like the value itself.
             let body =
                 zeroize::Zeroizing::new(serde_json::to_vec(&json!({ "value": value.as_str() }))?);
-            let (s, v) = Client::new(&client)?.send(
-                "PUT",
-                &format!("/api/secrets/{}", enc(&name)),
-                Some(&body),
-            )?;
-            finish(s, &v)
+            let c = Client::from_args(&client)?;
+            let (s, v) = c.send("PUT", &format!("/api/secrets/{}", enc(&name)), Some(&body))?;
+            c.finish(s, &v, json, human::object)
         }
         SecretCmd::List(a) => {
-            let (s, v) = Client::new(&a)?.call("GET", "/api/secrets", None)?;
-            finish(s, &v)
+            let c = Client::from_args(&a)?;
+            let (s, v) = c.call("GET", "/api/secrets", None)?;
+            c.finish(s, &v, json, |v| human::list(v, "secrets"))
         }
         SecretCmd::Rm { name, client } => {
-            let (s, v) = Client::new(&client)?.call(
-                "DELETE",
-                &format!("/api/secrets/{}", enc(&name)),
-                None,
-            )?;
-            finish(s, &v)
+            let c = Client::from_args(&client)?;
+            let (s, v) = c.call("DELETE", &format!("/api/secrets/{}", enc(&name)), None)?;
+            c.finish(s, &v, json, human::object)
         }
         SecretCmd::RotateKey(a) => {
-            let (s, v) = Client::new(&a)?.call("POST", "/api/keys/rotate", None)?;
-            finish(s, &v)
+            let c = Client::from_args(&a)?;
+            let (s, v) = c.call("POST", "/api/keys/rotate", None)?;
+            c.finish(s, &v, json, human::object)
         }
     }
 }
@@ -276,43 +588,86 @@ impl Drop for EchoOff {
     }
 }
 
-pub(super) fn audit(cmd: AuditCmd) -> CliResult {
+pub(super) fn audit(cmd: AuditCmd, json: bool) -> CliResult {
     match cmd {
-        AuditCmd::Tail { lines, client } => {
-            let (s, v) =
-                Client::new(&client)?.call("GET", &format!("/api/audit?tail={lines}"), None)?;
-            finish(s, &v)
+        AuditCmd::Tail {
+            lines,
+            follow,
+            client,
+        } => {
+            let c = Client::from_args(&client)?;
+            let (s, v) = c.call("GET", &format!("/api/audit?tail={lines}"), None)?;
+            if !(200..300).contains(&s) {
+                return Err(c.error_for(s, &v).into());
+            }
+            let records = records_of(&v);
+            if json && !follow {
+                // The API's answer as it is; with -f, one record per line instead.
+                print(&v);
+            } else {
+                print_records(&records, json);
+            }
+            if follow {
+                let mut after = records
+                    .last()
+                    .and_then(|r| r.get("seq"))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+                if records.is_empty() {
+                    after = newest_seq(&c)?;
+                }
+                follow_records(&c, after, json)?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         AuditCmd::Show {
             decision_id,
             client,
         } => {
-            let (s, v) = Client::new(&client)?.call(
-                "GET",
-                &format!("/api/audit/{}", enc(&decision_id)),
-                None,
-            )?;
-            finish(s, &v)
+            let c = Client::from_args(&client)?;
+            let (s, v) = c.call("GET", &format!("/api/audit/{}", enc(&decision_id)), None)?;
+            c.finish(s, &v, json, human::object)
         }
-        AuditCmd::Verify(a) => {
-            let (s, v) = Client::new(&a)?.call("GET", "/api/audit/verify", None)?;
-            if s == 200 && v.get("ok") == Some(&Value::Bool(false)) {
+        AuditCmd::Verify { state_dir, client } => {
+            let v = match state_dir {
+                Some(dir) => serde_json::to_value(super::offline::verify_audit(&dir)?)?,
+                None => {
+                    let c = Client::from_args(&client)?;
+                    let (s, v) = c.call("GET", "/api/audit/verify", None)?;
+                    if !(200..300).contains(&s) {
+                        return Err(c.error_for(s, &v).into());
+                    }
+                    v
+                }
+            };
+            if json {
                 print(&v);
-                return Ok(ExitCode::FAILURE);
+            } else {
+                human::verify(&v);
             }
-            finish(s, &v)
+            Ok(if v.get("ok") == Some(&Value::Bool(true)) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(exit::FAILURE)
+            })
         }
         AuditCmd::Export {
+            state_dir,
             after_seq,
             since,
             output,
             client,
         } => {
-            let c = Client::new(&client)?;
             let mut out: Box<dyn Write> = match &output {
                 Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p)?)),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
+            if let Some(dir) = state_dir {
+                let n = super::offline::export_audit(&dir, after_seq, since.as_deref(), &mut out)?;
+                eprintln!("exported {n} records");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let c = Client::from_args(&client)?;
             let mut after = after_seq;
             let mut n = 0u64;
             loop {
@@ -325,13 +680,9 @@ pub(super) fn audit(cmd: AuditCmd) -> CliResult {
                 }
                 let (s, v) = c.call("GET", &q, None)?;
                 if s != 200 {
-                    return finish(s, &v);
+                    return Err(c.error_for(s, &v).into());
                 }
-                let records = v
-                    .get("records")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
+                let records = records_of(&v);
                 if records.is_empty() {
                     break;
                 }
@@ -350,6 +701,63 @@ pub(super) fn audit(cmd: AuditCmd) -> CliResult {
             out.flush()?;
             eprintln!("exported {n} records");
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn records_of(v: &Value) -> Vec<Value> {
+    v.get("records")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn print_records(records: &[Value], json: bool) {
+    if json {
+        // One record a line: a stream a script can read as it comes.
+        for r in records {
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
+        }
+    } else {
+        human::records(records);
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// The newest record's seq (0 for an empty log), so `tail -f` starts after it.
+fn newest_seq(c: &Client) -> Result<u64, CliError> {
+    let (s, v) = c.call("GET", "/api/status", None)?;
+    if !(200..300).contains(&s) {
+        return Err(c.error_for(s, &v));
+    }
+    Ok(v.pointer("/audit/head/seq")
+        .or_else(|| v.pointer("/audit_head/seq"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0))
+}
+
+/// `hall audit tail -f`: poll for records after `after` and print them as they come.
+fn follow_records(c: &Client, mut after: u64, json: bool) -> Result<(), CliError> {
+    loop {
+        let (s, v) = c.call(
+            "GET",
+            &format!("/api/audit?after_seq={after}&limit=1000"),
+            None,
+        )?;
+        if !(200..300).contains(&s) {
+            return Err(c.error_for(s, &v));
+        }
+        let records = records_of(&v);
+        if let Some(last) = records
+            .last()
+            .and_then(|r| r.get("seq"))
+            .and_then(Value::as_u64)
+        {
+            after = last;
+            print_records(&records, json);
+        }
+        if records.len() < 1000 {
+            std::thread::sleep(std::time::Duration::from_millis(500));
         }
     }
 }

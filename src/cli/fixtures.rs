@@ -6,15 +6,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{decide, Request, Snapshot};
 
-#[derive(Debug, Deserialize)]
+/// A fixture file: `[[case]]` tables for `hall test`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct FixtureFile {
+#[schemars(title = "Hall decision fixtures")]
+pub(crate) struct FixtureFile {
     #[serde(default)]
     case: Vec<Case>,
 }
 
 /// One fixture case.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Case {
     pub name: String,
@@ -22,7 +24,8 @@ pub struct Case {
     pub expect: Expect,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+/// The request of a case, as sent to `POST /api/route`.
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CaseRequest {
     pub capability_id: String,
@@ -32,7 +35,7 @@ pub struct CaseRequest {
 }
 
 /// What a case expects; fields left out are not checked.
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
     #[serde(skip_serializing_if = "Option::is_none")]

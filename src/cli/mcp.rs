@@ -23,7 +23,7 @@ use super::{CliResult, ClientArgs};
 const REFUSED: i64 = -32000;
 
 pub(super) fn run(args: &ClientArgs) -> CliResult {
-    let client = Client::new(args)?;
+    let client = Client::from_args(args)?;
     let stdin = std::io::stdin();
     let mut input = stdin.lock();
     let stdout = std::io::stdout();
@@ -61,7 +61,8 @@ fn forward(client: &Client, text: &str) -> Option<Value> {
         Ok(r) => r,
         Err(e) => {
             eprintln!("hall mcp: {e}");
-            return request_id.map(|id| error(id, REFUSED, e, json!({"code": "unreachable"})));
+            return request_id
+                .map(|id| error(id, REFUSED, e.to_string(), json!({"code": "unreachable"})));
         }
     };
     if status == 202 {

@@ -2,13 +2,17 @@
 //! are thin HTTP clients of a running daemon.
 
 mod approvals;
-mod client;
+pub mod client;
 pub mod fixtures;
+mod human;
 pub mod import;
 mod mcp;
 mod offline;
 pub mod replay;
+pub mod schema;
+pub mod suggest;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,10 +24,89 @@ use clap::{Args, Parser, Subcommand};
 /// it; Hall answers from the registry and policy files, records every decision in an audit
 /// log, and keeps the secrets workers need.
 #[derive(Debug, Parser)]
-#[command(name = "hall", version, propagate_version = true)]
+#[command(
+    name = "hall",
+    version,
+    propagate_version = true,
+    after_help = "Client commands find the daemon and its admin token through hall.toml: --config, \
+else HALL_CONFIG, else the per-user file (~/.config/hall/hall.toml, or on macOS \
+~/Library/Application Support/hall/hall.toml), else /etc/hall/hall.toml. The URL is \
+http://<listen>; the token is --token, else HALL_TOKEN, else <state_dir>/admin.token. \
+--url and HALL_URL name another daemon.\n\n\
+Exit codes: 0 ok or allowed; 1 denied (route) or a failed check, test, verify or request; \
+2 usage error (bad flag, bad value, bad config); 3 the daemon could not be reached or \
+refused the call (401, 403, 429, 5xx)."
+)]
 pub struct Cli {
+    /// Print JSON instead of tables (the default when stdout is not a terminal).
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Documented exit codes.
+pub mod exit {
+    /// Success; an allowed `route`.
+    pub const OK: u8 = 0;
+    /// A denied `route`; a failed check, test, verify; a request the daemon answered "no" to
+    /// that is not an authorization failure (404, 409, 422).
+    pub const FAILURE: u8 = 1;
+    /// A usage error: bad flag or value, bad config file, a request the daemon called invalid (400).
+    pub const USAGE: u8 = 2;
+    /// The daemon could not be reached, or refused the call (401, 403, 429, 5xx).
+    pub const DAEMON: u8 = 3;
+}
+
+/// An error with the exit code it stands for.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn new(code: u8, message: impl Into<String>) -> CliError {
+        CliError {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn usage(message: impl Into<String>) -> CliError {
+        CliError::new(exit::USAGE, message)
+    }
+    pub fn daemon(message: impl Into<String>) -> CliError {
+        CliError::new(exit::DAEMON, message)
+    }
+    pub fn failure(message: impl Into<String>) -> CliError {
+        CliError::new(exit::FAILURE, message)
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CliError {}
+
+/// A duration for a flag: plain seconds (`3600`) or a number with `s`, `m`, `h` or `d`.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        Some((i, 'd')) => (&t[..i], 86_400),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a duration: write seconds (3600) or 30m, 1h, 7d"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +146,27 @@ pub enum Command {
     Import(import::ImportCmd),
     /// Print the version.
     Version,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Install, for example:\n  \
+hall completions bash > ~/.local/share/bash-completion/completions/hall\n  \
+hall completions zsh > ~/.zfunc/_hall   (with fpath+=~/.zfunc before compinit)\n  \
+hall completions fish > ~/.config/fish/completions/hall.fish")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) for hall(1): `hall man | man -l -`.
+    Man,
+    /// Print the JSON Schema of registry, policy or fixture files (for editors that validate TOML).
+    #[command(
+        after_help = "For Taplo / Even Better TOML, save it and point a file at it:\n  \
+hall schema policy > policy.schema.json\n  \
+then put  #:schema ./policy.schema.json  on the first line of a policy file."
+    )]
+    Schema {
+        /// Which file.
+        kind: schema::SchemaKind,
+    },
 }
 
 /// Where the policy files are (flags override `hall.toml` and `HALL_*`).
@@ -80,6 +184,25 @@ pub struct FilesArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Each setting comes from hall.toml, then a HALL_* variable, then the flag \
+(each overriding the one before):\n\
+  HALL_CONFIG                 the config file (else ~/.config/hall/hall.toml, or on macOS\n\
+                              ~/Library/Application Support/hall/hall.toml, else /etc/hall/hall.toml)\n\
+  HALL_LISTEN                 listen address (default 127.0.0.1:8765)\n\
+  HALL_REGISTRY_DIR           registry dir (default ./registry when present)\n\
+  HALL_POLICIES_DIR           policies dir (default ./policies when present)\n\
+  HALL_STATE_DIR              state dir (default $XDG_DATA_HOME/hall or ~/.local/share/hall)\n\
+  HALL_ALLOWED_ORIGINS        comma-separated browser origins allowed to call the API\n\
+  HALL_AUDIT_DURABILITY       durable (default) or batched\n\
+  HALL_AUDIT_RETENTION_DAYS   delete audit records older than this many days (default: keep)\n\
+  HALL_SECRETS_RELEASE_TTL    seconds after a decision its secrets may be released (default 300)\n\
+  HALL_LOG_FORMAT             pretty (default) or json; the level comes from RUST_LOG\n\
+  HALL_MASTER_KEY_FILE        master key file for secrets, when no OS keyring is reachable\n\
+  HALL_KEYRING                off: do not try the OS keyring\n\n\
+SIGHUP re-reads the registry and policy files (not hall.toml: restart for config changes); \
+SIGTERM and SIGINT stop gracefully."
+)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub files: FilesArgs,
@@ -114,6 +237,10 @@ pub struct CheckArgs {
     /// Treat warnings as errors.
     #[arg(long)]
     pub strict: bool,
+    /// Output: text (file:line:col lines, errors with the source line and a caret) or json
+    /// (one object with every diagnostic, for editors and CI annotations).
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub format: String,
 }
 
 #[derive(Debug, Args)]
@@ -126,24 +253,42 @@ pub struct TestArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Exit code 0 when allowed, 1 when denied, 2 on a bad request, 3 when the \
+daemon cannot be reached or refuses the call."
+)]
 pub struct RouteArgs {
+    /// Capability id to ask for, e.g. cap.doc.summarize.
     #[arg(long, value_name = "ID")]
     pub capability: String,
+    /// Environment the work runs in, e.g. dev, staging, prod (as listed in [settings]).
     #[arg(long, value_name = "ENV")]
     pub env: String,
+    /// Data sensitivity label, e.g. PUBLIC, INTERNAL, CONFIDENTIAL, SECRET.
     #[arg(long, value_name = "LABEL")]
     pub label: String,
+    /// Tenant the work is for, e.g. org.acme.
     #[arg(long, value_name = "ID")]
     pub tenant: String,
-    /// Include the explain trace.
+    /// Include the explain trace: rules tried and why each candidate worker was skipped.
     #[arg(long)]
     pub explain: bool,
     /// Ask without it counting as a real decision (recorded as a dry run).
     #[arg(long)]
     pub dry_run: bool,
+    /// Your id for this request, recorded in the audit log.
     #[arg(long, value_name = "ID")]
     pub correlation_id: Option<String>,
-    /// Redeem this approval (from an earlier `approval_required` answer).
+    /// A JSON object recorded with the decision (at most 8 KiB).
+    #[arg(long, value_name = "JSON")]
+    pub context: Option<String>,
+    /// Tenant risk class, recorded with the decision.
+    #[arg(long, value_name = "VALUE")]
+    pub tenant_risk: Option<String>,
+    /// Quality-of-service class, recorded with the decision.
+    #[arg(long, value_name = "VALUE")]
+    pub qos_class: Option<String>,
+    /// Redeem an approval (apr_...) from an earlier `approval_required` answer.
     #[arg(long, value_name = "APPROVAL_ID")]
     pub approval_id: Option<String>,
     /// When the answer is an approval to wait for: wait until a person decides, then redeem it.
@@ -152,31 +297,56 @@ pub struct RouteArgs {
     /// Decide locally from the files instead of asking the daemon.
     #[arg(long)]
     pub offline: bool,
+    /// Daemon URL (also HALL_URL; default: http://<listen> from hall.toml, else http://127.0.0.1:8765).
+    #[arg(long, value_name = "URL", conflicts_with = "offline")]
+    pub url: Option<String>,
+    /// API token (also HALL_TOKEN; default: <state_dir>/admin.token). Visible to other local users in `ps`: prefer HALL_TOKEN.
+    #[arg(long, value_name = "TOKEN", conflicts_with = "offline")]
+    pub token: Option<String>,
     #[command(flatten)]
     pub files: FilesArgs,
 }
 
+impl RouteArgs {
+    /// The client settings of this command (`--config` is shared with the files).
+    pub fn client_args(&self) -> ClientArgs {
+        ClientArgs {
+            url: self.url.clone(),
+            token: self.token.clone(),
+            config: self.files.config.clone(),
+        }
+    }
+}
+
+/// How a client command finds the daemon: see [`client::Client::from_args`].
 #[derive(Debug, Args, Clone, Default)]
 pub struct ClientArgs {
-    /// Daemon URL (also HALL_URL; default http://127.0.0.1:8765).
+    /// Daemon URL (also HALL_URL; default: http://<listen> from hall.toml, else http://127.0.0.1:8765).
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
+    /// API token (also HALL_TOKEN; default: <state_dir>/admin.token). Visible to other local users in `ps`: prefer HALL_TOKEN.
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Config file naming listen and state_dir (also HALL_CONFIG; default: the per-user, then the system hall.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCmd {
     /// Issue a token; it is printed once and never again.
     Create {
+        /// A name to recognise it by in `hall token list`.
         #[arg(long)]
         name: String,
-        /// route, audit, metrics, secrets:write, secrets:release, approve, admin (repeatable or comma-separated).
+        /// Scopes, repeatable or comma-separated: route, audit, metrics, secrets:write, secrets:release, approve, admin.
         #[arg(long = "scope", required = true, value_delimiter = ',')]
         scopes: Vec<String>,
         /// Bind the token to one tenant.
         #[arg(long)]
         tenant: Option<String>,
-        /// Expire after this many seconds.
-        #[arg(long, value_name = "SECS")]
+        /// Expire after this long: seconds (3600) or 30m, 12h, 7d.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_secs)]
         expires_in: Option<u64>,
         /// Requests per minute allowed.
         #[arg(long, value_name = "PER_MIN")]
@@ -188,6 +358,7 @@ pub enum TokenCmd {
     List(ClientArgs),
     /// Revoke a token by id; effective at once.
     Revoke {
+        /// The token's id (tok_..., from `hall token list`).
         id: String,
         #[command(flatten)]
         client: ClientArgs,
@@ -198,6 +369,7 @@ pub enum TokenCmd {
 pub enum SecretCmd {
     /// Store a secret; the value is read from stdin (or a prompt), never from the command line.
     Set {
+        /// The secret's name, as workers list it in `secrets`.
         name: String,
         #[command(flatten)]
         client: ClientArgs,
@@ -206,6 +378,7 @@ pub enum SecretCmd {
     List(ClientArgs),
     /// Delete a secret.
     Rm {
+        /// The secret's name.
         name: String,
         #[command(flatten)]
         client: ClientArgs,
@@ -218,21 +391,36 @@ pub enum SecretCmd {
 pub enum AuditCmd {
     /// Show the newest records.
     Tail {
+        /// How many records.
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: u32,
+        /// Keep following: print new records as they are written (Ctrl-C to stop).
+        #[arg(short = 'f', long)]
+        follow: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Show the record of one decision.
     Show {
+        /// The decision id from a route answer.
         decision_id: String,
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Walk the hash chain; exit 1 and name the first bad record if it is broken.
-    Verify(ClientArgs),
+    Verify {
+        /// Verify offline: open the log in this state dir directly (a stopped daemon's, or a
+        /// copy) instead of asking the daemon. Nothing is appended to it.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Write records as JSON lines (for Vector, Fluent Bit, ...).
     Export {
+        /// Export offline from this state dir (a stopped daemon's, or a copy).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
         /// Start after this sequence number.
         #[arg(long, value_name = "SEQ")]
         after_seq: Option<u64>,
@@ -247,10 +435,10 @@ pub enum AuditCmd {
     },
 }
 
-/// Parse the command line and run; the process exit code follows SPEC 7
-/// (0 ok, 1 failure or a denied route, 2 usage error).
+/// Parse the command line and run; the exit code is one of [`exit`].
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.json || !std::io::stdout().is_terminal();
     if !matches!(cli.command, Command::Serve(_)) {
         // A command whose output is piped into `head` should stop quietly when the reader
         // goes away, like any Unix tool, not panic on EPIPE. (Rust ignores SIGPIPE by
@@ -262,19 +450,30 @@ pub fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Serve(a) => crate::server::run(a),
-        Command::Check(a) => offline::check(&a),
+        Command::Check(a) => offline::check(&a, cli.json),
         Command::Test(a) => offline::test(&a),
-        Command::Route(a) if a.offline => offline::route(&a),
-        Command::Route(a) => client::route(&a),
-        Command::Status(c) => client::status(&c),
-        Command::Reload(c) => client::reload(&c),
-        Command::Token(t) => client::token(t),
-        Command::Secret(s) => client::secret(s),
-        Command::Audit(a) => client::audit(a),
+        Command::Route(a) if a.offline => offline::route(&a, json),
+        Command::Route(a) => client::route(&a, json),
+        Command::Status(c) => client::status(&c, json),
+        Command::Reload(c) => client::reload(&c, json),
+        Command::Token(t) => client::token(t, json),
+        Command::Secret(s) => client::secret(s, json),
+        Command::Audit(a) => client::audit(a, json),
         Command::Mcp(c) => mcp::run(&c),
         Command::Replay(a) => replay::run(&a),
         Command::Import(c) => import::run(c),
         Command::Approvals(a) => approvals::run(a),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "hall", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => man(),
+        Command::Schema { kind } => {
+            let text = serde_json::to_string_pretty(&schema::schema(kind)).unwrap_or_default();
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Version => {
             println!("hall {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
@@ -284,8 +483,63 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hall: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(error_code(e.as_ref()))
         }
+    }
+}
+
+/// hall(1): one page for the whole tool, each command (and each command of a group such
+/// as `token create`) in its own section with its synopsis, options and notes.
+fn man() -> CliResult {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    let page = clap_mangen::Man::new(cmd.clone());
+    page.render_title(&mut out)?;
+    page.render_name_section(&mut out)?;
+    page.render_synopsis_section(&mut out)?;
+    page.render_description_section(&mut out)?;
+    page.render_options_section(&mut out)?;
+    page.render_extra_section(&mut out)?;
+    man_commands(&cmd, "hall", &mut out)?;
+    page.render_version_section(&mut out)?;
+    use std::io::Write;
+    std::io::stdout().write_all(&out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn man_commands(cmd: &clap::Command, prefix: &str, out: &mut Vec<u8>) -> std::io::Result<()> {
+    for sub in cmd.get_subcommands() {
+        let name = format!("{prefix} {}", sub.get_name());
+        if sub.get_name() == "help" {
+            continue;
+        }
+        let mut roff = clap_mangen::roff::Roff::new();
+        roff.control("SH", [name.to_uppercase().as_str()]);
+        out.extend_from_slice(roff.to_roff().as_bytes());
+        let m = clap_mangen::Man::new(sub.clone().bin_name(name.clone()));
+        if sub.get_subcommands().next().is_none() {
+            m.render_synopsis_section(out)?;
+        }
+        m.render_description_section(out)?;
+        if sub.get_arguments().any(|a| !a.is_hide_set()) {
+            m.render_options_section(out)?;
+        }
+        if sub.get_after_help().is_some() || sub.get_after_long_help().is_some() {
+            m.render_extra_section(out)?;
+        }
+        man_commands(sub, &name, out)?;
+    }
+    Ok(())
+}
+
+/// The exit code an error stands for: a [`CliError`] says; a config error is a usage error.
+pub fn error_code(e: &(dyn std::error::Error + 'static)) -> u8 {
+    if let Some(c) = e.downcast_ref::<CliError>() {
+        c.code
+    } else if e.is::<crate::config::ConfigError>() {
+        exit::USAGE
+    } else {
+        exit::FAILURE
     }
 }
 

@@ -866,7 +866,7 @@ fn error_unknown_keys() {
     );
     assert_eq!(
         load_errors(&[("reg.toml", "[[capabilty]]\nid = \"x\"\n")], &[]),
-        ["reg.toml:1:3: error: capabilty: unknown key `capabilty`, expected `capability` or `worker`"]
+        ["reg.toml:1:3: error: capabilty: unknown key `capabilty`, expected `capability` or `worker`; did you mean `capability`?"]
     );
     let e = policy_errors("[[rule]]\nid = \"r\"\neffect = \"allow\"\nworker = [\"w.a\"]\n");
     assert_eq!(e.len(), 1);
@@ -958,7 +958,7 @@ fn error_env_and_label_not_in_settings() {
     );
     assert_eq!(
         policy_errors("[[rule]]\nid = \"r\"\neffect = \"allow\"\nmax_data_label = \"public\"\n"),
-        ["pol.toml:4:18: error: rule[r].max_data_label: unknown data label \"public\": [settings] defines PUBLIC, INTERNAL, CONFIDENTIAL, SECRET"]
+        ["pol.toml:4:18: error: rule[r].max_data_label: unknown data label \"public\" (did you mean \"PUBLIC\"?): [settings] defines PUBLIC, INTERNAL, CONFIDENTIAL, SECRET"]
     );
     // Workers are checked against the settings of the policy files.
     let e = load_errors(

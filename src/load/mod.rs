@@ -430,7 +430,8 @@ impl<'a> Checker<'a> {
                     .to_string();
                 // TOML calls them keys; serde calls them fields.
                 let msg = if msg.starts_with("unknown field") {
-                    msg.replacen("unknown field", "unknown key", 1)
+                    let hint = unknown_key_hint(&key, &msg);
+                    msg.replacen("unknown field", "unknown key", 1) + &hint
                 } else if msg.starts_with("missing field") {
                     msg.replacen("missing field", "missing key", 1)
                 } else {
@@ -480,13 +481,29 @@ impl<'a> Checker<'a> {
             s.span().start,
             key.to_string(),
             format!(
-                "unknown {what} {:?}: [settings] defines {}",
+                "unknown {what} {:?}{}: [settings] defines {}",
                 s.get_ref(),
+                crate::cli::suggest::hint(s.get_ref(), known.iter().map(String::as_str)),
                 known.join(", ")
             ),
         );
         false
     }
+}
+
+/// `; did you mean `tenants`?` from serde's "unknown field `tenant`, expected one of `id`, ...".
+fn unknown_key_hint(key: &str, msg: &str) -> String {
+    let Some(list) = msg
+        .split("expected one of ")
+        .nth(1)
+        .or_else(|| msg.split("expected ").nth(1))
+    else {
+        return String::new();
+    };
+    let expected: Vec<&str> = list.split('`').skip(1).step_by(2).collect();
+    crate::cli::suggest::did_you_mean(key, expected)
+        .map(|k| format!("; did you mean `{k}`?"))
+        .unwrap_or_default()
 }
 
 /// A file's parse result: the raw form (if it parsed) and its parse diagnostics.
@@ -979,8 +996,12 @@ fn assemble(
                         c.span().start,
                         format!("{key}.capabilities"),
                         format!(
-                            "unknown capability {:?}: no [[capability]] has this id",
-                            c.get_ref()
+                            "unknown capability {:?}: no [[capability]] has this id{}",
+                            c.get_ref(),
+                            crate::cli::suggest::hint(
+                                c.get_ref(),
+                                cap_seen.keys().map(String::as_str)
+                            )
                         ),
                     );
                 }
@@ -1158,8 +1179,12 @@ fn assemble(
                             w.span().start,
                             format!("{key}.workers"),
                             format!(
-                                "unknown worker {:?}: no [[worker]] has this id",
-                                w.get_ref()
+                                "unknown worker {:?}: no [[worker]] has this id{}",
+                                w.get_ref(),
+                                crate::cli::suggest::hint(
+                                    w.get_ref(),
+                                    worker_seen.keys().map(String::as_str)
+                                )
                             ),
                         );
                     }

@@ -68,8 +68,21 @@ pub fn run(args: ServeArgs) -> CliResult {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    // Take the port before anything is written: a start that fails because the port is in
+    // use must leave no audit record (such as a freshly issued admin token) behind. (After a
+    // storage re-exec the listening socket is inherited instead, see `storage::listener`.)
+    let listener = storage::listener(config.listen).map_err(|e| {
+        format!(
+            "cannot listen on {}: {e} (another daemon on that port? change listen in {}, or pass --listen)",
+            config.listen,
+            config
+                .config_file
+                .as_ref()
+                .map_or_else(|| "hall.toml".to_string(), |p| p.display().to_string())
+        )
+    })?;
     let stores = open_stores(&config, args.accept_audit_truncation)?;
-    actix_web::rt::System::new().block_on(serve(config, stores))
+    actix_web::rt::System::new().block_on(serve(config, stores, listener))
 }
 
 /// Open sled and every store, before the runtime starts (the OS keyring may block).
@@ -172,7 +185,11 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-async fn serve(config: Config, stores: state::Stores) -> CliResult {
+async fn serve(
+    config: Config,
+    stores: state::Stores,
+    listener: std::net::TcpListener,
+) -> CliResult {
     tracing::info!(
         registry = %config.registry_dir.display(),
         policies = %config.policies_dir.display(),
@@ -186,7 +203,8 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
         Err(errs) => {
             record::reload(&state, "startup", None, false, "", &errs).await;
             tracing::warn!(
-                "no policy set loaded: /api/route answers 503 until the files are fixed"
+                "no policy set loaded: /api/route answers 503 until the files are fixed (read {})",
+                config.describe_sources()
             );
         }
     }
@@ -227,10 +245,9 @@ async fn serve(config: Config, stores: state::Stores) -> CliResult {
     .max_connections(limits.per_worker)
     .shutdown_timeout(30);
     // Our own listener (not `bind`), so a re-exec after a storage failure can hand it over.
-    let listener = storage::listener(config.listen)
-        .and_then(|l| Ok((l.try_clone()?, l)))
+    let kept = listener
+        .try_clone()
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    let (kept, listener) = listener;
     let server = server
         .listen(listener)
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;

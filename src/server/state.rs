@@ -158,11 +158,21 @@ impl AppState {
                 for err in &status.errors {
                     tracing::error!(trigger, "{err}");
                 }
-                tracing::error!(
-                    trigger,
-                    errors = status.errors.len(),
-                    "policy reload failed; the last good policy set stays in force"
-                );
+                if self.snapshot.load().is_some() {
+                    tracing::error!(
+                        trigger,
+                        errors = status.errors.len(),
+                        "policy reload failed; the last good policy set stays in force"
+                    );
+                } else {
+                    tracing::error!(
+                        trigger,
+                        errors = status.errors.len(),
+                        "policy load failed and no policy set is loaded: /api/route answers 503 until \
+                         the files load (read {})",
+                        self.config.describe_sources()
+                    );
+                }
                 self.metrics.reload(false, unix);
                 Err(status.errors.clone())
             }

@@ -343,6 +343,8 @@ pub fn serve_command(p: &Path) -> Command {
         .arg("--policies")
         .arg(p.join("policies"))
         .env_remove("HALL_CONFIG")
+        // No per-user hall.toml of the machine's user leaks in (a test names its files).
+        .env("XDG_CONFIG_HOME", p.join("xdg-config"))
         .env_remove("HALL_TOKEN")
         .env_remove("HALL_MASTER_KEY_FILE")
         .env_remove("CREDENTIALS_DIRECTORY")
