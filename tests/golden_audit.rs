@@ -23,7 +23,11 @@ fn fixtures() -> Vec<PathBuf> {
         .filter(|p| p.join("db").is_dir())
         .collect();
     dirs.sort();
-    assert!(!dirs.is_empty(), "no golden fixture under {}", root.display());
+    assert!(
+        !dirs.is_empty(),
+        "no golden fixture under {}",
+        root.display()
+    );
     dirs
 }
 
@@ -116,12 +120,22 @@ fn golden_logs_open_verify_query_and_export_as_written() {
             )
         };
         let got = |q: &str| -> Vec<u64> {
-            seqs(&query(&d, q).iter().filter(golden).cloned().collect::<Vec<_>>())
+            seqs(
+                &query(&d, q)
+                    .iter()
+                    .filter(golden)
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            )
         };
         for tenant in ["org.acme", "org.beta.eu", "org.other"] {
             let want = expect_where(&|r| r["tenant_id"] == tenant);
             assert!(!want.is_empty(), "{name}: no record for {tenant}");
-            assert_eq!(got(&format!("tenant_id={tenant}")), want, "{name}: {tenant}");
+            assert_eq!(
+                got(&format!("tenant_id={tenant}")),
+                want,
+                "{name}: {tenant}"
+            );
         }
         for cap in ["cap.doc.summarize", "cap.code.deploy"] {
             let want = expect_where(&|r| r["capability_id"] == cap);
