@@ -255,13 +255,7 @@ impl AuditRecord {
     }
 }
 
-pub(crate) fn format_time(ts_ms: i64) -> Option<String> {
-    const FMT: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts_ms) * 1_000_000).ok()?;
-    t.format(FMT).ok()
-}
+pub(crate) use crate::clock::rfc3339_ms as format_time;
 
 /// Flat JSON view used to serialize a record.
 #[derive(Serialize)]
