@@ -58,7 +58,9 @@ pub fn decide<'s>(
         None => snap.rules_by_cap_env[cap as usize * snap.settings.environments.len() + env]
             .iter()
             .map(|&ri| &snap.rules[ri as usize])
-            .find(|r| rule_mismatch(r, env, label, req.tenant_id).is_none()),
+            // `rule_mismatch` with its env test done by the index: this slot holds only
+            // rules for this env (the proptest oracle checks the two agree).
+            .find(|r| r.compiled.label_mask & (1 << label) != 0 && r.tenant_matches(req.tenant_id)),
         Some(t) => first_match_traced(snap, req, cap, env, label, t),
     };
     let Some(rule) = found else {
@@ -184,6 +186,7 @@ pub(crate) type Skip<'s> = (&'static str, Option<&'s str>);
 /// `envs` is a mask of environments and the worker must list at least one of them: a
 /// request passes exactly its own (`1 << env`); the linter passes every env a rule matches,
 /// asking "eligible for some request this rule matches".
+#[inline]
 pub(crate) fn eligibility<'s>(
     snap: &'s Snapshot,
     w: &Worker,
