@@ -3,7 +3,7 @@
 -- Env: HALL_TOKEN (bearer token; empty for the floor), HALL_N (capabilities in the generated
 -- set). Per 100 requests: 60 allowed (tenant org.zeta, INTERNAL, last rule of the capability),
 -- 20 denied (SECRET: no rule matches), 19 denied by a family guardrail (tenant org.frozen.*),
--- 1 allowed with ?explain=true. See src/load/generate.rs for why these outcomes hold.
+-- 1 allowed with ?explain=true. See benches/support/generate.rs for why these outcomes hold.
 -- Explain is rare on purpose: it is a debugging aid, not the hot path (its trace lists the
 -- requested capability's rules and every candidate worker).
 -- done() prints one machine-readable line: RESULT req/s p50_us p99_us p999_us non2xx errors.

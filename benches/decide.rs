@@ -9,8 +9,11 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use hall::engine::{decide, Request, Snapshot, NO_MATCHING_RULE};
-use hall::load::generate::{capability_id, generate};
 use hall::load::load_sources;
+
+#[path = "support/generate.rs"]
+mod generate;
+use generate::{capability_id, generate};
 
 fn snapshot(n: usize) -> Snapshot {
     let (reg, pol) = generate(n);

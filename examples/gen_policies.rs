@@ -2,7 +2,10 @@
 //!
 //! `cargo run --release --example gen_policies -- N OUT_DIR` writes `OUT_DIR/registry` and
 //! `OUT_DIR/policies` with N capabilities, N workers and about 10·N rules
-//! (see `hall::load::generate`).
+//! (see `benches/support/generate.rs`).
+
+#[path = "../benches/support/generate.rs"]
+mod generate;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -15,7 +18,7 @@ fn main() {
         std::process::exit(2)
     });
     let out = std::path::PathBuf::from(out);
-    let (registry, policies) = hall::load::generate::generate(n);
+    let (registry, policies) = generate::generate(n);
     for (dir, files) in [("registry", registry), ("policies", policies)] {
         let d = out.join(dir);
         std::fs::create_dir_all(&d).expect("create output dir");

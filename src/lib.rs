@@ -7,9 +7,11 @@
 //! - [`server`]: the actix-web daemon (`hall serve`).
 //! - [`cli`]: the `hall` command line (offline commands and thin HTTP clients).
 //! - [`config`]: `hall.toml`, `HALL_*` variables and flags, merged.
+//! - [`clock`]: the wall clock in one place: `now_ms`, and RFC 3339 text.
 //! - [`text`]: the character policy for free text that is recorded or shown.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod load;

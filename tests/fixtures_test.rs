@@ -145,3 +145,40 @@ expect = { allowed = false }
     assert!(out.lines().any(|l| l == "2 passed, 1 failed"), "{out}");
     assert!(out.contains("invalid request: env"), "{out}");
 }
+
+#[test]
+fn a_case_that_expects_nothing_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("empty-expect.toml");
+    std::fs::write(
+        &f,
+        r#"[[case]]
+name = "checks something"
+request = { capability_id = "cap.web.search", env = "dev", data_label = "PUBLIC", tenant_id = "org.acme" }
+expect = { rule_id = "web-search-public" }
+
+[[case]]
+name = "checks nothing"
+request = { capability_id = "cap.web.search", env = "dev", data_label = "PUBLIC", tenant_id = "org.acme" }
+expect = {}
+"#,
+    )
+    .unwrap();
+    let o = hall(&[
+        "test",
+        "--registry",
+        "registry",
+        "--policies",
+        "policies",
+        f.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert_ne!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(!out.contains("passed"), "{out}");
+    assert!(
+        err.contains("empty-expect.toml:9:")
+            && err.contains("\"checks nothing\"")
+            && err.contains("checks nothing; name at least one of"),
+        "{err}"
+    );
+}

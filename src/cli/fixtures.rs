@@ -21,7 +21,9 @@ pub(crate) struct FixtureFile {
 pub struct Case {
     pub name: String,
     pub request: CaseRequest,
-    pub expect: Expect,
+    /// With its place in the file, to point at an `expect` that checks nothing.
+    #[schemars(with = "Expect")]
+    pub expect: serde_spanned::Spanned<Expect>,
 }
 
 /// The request of a case, as sent to `POST /api/route`.
@@ -34,7 +36,7 @@ pub struct CaseRequest {
     pub tenant_id: String,
 }
 
-/// What a case expects; fields left out are not checked.
+/// What a case expects; fields left out are not checked, but at least one must be given.
 #[derive(Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
@@ -69,6 +71,26 @@ pub fn read(path: &Path) -> Result<Vec<Case>, String> {
     if f.case.is_empty() {
         return Err(format!("{}: no [[case]] tables", path.display()));
     }
+    // A case that checks nothing passes whatever the policy does: refuse it.
+    for c in &f.case {
+        let e = c.expect.get_ref();
+        if e.allowed.is_none()
+            && e.worker_id.is_none()
+            && e.deny_reason.is_none()
+            && e.rule_id.is_none()
+        {
+            let line = text[..c.expect.span().start.min(text.len())]
+                .bytes()
+                .filter(|&b| b == b'\n')
+                .count()
+                + 1;
+            return Err(format!(
+                "{}:{line}: case {:?}: `expect` checks nothing; name at least one of allowed, worker_id, deny_reason, rule_id",
+                path.display(),
+                c.name
+            ));
+        }
+    }
     Ok(f.case)
 }
 
@@ -84,7 +106,7 @@ pub fn run(snap: &Snapshot, file: &str, cases: &[Case], report: &mut Report) {
         };
         let (ok, actual) = match decide(snap, &req, false) {
             Ok(d) => {
-                let e = &c.expect;
+                let e = c.expect.get_ref();
                 let ok = e.allowed.is_none_or(|a| a == d.allowed)
                     && e.worker_id
                         .as_deref()
@@ -105,7 +127,7 @@ pub fn run(snap: &Snapshot, file: &str, cases: &[Case], report: &mut Report) {
                 "FAIL {file}: {}\n  request:  {}\n  expected: {}\n  actual:   {actual}",
                 c.name,
                 serde_json::to_string(r).unwrap_or_default(),
-                serde_json::to_string(&c.expect).unwrap_or_default(),
+                serde_json::to_string(c.expect.get_ref()).unwrap_or_default(),
             ));
         }
     }

@@ -58,6 +58,8 @@ pub fn decide<'s>(
         None => snap.rules_by_cap_env[cap as usize * snap.settings.environments.len() + env]
             .iter()
             .map(|&ri| &snap.rules[ri as usize])
+            // `rule_mismatch` with its env test done by the index: this slot holds only
+            // rules for this env (the proptest oracle checks the two agree).
             .find(|r| r.compiled.label_mask & (1 << label) != 0 && r.tenant_matches(req.tenant_id)),
         Some(t) => first_match_traced(snap, req, cap, env, label, t),
     };
@@ -90,19 +92,13 @@ pub fn decide<'s>(
                 }
             };
             let mut chosen = None;
-            for &wi in candidates {
-                let Some(w) = snap.workers.get(wi as usize) else {
-                    if let Some(t) = &mut trace {
-                        t.candidates.push(CandidateTrace {
-                            worker_id: "?",
-                            eligible: false,
-                            skipped: Some("unknown_worker"),
-                            detail: None,
-                        });
-                    }
-                    continue;
-                };
-                let verdict = eligibility(snap, w, rule, cap, env, label);
+            // Candidate indices come from `Snapshot::compile`, which resolves every name the
+            // loader checked; one that does not resolve is a loader bug and is never chosen.
+            for w in candidates
+                .iter()
+                .filter_map(|&wi| snap.workers.get(wi as usize))
+            {
+                let verdict = eligibility(snap, w, rule, cap, 1 << env, label);
                 if let Some(t) = &mut trace {
                     t.candidates.push(CandidateTrace {
                         worker_id: &w.id,
@@ -155,15 +151,7 @@ fn first_match_traced<'s>(
 ) -> Option<&'s Rule> {
     for &ri in &snap.rules_by_cap[cap as usize] {
         let r = &snap.rules[ri as usize];
-        let mismatch = if r.compiled.env_mask & (1 << env) == 0 {
-            Some("env")
-        } else if r.compiled.label_mask & (1 << label) == 0 {
-            Some("data_label")
-        } else if !r.tenant_matches(req.tenant_id) {
-            Some("tenant")
-        } else {
-            None
-        };
+        let mismatch = rule_mismatch(r, env, label, req.tenant_id);
         t.rules.push(RuleTrace {
             rule_id: &r.id,
             matched: mismatch.is_none(),
@@ -176,16 +164,48 @@ fn first_match_traced<'s>(
     None
 }
 
-type Skip<'s> = (&'static str, Option<&'s str>);
+/// SPEC 3 step 2, **the** definition of "does this rule match", for a rule whose capability
+/// patterns match the request's capability (the snapshot's per-capability indexes hold only
+/// such rules): `None` if it matches, else the first condition that fails (`env`,
+/// `data_label`, `tenant`), as the explain trace reports it.
+///
+/// The fast path, the explain trace and the linter all call this; a property test checks it
+/// against the spec's wording (`engine/proptests.rs`).
+#[inline]
+pub(crate) fn rule_mismatch(
+    r: &Rule,
+    env: usize,
+    label: usize,
+    tenant: &str,
+) -> Option<&'static str> {
+    if r.compiled.env_mask & (1 << env) == 0 {
+        Some("env")
+    } else if r.compiled.label_mask & (1 << label) == 0 {
+        Some("data_label")
+    } else if !r.tenant_matches(tenant) {
+        Some("tenant")
+    } else {
+        None
+    }
+}
 
-/// SPEC 3 step 5: enabled, offers the capability, lists the env, cleared for the label,
-/// implements every required control, blast radius within the rule's bound.
-fn eligibility<'s>(
+/// Why a candidate worker was skipped: a reason code and, for `missing_control`, the control.
+pub(crate) type Skip<'s> = (&'static str, Option<&'s str>);
+
+/// SPEC 3 step 5, **the** definition of "is this worker eligible": enabled, offers the
+/// capability, lists the env, cleared for the label, implements every required control,
+/// blast radius within the rule's bound. `Ok` or the first condition that fails.
+///
+/// `envs` is a mask of environments and the worker must list at least one of them: a
+/// request passes exactly its own (`1 << env`); the linter passes every env a rule matches,
+/// asking "eligible for some request this rule matches".
+#[inline]
+pub(crate) fn eligibility<'s>(
     snap: &'s Snapshot,
     w: &Worker,
     rule: &Rule,
     cap: u32,
-    env: usize,
+    envs: u64,
     label: usize,
 ) -> Result<(), Skip<'s>> {
     let c = &w.compiled;
@@ -195,7 +215,7 @@ fn eligibility<'s>(
     if c.caps.binary_search(&cap).is_err() {
         return Err(("capability_not_offered", None));
     }
-    if c.env_mask & (1 << env) == 0 {
+    if c.env_mask & envs == 0 {
         return Err(("env_not_listed", None));
     }
     if (c.max_label as usize) < label {

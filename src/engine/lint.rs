@@ -4,6 +4,7 @@ use std::fmt;
 
 use serde::Serialize;
 
+use super::decide::eligibility;
 use super::snapshot::{Effect, Location, Pattern, Rule, Snapshot};
 
 /// How bad a finding is: errors stop a load, warnings do not (unless `--strict`).
@@ -141,9 +142,12 @@ fn covers(a: &Rule, b: &Rule) -> bool {
         }
 }
 
-/// Whether some request the rule matches could select some candidate worker.
+/// Whether some request the rule matches could select some candidate worker: one that is
+/// eligible ([`eligibility`], the one definition) in some env the rule matches, for the
+/// least sensitive label it matches (a worker cleared for a label is cleared for every
+/// label below it).
 fn can_select(snap: &Snapshot, r: &Rule, caps: &[u32]) -> bool {
-    let min_label = r.compiled.label_mask.trailing_zeros() as u8;
+    let min_label = r.compiled.label_mask.trailing_zeros() as usize;
     caps.iter().any(|&c| {
         let default;
         let candidates: &[u32] = match &r.compiled.workers {
@@ -154,19 +158,9 @@ fn can_select(snap: &Snapshot, r: &Rule, caps: &[u32]) -> bool {
             }
         };
         candidates.iter().any(|&wi| {
-            let Some(w) = snap.workers.get(wi as usize) else {
-                return false;
-            };
-            let wc = &w.compiled;
-            w.enabled
-                && wc.caps.binary_search(&c).is_ok()
-                && wc.env_mask & r.compiled.env_mask != 0
-                && wc.max_label >= min_label
-                && r.compiled
-                    .controls
-                    .iter()
-                    .all(|ctl| wc.controls.binary_search(ctl).is_ok())
-                && r.max_blast_radius.is_none_or(|m| w.blast_radius <= m)
+            snap.workers
+                .get(wi as usize)
+                .is_some_and(|w| eligibility(snap, w, r, c, r.compiled.env_mask, min_label).is_ok())
         })
     })
 }

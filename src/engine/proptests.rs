@@ -335,6 +335,44 @@ proptest! {
         let snap = &loaded.snapshot;
         prop_assert_eq!(snap.rules.len(), set.rules.len());
 
+        // The one "does this rule match" and the one "is this worker eligible" agree with
+        // the oracle, rule by rule and worker by worker, for every request in the grid.
+        let env_idx = |e: &str| snap.env_index(e).unwrap();
+        let label_idx = |l: &str| snap.label_index(l).unwrap();
+        for c in CAPS {
+            let Some(&ci) = snap.cap_index.get(c) else { continue };
+            for (e, l, t) in ENVS.iter().flat_map(|e| LABELS.iter().flat_map(move |l| TENANTS.iter().map(move |t| (e, l, t)))) {
+                let q = Request { capability_id: c, env: e, data_label: l, tenant_id: t };
+                for r in &snap.rules {
+                    let in_index = snap.rules_by_cap[ci as usize].contains(&(snap.rules.iter().position(|x| x.id == r.id).unwrap() as u32));
+                    let one = in_index && super::decide::rule_mismatch(r, env_idx(e), label_idx(l), t).is_none();
+                    prop_assert_eq!(one, rule_matches(snap, r, &q), "rule {} on {:?}", &r.id, (c, e, l, t));
+                    if t == &TENANTS[0] {
+                        for w in &snap.workers {
+                            let one = super::decide::eligibility(snap, w, r, ci, 1 << env_idx(e), label_idx(l)).is_ok();
+                            prop_assert_eq!(one, eligible(snap, w, r, &q), "worker {} rule {} on {:?}", &w.id, &r.id, (c, e, l));
+                        }
+                    }
+                }
+            }
+        }
+        // The linter's "can never select a worker" agrees with the oracle: no request the rule
+        // matches has an eligible candidate. (Rules it reports as never matching or shadowed
+        // are not checked further by the linter.)
+        for r in &snap.rules {
+            let says = |what: &str| loaded.warnings.iter().any(|d| d.key == format!("rule[{}]", r.id) && d.message.contains(what));
+            if says("never matches") || says("shadowed by") {
+                continue;
+            }
+            let oracle_can_select = CAPS.iter().filter(|c| snap.cap_index.contains_key(**c)).any(|c| {
+                ENVS.iter().any(|e| LABELS.iter().any(|l| TENANTS.iter().any(|t| {
+                    let q = Request { capability_id: c, env: e, data_label: l, tenant_id: t };
+                    rule_matches(snap, r, &q) && candidates(snap, r, c).iter().any(|w| eligible(snap, w, r, &q))
+                })))
+            });
+            prop_assert_eq!(says("can never select a worker"), r.effect == Effect::Allow && !oracle_can_select, "rule {}", &r.id);
+        }
+
         for (c, e, l, t) in &reqs {
             let q = Request { capability_id: c, env: e, data_label: l, tenant_id: t };
             let fast = decide(snap, &q, false).unwrap();
@@ -347,7 +385,7 @@ proptest! {
             prop_assert_eq!(&fast, &stripped);
             prop_assert_eq!(traced.explain.is_some(), true);
 
-            if snap.capability(c).is_none() {
+            if !snap.cap_index.contains_key(c.as_str()) {
                 prop_assert_eq!(fast.deny_reason, Some(UNKNOWN_CAPABILITY));
                 continue;
             }

@@ -403,12 +403,6 @@ impl Snapshot {
         self.settings.data_labels.iter().position(|l| l == label)
     }
 
-    pub fn capability(&self, id: &str) -> Option<&Capability> {
-        self.cap_index
-            .get(id)
-            .map(|&i| &self.capabilities[i as usize])
-    }
-
     pub fn worker(&self, id: &str) -> Option<&Worker> {
         self.worker_index
             .get(id)

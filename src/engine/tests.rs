@@ -712,14 +712,38 @@ fn first_matching_rule_wins_in_file_then_rule_order() {
 // ---- determinism and the policy version --------------------------------------------------
 
 #[test]
-fn same_request_same_decision() {
-    let l = load(ELIG_REG, ELIG_POL);
-    for explain in [false, true] {
-        let r = req("cap.x", "prod", "CONFIDENTIAL", "t");
-        let a = decide(&l.snapshot, &r, explain).unwrap();
-        let b = decide(&l.snapshot, &r, explain).unwrap();
-        assert_eq!(a, b);
+fn same_files_same_decisions_across_independent_loads() {
+    // Deciding twice on one immutable snapshot could not fail. Two loads of the same files
+    // build their own hash maps (each with its own random seed), so a decision that depended
+    // on a map's iteration order, or on anything but the files and the request, shows here.
+    let pol = format!(
+        "{ELIG_POL}\n[[rule]]\nid = \"by-id\"\ncapabilities = [\"cap.y\"]\neffect = \"allow\"\n"
+    );
+    let loads: Vec<Loaded> = (0..4).map(|_| load(ELIG_REG, &pol)).collect();
+    let (mut allowed, mut denied) = (0, 0);
+    for cap in ["cap.x", "cap.y", "cap.z"] {
+        for env in ["dev", "staging", "prod"] {
+            for label in ["PUBLIC", "INTERNAL", "CONFIDENTIAL", "SECRET"] {
+                let r = req(cap, env, label, "t");
+                for explain in [false, true] {
+                    let first = decide(&loads[0].snapshot, &r, explain).unwrap();
+                    for l in &loads[1..] {
+                        assert_eq!(l.snapshot.version, loads[0].snapshot.version);
+                        assert_eq!(decide(&l.snapshot, &r, explain).unwrap(), first, "{r:?}");
+                    }
+                    if first.allowed {
+                        allowed += 1;
+                    } else {
+                        denied += 1;
+                    }
+                }
+            }
+        }
     }
+    assert!(
+        allowed > 0 && denied > 0,
+        "{allowed} allowed, {denied} denied"
+    );
 }
 
 #[test]

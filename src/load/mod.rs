@@ -4,7 +4,6 @@
 //! `file:line:col`), validate (references, ids, settings: SPEC 2.3), compile
 //! ([`Snapshot::compile`]) and lint ([`crate::engine::lint`]).
 
-pub mod generate;
 pub mod watch;
 
 use std::collections::HashMap;

@@ -78,11 +78,16 @@ impl MasterKey {
     /// reveals nothing about the key or the keys derived from it.
     pub fn key_id(&self) -> String {
         let d = Zeroizing::new(blake3::derive_key(KEY_ID_CONTEXT, &self.0[..]));
-        hex_encode(&d[..8])
+        hex::encode(&d[..8])
     }
 
     fn to_hex(&self) -> Zeroizing<String> {
-        Zeroizing::new(hex_encode(&self.0[..]))
+        // Encoded into wiped buffers sized up front: no unzeroed copy of the key is left.
+        let mut digits = Zeroizing::new([0u8; 64]);
+        hex::encode_to_slice(&self.0[..], &mut digits[..]).expect("two digits per byte");
+        let mut s = Zeroizing::new(String::with_capacity(64));
+        s.push_str(std::str::from_utf8(&digits[..]).expect("hex digits are ASCII"));
+        s
     }
 }
 
@@ -511,33 +516,11 @@ fn parse_key_text(buf: &[u8]) -> Result<MasterKey, String> {
     if text.len() != 64 {
         return Err(shape());
     }
+    // Decoded straight into the wiped buffer.
     let mut key = Zeroizing::new([0u8; 32]);
-    for (i, pair) in text.chunks(2).enumerate() {
-        match (hex_val(pair[0]), hex_val(pair[1])) {
-            (Some(h), Some(l)) => key[i] = (h << 4) | l,
-            _ => return Err("64 characters, but not all hex digits".into()),
-        }
-    }
+    hex::decode_to_slice(text, &mut key[..])
+        .map_err(|_| "64 characters, but not all hex digits".to_string())?;
     Ok(MasterKey(key))
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
-
-pub(crate) fn hex_encode(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
 }
 
 /// An in-memory keyring for tests, with switches to make it unreachable.
@@ -849,7 +832,7 @@ mod tests {
         assert!(dbg.contains(&k.key_id()));
         assert_eq!(k.key_id().len(), 16);
         assert_ne!(k.key_id(), MasterKey::from_bytes([0x43; 32]).key_id());
-        assert!(!hex_encode(&[0x42; 32]).contains(&k.key_id()));
+        assert!(!hex::encode([0x42; 32]).contains(&k.key_id()));
     }
 
     #[test]

@@ -134,13 +134,14 @@ pub struct RotateReport {
     pub resumed: bool,
 }
 
-/// One stored secret. `nonce` and `ciphertext` are stored as msgpack `bin`.
+/// One stored secret. `nonce` and `ciphertext` are stored as msgpack `bin` (serde_bytes;
+/// it also reads an array of integers).
 #[derive(Serialize, Deserialize)]
 struct Record {
     key_id: String,
-    #[serde(with = "as_bin")]
+    #[serde(with = "serde_bytes")]
     nonce: Vec<u8>,
-    #[serde(with = "as_bin")]
+    #[serde(with = "serde_bytes")]
     ciphertext: Vec<u8>,
     created_ms: i64,
     updated_ms: i64,
@@ -165,7 +166,7 @@ fn associated_data(name: &str, owner: Option<&str>) -> Vec<u8> {
 #[derive(Serialize, Deserialize)]
 struct KeyCheck {
     key_id: String,
-    #[serde(with = "as_bin")]
+    #[serde(with = "serde_bytes")]
     check: Vec<u8>,
 }
 
@@ -919,41 +920,6 @@ pub fn check_release(
     Ok(())
 }
 
-/// `Vec<u8>` as msgpack `bin` (compact) instead of an array of integers.
-mod as_bin {
-    use serde::de::{Deserializer, SeqAccess, Visitor};
-    use serde::Serializer;
-    use std::fmt;
-
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct Bin;
-        impl<'de> Visitor<'de> for Bin {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Vec<u8>, A::Error> {
-                let mut out = Vec::new();
-                while let Some(b) = a.next_element()? {
-                    out.push(b);
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_byte_buf(Bin)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::keys::fake::MemoryKeyring;
@@ -1592,5 +1558,75 @@ mod tests {
             s.release("db.password", Some(&d), &c, 300_000, 300_000),
             Err(ReleaseError::Refused(Refusal::DecisionExpired))
         ));
+    }
+
+    /// The records and the key check in the golden state dir were written by v0.1.0 (its own
+    /// `bin` codec); they read back and encode again to the very same bytes, so the stored
+    /// format did not move when serde_bytes took over.
+    #[test]
+    fn records_written_by_v0_1_0_encode_to_the_same_bytes() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/v0.1.0/db");
+        let t = tempfile::tempdir().unwrap();
+        for f in ["conf", "db"] {
+            std::fs::copy(fixture.join(f), t.path().join(f)).unwrap();
+        }
+        let db = sled::open(t.path()).unwrap();
+        let mut n = 0;
+        for item in db.open_tree("secrets").unwrap().iter() {
+            let (name, v) = item.unwrap();
+            let rec: Record = rmp_serde::from_slice(&v).unwrap();
+            assert!(!rec.nonce.is_empty() && !rec.ciphertext.is_empty());
+            assert_eq!(
+                rmp_serde::to_vec_named(&rec).unwrap(),
+                v.to_vec(),
+                "{name:?}"
+            );
+            n += 1;
+        }
+        assert_eq!(n, 1, "the fixture keeps one secret");
+        let raw = db
+            .open_tree("secrets_meta")
+            .unwrap()
+            .get(META_KEY)
+            .unwrap()
+            .unwrap();
+        let kc: KeyCheck = rmp_serde::from_slice(&raw).unwrap();
+        assert_eq!(rmp_serde::to_vec_named(&kc).unwrap(), raw.to_vec());
+
+        // A fixed record, byte for byte: `bin 8` for both byte strings.
+        let rec = Record {
+            key_id: "k".into(),
+            nonce: vec![1, 2, 3],
+            ciphertext: vec![4, 5],
+            created_ms: 6,
+            updated_ms: 7,
+            // Unowned records are written exactly as before owners existed.
+            owner: None,
+        };
+        let bytes = rmp_serde::to_vec_named(&rec).unwrap();
+        assert_eq!(
+            hex::encode(&bytes),
+            "85a66b65795f6964a16ba56e6f6e6365c403010203aa63697068657274657874c4020405\
+             aa637265617465645f6d7306aa757064617465645f6d7307"
+        );
+        // The array-of-integers form (a plain `Vec<u8>`) still reads, as it did.
+        #[derive(Serialize)]
+        struct AsArrays {
+            key_id: &'static str,
+            nonce: Vec<u8>,
+            ciphertext: Vec<u8>,
+            created_ms: i64,
+            updated_ms: i64,
+        }
+        let raw = rmp_serde::to_vec_named(&AsArrays {
+            key_id: "k",
+            nonce: vec![1, 2, 3],
+            ciphertext: vec![4, 5],
+            created_ms: 6,
+            updated_ms: 7,
+        })
+        .unwrap();
+        let back: Record = rmp_serde::from_slice(&raw).unwrap();
+        assert_eq!((back.nonce, back.ciphertext), (vec![1, 2, 3], vec![4, 5]));
     }
 }

@@ -491,27 +491,12 @@ fn hash_token(token: &str) -> [u8; 32] {
     *blake3::hash(token.as_bytes()).as_bytes()
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
-    out
-}
-
 fn well_formed(token: &str) -> bool {
     token.len() == TOKEN_LEN
         && token.starts_with(TOKEN_PREFIX)
         && token[TOKEN_PREFIX.len()..]
             .bytes()
             .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// Tenant ids as the spec allows them: the one id syntax of [`crate::engine::valid_id`].
-pub fn valid_tenant_id(s: &str) -> bool {
-    crate::engine::valid_id(s)
 }
 
 fn validate(new: &mut NewToken, now_ms: i64) -> Result<(), TokenError> {
@@ -530,7 +515,7 @@ fn validate(new: &mut NewToken, now_ms: i64) -> Result<(), TokenError> {
     new.scopes.sort();
     new.scopes.dedup();
     if let Some(t) = &new.tenant_id {
-        if !valid_tenant_id(t) {
+        if !crate::engine::valid_id(t) {
             return Err(TokenError::invalid(
                 "tenant_id",
                 "must start with a letter or digit and contain only letters, digits and . _ : @ / - (at most 128 characters)",
@@ -611,7 +596,10 @@ impl TokenStore {
         OsRng.fill_bytes(raw.as_mut());
         let mut token = Zeroizing::new(String::with_capacity(TOKEN_LEN));
         token.push_str(TOKEN_PREFIX);
-        token.push_str(&Zeroizing::new(hex(raw.as_ref())));
+        // Encoded into a wiped buffer: no unzeroed copy of the token is left behind.
+        let mut digits = Zeroizing::new([0u8; 2 * TOKEN_BYTES]);
+        hex::encode_to_slice(raw.as_ref(), digits.as_mut()).expect("two digits per byte");
+        token.push_str(std::str::from_utf8(digits.as_ref()).expect("hex digits are ASCII"));
         let hash = hash_token(&token);
 
         let _w = self.lock_writer();
@@ -619,7 +607,7 @@ impl TokenStore {
         let id = loop {
             let mut id_bytes = [0u8; 6];
             OsRng.fill_bytes(&mut id_bytes);
-            let id = format!("tok_{}", hex(&id_bytes));
+            let id = format!("tok_{}", hex::encode(id_bytes));
             if !self.inner.tree.contains_key(id.as_bytes())? {
                 break id;
             }
@@ -1233,7 +1221,7 @@ mod tests {
         });
         let (tok, info) = issue(&store, n);
         let hash = hash_token(tok.expose());
-        let hash_hex = hex(&hash);
+        let hash_hex = hex::encode(hash);
         let auth = store.authenticate(tok.expose(), NOW).unwrap();
         let record = TokenRecord {
             info: info.clone(),

@@ -281,28 +281,15 @@ pub(crate) struct Trees {
     db: sled::Db,
     records: sled::Tree,
     postings: sled::Tree,
-    /// `audit_by_decision` of logs written before decision ids carried their seq: decision id
-    /// → seq, read for those ids only. Not created for a new log.
-    legacy_by_decision: Option<sled::Tree>,
     meta: sled::Tree,
 }
 
 impl Trees {
     fn open(db: &sled::Db) -> Result<Trees, sled::Error> {
-        // Per-record index trees of earlier versions; their content is rebuilt as postings.
-        for old in ["audit_by_tenant", "audit_by_capability", "audit_by_time"] {
-            if db.tree_names().iter().any(|n| n == old.as_bytes()) {
-                db.drop_tree(old)?;
-            }
-        }
         Ok(Trees {
             db: db.clone(),
             records: db.open_tree("audit")?,
             postings: db.open_tree("audit_postings")?,
-            legacy_by_decision: match db.tree_names().iter().any(|n| n == b"audit_by_decision") {
-                true => Some(db.open_tree("audit_by_decision")?),
-                false => None,
-            },
             meta: db.open_tree("audit_meta")?,
         })
     }
@@ -539,18 +526,7 @@ impl AuditLog {
             r.entry.kind == RecordKind::Decision
                 && r.entry.decision_id.as_deref() == Some(decision_id)
         };
-        if let Some(seq) = record::seq_of_decision_id(&self.inner.shared.id_key, decision_id) {
-            if let Some(r) = self.get(seq)?.filter(is_it) {
-                return Ok(Some(r));
-            }
-        }
-        let Some(legacy) = &self.inner.trees.legacy_by_decision else {
-            return Ok(None);
-        };
-        let Some(seq) = legacy.get(decision_id.as_bytes())? else {
-            return Ok(None);
-        };
-        match seq_from_suffix(&seq) {
+        match record::seq_of_decision_id(&self.inner.shared.id_key, decision_id) {
             Some(seq) => Ok(self.get(seq)?.filter(is_it)),
             None => Ok(None),
         }
@@ -822,12 +798,7 @@ fn seq_from_suffix(k: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(tail.try_into().ok()?))
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub(crate) use crate::clock::now_ms;
 
 fn retention_cutoff(now_ms: i64, days: u32) -> i64 {
     now_ms.saturating_sub(i64::from(days).saturating_mul(MS_PER_DAY))
@@ -1087,12 +1058,6 @@ fn prune_before(t: &Trees, cutoff_ms: i64, max: usize) -> Result<usize, AuditErr
         records.remove(&seq_key(r.seq));
         for (kind, value) in index::postings_of(e) {
             prefixes.insert(index::posting_prefix(kind, value));
-        }
-        if let (Some(d), Some(legacy)) = (&e.decision_id, &t.legacy_by_decision) {
-            // Only if the index still points at this record.
-            if legacy.get(d.as_bytes())?.as_deref() == Some(&seq_key(r.seq)[..]) {
-                legacy.remove(d.as_bytes())?;
-            }
         }
     }
     for p in &prefixes {

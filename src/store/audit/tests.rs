@@ -183,38 +183,6 @@ fn allowed_denied_and_dry_run_records_round_trip_with_every_field() {
 }
 
 #[test]
-fn decisions_of_older_logs_are_found_through_their_index_until_pruned() {
-    let (_dir, db) = temp_db();
-    // A log from before decision ids carried their seq: ids chosen by the caller, and the
-    // `audit_by_decision` tree mapping them to seqs.
-    let legacy = db.open_tree("audit_by_decision").unwrap();
-    let config = AuditConfig {
-        retention_days: Some(1),
-        ..AuditConfig::default()
-    };
-    let log = AuditLog::open_with(&db, config, None, None).unwrap();
-    let base = now_ms() + 10 * MS_PER_DAY;
-    let old_id = "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b";
-    let old = AuditEntry {
-        decision_id: Some(old_id.into()),
-        ..decision(base, 1, "t", "c", true, false)
-    };
-    let a = log.append_blocking(old).unwrap();
-    assert_eq!(a.decision_id, None, "an id the caller set is kept");
-    legacy.insert(old_id, &seq_key(a.seq)).unwrap();
-    let fresh = log
-        .append_blocking(decision(base + 2 * MS_PER_DAY, 2, "t", "c", true, false))
-        .unwrap();
-    assert_eq!(log.by_decision(old_id).unwrap().unwrap().seq, 1);
-    let fresh_id = fresh.decision_id.unwrap().to_string();
-    assert_eq!(log.by_decision(&fresh_id).unwrap().unwrap().seq, 2);
-    assert_eq!(log.prune(base + 2 * MS_PER_DAY).unwrap(), 1);
-    assert_eq!(log.by_decision(old_id).unwrap(), None);
-    assert!(legacy.is_empty());
-    assert_eq!(log.by_decision(&fresh_id).unwrap().unwrap().seq, 2);
-}
-
-#[test]
 fn non_decision_records_do_not_shadow_the_decision_lookup() {
     let (_dir, db) = temp_db();
     let log = open(&db);
@@ -917,7 +885,7 @@ fn small_pieces_behave() {
 fn arb_entry() -> impl Strategy<Value = AuditEntry> {
     let s = || proptest::option::of("[a-z0-9.\\-\\u{e9}]{0,12}");
     (
-        (0usize..8, -1_000_000i64..1_000_000, s(), s(), s()),
+        (0usize..16, -1_000_000i64..1_000_000, s(), s(), s()),
         (
             proptest::option::of(any::<bool>()),
             any::<bool>(),
@@ -937,6 +905,14 @@ fn arb_entry() -> impl Strategy<Value = AuditEntry> {
                     RecordKind::SecretDelete,
                     RecordKind::SecretRelease,
                     RecordKind::SecretRefusal,
+                    RecordKind::KeyRotate,
+                    RecordKind::ApprovalOpened,
+                    RecordKind::ApprovalVoted,
+                    RecordKind::ApprovalApproved,
+                    RecordKind::ApprovalDenied,
+                    RecordKind::ApprovalExpired,
+                    RecordKind::ApprovalCancelled,
+                    RecordKind::ApprovalUsed,
                 ];
                 AuditEntry {
                     tenant_id: tenant,
