@@ -408,7 +408,7 @@ fn malformed_and_unsupported_messages_get_protocol_errors() {
         LIST,
     );
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.json()["result"]["tools"].as_array().unwrap().len(), 3);
+    assert_eq!(r.json()["result"]["tools"].as_array().unwrap().len(), 4);
     assert_eq!(d.get("/health").status, 200);
 }
 

@@ -141,7 +141,24 @@ pub struct Rule {
     pub max_blast_radius: Option<i64>,
     /// The deny reason when effect = "deny" (default "denied_by_policy").
     pub reason: Option<String>,
+    /// require_approval: how long an approval may stay pending, e.g. "15m" (the default).
+    #[schemars(regex(pattern = DURATION))]
+    pub approval_ttl: Option<String>,
+    /// require_approval: distinct approvers needed (default 1).
+    #[schemars(range(min = 1))]
+    pub approvers_required: Option<i64>,
+    /// require_approval: a veto window; approved unless denied within it, e.g. "10m".
+    #[schemars(regex(pattern = DURATION))]
+    pub auto_approve_after: Option<String>,
+    /// require_approval: "once" (the default) or a duration the approval may be reused for.
+    #[schemars(regex(pattern = APPROVAL_USE))]
+    pub approval_use: Option<String>,
 }
+
+/// A duration: a number and s, m, h or d.
+const DURATION: &str = "^[0-9]+[smhd]$";
+/// `"once"` or a duration.
+const APPROVAL_USE: &str = "^(once|[0-9]+[smhd])$";
 
 #[cfg(test)]
 mod tests {

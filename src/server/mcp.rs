@@ -610,7 +610,10 @@ mod tests {
             .iter()
             .map(|t| t["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["route", "explain", "list_capabilities"]);
+        assert_eq!(
+            names,
+            ["route", "explain", "approval_status", "list_capabilities"]
+        );
         for t in tools.as_array().unwrap() {
             assert_eq!(t["inputSchema"]["type"], "object", "{t}");
             assert_eq!(t["outputSchema"]["type"], "object", "{t}");
