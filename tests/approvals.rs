@@ -696,3 +696,58 @@ fn the_event_stream_shows_opened_then_decided_and_resumes() {
         Some("types"),
     );
 }
+
+#[test]
+fn hall_events_prints_the_stream_as_json_lines_and_resumes() {
+    let d = start();
+    let admin = d.admin_token().unwrap();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let id = open(&d, &app, "org.acme");
+    assert_eq!(act(&d, &boss, &id, "approve", None).status, 200);
+    let events = |extra: &[&str]| {
+        let out = std::process::Command::new(common::HALL)
+            .args(["events", "--types", "approval.opened,approval.decided"])
+            .args(extra)
+            .env("HALL_URL", format!("http://{}", d.addr))
+            .env("HALL_TOKEN", &admin)
+            .env_remove("HALL_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    // From the start of the log: opened, then decided, one JSON object a line.
+    let all = events(&["--last-event-id", "0", "--count", "2"]);
+    assert_eq!(all[0]["event"], "approval.opened", "{all:?}");
+    assert_eq!(all[1]["event"], "approval.decided", "{all:?}");
+    assert!(all[0]["data"].to_string().contains(&id), "{all:?}");
+    let opened = all[0]["id"].as_u64().unwrap();
+    assert!(all[1]["id"].as_u64().unwrap() > opened);
+    // Resuming after the first gives the second.
+    let rest = events(&["--last-event-id", &opened.to_string(), "--count", "1"]);
+    assert_eq!(rest[0]["id"], all[1]["id"], "{rest:?}");
+    // A token without the audit scope: exit 3 (refused by the daemon).
+    let out = std::process::Command::new(common::HALL)
+        .args(["events", "--count", "1"])
+        .env("HALL_URL", format!("http://{}", d.addr))
+        .env("HALL_TOKEN", &app)
+        .env_remove("HALL_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

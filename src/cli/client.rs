@@ -215,6 +215,41 @@ impl Client {
         Ok((status, v))
     }
 
+    /// `GET path` as a stream (Server-Sent Events): the body reader once the answer is 200,
+    /// else the error the answer stands for. No read timeout: a stream may be quiet for long.
+    pub(super) fn stream(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> Result<Box<dyn std::io::Read + Send>, CliError> {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(std::time::Duration::from_secs(10))
+            .build();
+        let mut req = agent
+            .get(&format!("{}{path}", self.base))
+            .set("Accept", "text/event-stream");
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {}", t.as_str()));
+        }
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        match req.call() {
+            Ok(r) => Ok(Box::new(r.into_reader())),
+            Err(ureq::Error::Status(status, r)) => {
+                let text = r.into_string().unwrap_or_default();
+                let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                Err(self.error_for(status, &v))
+            }
+            Err(e) => Err(CliError::daemon(format!(
+                "cannot reach the daemon at {} (from {}): {}",
+                self.base,
+                self.url_origin,
+                transport_reason(&e)
+            ))),
+        }
+    }
+
     /// The error for a non-2xx answer, with the exit code it stands for.
     pub fn error_for(&self, status: u16, v: &Value) -> CliError {
         let msg = v

@@ -3,6 +3,7 @@
 
 mod approvals;
 pub mod client;
+mod events;
 pub mod fixtures;
 mod human;
 pub mod import;
@@ -132,6 +133,8 @@ pub enum Command {
     /// Read, verify and export the audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Follow the event stream (decisions, approvals, reloads) as JSON lines.
+    Events(events::EventsArgs),
     /// The approval queue: list, show (--wait), approve, deny, cancel.
     #[command(subcommand)]
     Approvals(approvals::ApprovalsCmd),
@@ -463,6 +466,7 @@ pub fn main() -> ExitCode {
         Command::Replay(a) => replay::run(&a),
         Command::Import(c) => import::run(c),
         Command::Approvals(a) => approvals::run(a),
+        Command::Events(a) => events::run(&a),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "hall", &mut std::io::stdout());
