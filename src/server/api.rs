@@ -149,13 +149,7 @@ pub async fn audit_verify(
 ) -> Result<HttpResponse, ApiError> {
     // The chain runs through every tenant's records; its length and head are not one
     // tenant's to see.
-    if caller.tenant().is_some() {
-        return Err(ApiError::new(
-            403,
-            "tenant_mismatch",
-            "verify walks every tenant's records; use a token that is not bound to a tenant",
-        ));
-    }
+    caller.require_unbound("verify walks the records of")?;
     let audit = state.stores.audit.clone();
     let report = web::block(move || audit.verify())
         .await
@@ -637,14 +631,7 @@ pub async fn secret_rotate(
     caller: Caller,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    if caller.tenant().is_some() {
-        return Err(ApiError::new(
-            403,
-            "tenant_mismatch",
-            "the master key protects every tenant's secrets; rotate it with a token that is not \
-             bound to a tenant",
-        ));
-    }
+    caller.require_unbound("the master key protects the secrets of")?;
     let st = state.clone();
     let report = web::block(move || {
         st.stores

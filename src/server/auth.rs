@@ -393,6 +393,19 @@ impl Caller {
             Err(tenant_mismatch())
         }
     }
+
+    /// 403 `tenant_mismatch` for a tenant-bound token, on an endpoint whose answer spans
+    /// every tenant (`what` says what it covers, for the message).
+    pub fn require_unbound(&self, what: &str) -> Result<(), ApiError> {
+        match self.tenant() {
+            None => Ok(()),
+            Some(_) => Err(ApiError::new(
+                403,
+                "tenant_mismatch",
+                format!("{what} every tenant; use a token that is not bound to a tenant"),
+            )),
+        }
+    }
 }
 
 /// 403 `tenant_mismatch`.

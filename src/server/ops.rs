@@ -83,13 +83,8 @@ pub async fn status(caller: super::auth::Caller, state: web::Data<AppState>) -> 
 ///
 /// Refused (403 `tenant_mismatch`) for a tenant-bound token: the counters cover every tenant.
 pub async fn metrics(caller: super::auth::Caller, state: web::Data<AppState>) -> HttpResponse {
-    if caller.tenant().is_some() {
-        return ApiError::new(
-            403,
-            "tenant_mismatch",
-            "metrics count every tenant's traffic; use a token that is not bound to a tenant",
-        )
-        .error_response();
+    if let Err(e) = caller.require_unbound("metrics count the traffic of") {
+        return e.error_response();
     }
     let loaded = state.snapshot.load().is_some();
     let failed = !state
