@@ -131,6 +131,14 @@ impl Pending {
         Ok(p)
     }
 
+    /// Append `newer`'s postings (all of higher seqs) after these.
+    pub(crate) fn extend(&mut self, newer: Pending) {
+        self.records += newer.records;
+        for (prefix, seqs) in newer.lists {
+            self.lists.entry(prefix).or_default().extend(seqs);
+        }
+    }
+
     pub(crate) fn add(&mut self, seq: u64, e: &AuditEntry) {
         self.records += 1;
         for (kind, value) in postings_of(e) {
