@@ -269,14 +269,12 @@ pub(crate) fn first_seq_where(
     let last = key_seq(&last);
     // The first record at or after seq x, and whether it satisfies pred. Monotonic in x.
     let at_or_after = |x: u64| -> Result<(u64, bool), AuditError> {
-        let (k, v) =
-            t.records
-                .range(seq_key(x)..)
-                .next()
-                .transpose()?
-                .ok_or(AuditError::Storage(
-                    "the audit log shrank during a query".into(),
-                ))?;
+        let (k, v) = t
+            .records
+            .range(seq_key(x)..)
+            .next()
+            .transpose()?
+            .ok_or(AuditError::Moved("the audit log shrank during a query"))?;
         let seq = key_seq(&k);
         let ts = decode_value(seq, &v, false)
             .map_err(|d| AuditError::Corrupt {

@@ -108,32 +108,67 @@ impl Default for AuditConfig {
 }
 
 /// Why the audit log could not do what was asked. Every variant means "no record was
-/// promised": the daemon answers 503 to an append error.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+/// promised": the daemon answers 503 to an append error. Causes stay attached
+/// (`Error::source`) and are also spelled out in the message, which is what status, logs and
+/// the CLI show.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum AuditError {
-    /// The batch holding this append could not be inserted or flushed.
-    #[error("the audit log could not be written: {0}")]
-    Write(String),
-    /// The writer has stopped (after `shutdown`).
+    /// sled refused to insert or flush: the append is not committed.
+    #[error("the audit log could not be written ({op}): {source}")]
+    Write {
+        op: &'static str,
+        #[source]
+        source: sled::Error,
+    },
+    /// An I/O error outside sled while writing (starting a thread, the checkpoint file).
+    #[error("the audit log could not be written ({op}): {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// Debug builds: the fault-injection file exists (see the module docs).
+    #[error("the audit log could not be written: injected I/O error ({0} exists)")]
+    Injected(String),
+    /// Every seq a decision id can carry is used.
+    #[error(
+        "the audit log holds its maximum of {} records: export it (`hall audit export`) and start a new state dir",
+        record::MAX_SEQ
+    )]
+    Full,
+    /// A record could not be encoded (not expected: every field is serializable).
+    #[error("the audit log could not be written: a record could not be encoded: {0}")]
+    Encode(String),
+    /// The log has been shut down (`shutdown`).
     #[error("the audit log is shut down")]
     Closed,
     /// Reading the log failed.
     #[error("the audit log could not be read: {0}")]
-    Storage(String),
+    Storage(#[from] sled::Error),
+    /// The log changed under a reader in a way it cannot follow (retention ran mid-query).
+    #[error("the audit log could not be read: {0}")]
+    Moved(&'static str),
     /// A stored record cannot be decoded.
     #[error("audit record {seq} is corrupt: {reason}")]
     Corrupt { seq: u64, reason: &'static str },
     /// Writing an export to its destination failed.
     #[error("could not write the audit export: {0}")]
-    Export(String),
+    Export(#[source] Arc<std::io::Error>),
     /// The log holds fewer (or other) records than its checkpoint says were durable.
     #[error("{0}")]
     Truncated(String),
 }
 
-impl From<sled::Error> for AuditError {
-    fn from(e: sled::Error) -> Self {
-        AuditError::Storage(e.to_string())
+impl AuditError {
+    fn io(op: impl Into<String>, e: std::io::Error) -> AuditError {
+        AuditError::Io {
+            op: op.into(),
+            source: Arc::new(e),
+        }
+    }
+
+    fn export(e: impl Into<std::io::Error>) -> AuditError {
+        AuditError::Export(Arc::new(e.into()))
     }
 }
 
@@ -419,9 +454,7 @@ impl AuditLog {
                 let h = std::thread::Builder::new()
                     .name("hall-audit-checkpoint".into())
                     .spawn(move || checkpoint::run(path, sh, st, stop_rx))
-                    .map_err(|e| {
-                        AuditError::Write(format!("cannot start the audit checkpoint task: {e}"))
-                    })?;
+                    .map_err(|e| AuditError::io("starting the checkpoint task", e))?;
                 Some((h, stop_tx))
             }
             None => None,
@@ -439,7 +472,7 @@ impl AuditLog {
         let handle = std::thread::Builder::new()
             .name("hall-audit-maint".into())
             .spawn(move || w.maintain())
-            .map_err(|e| AuditError::Write(format!("cannot start the audit writer: {e}")))?;
+            .map_err(|e| AuditError::io("starting the maintenance thread", e))?;
         let _ = writer.maintainer.set(handle.thread().clone());
         Ok(AuditLog {
             inner: Arc::new(Inner {
@@ -774,13 +807,12 @@ impl AuditLog {
                 continue;
             }
             line.clear();
-            serde_json::to_writer(&mut line, &r).map_err(|e| AuditError::Export(e.to_string()))?;
+            serde_json::to_writer(&mut line, &r).map_err(AuditError::export)?;
             line.push(b'\n');
-            out.write_all(&line)
-                .map_err(|e| AuditError::Export(e.to_string()))?;
+            out.write_all(&line).map_err(AuditError::export)?;
             n += 1;
         }
-        out.flush().map_err(|e| AuditError::Export(e.to_string()))?;
+        out.flush().map_err(AuditError::export)?;
         Ok(n)
     }
 
@@ -981,10 +1013,7 @@ fn check_checkpoint(
         Ok(()) => {}
         // An acknowledged loss must be on record before anything else is written.
         Err(e) if found_any(&lost, &cp) => {
-            return Err(AuditError::Write(format!(
-                "cannot write {}: {e}",
-                path.display()
-            )))
+            return Err(AuditError::io(format!("writing {}", path.display()), e))
         }
         // Otherwise the checkpoint task retries.
         Err(e) => tracing::warn!(error = %e, "cannot write the audit checkpoint yet"),

@@ -136,18 +136,13 @@ impl Writer {
         if let Some(path) = &self.fault_file {
             if path.exists() {
                 drop(chain);
-                return Err(self.failed(AuditError::Write(format!(
-                    "injected I/O error ({} exists)",
-                    path.display()
-                ))));
+                return Err(self.failed(AuditError::Injected(path.display().to_string())));
             }
         }
         let seq = chain.head.seq + 1;
         if seq > MAX_SEQ {
             drop(chain);
-            return Err(self.failed(AuditError::Write(format!(
-                "the audit log holds its maximum of {MAX_SEQ} records"
-            ))));
+            return Err(self.failed(AuditError::Full));
         }
         entry.ts_ms = entry.ts_ms.max(chain.last_ts);
         let mut decision_id = None;
@@ -161,12 +156,15 @@ impl Writer {
             Ok(h) => h,
             Err(e) => {
                 drop(chain);
-                return Err(self.failed(AuditError::Write(format!("encoding failed: {e}"))));
+                return Err(self.failed(AuditError::Encode(e.to_string())));
             }
         };
         if let Err(e) = self.trees.records.insert(seq_key(seq), buf.as_slice()) {
             drop(chain);
-            return Err(self.failed(AuditError::Write(e.to_string())));
+            return Err(self.failed(AuditError::Write {
+                op: "insert",
+                source: e,
+            }));
         }
         let new = Head { seq, hash };
         *head = new;
@@ -274,7 +272,10 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
-                let e = AuditError::Write(format!("flush failed: {e}"));
+                let e = AuditError::Write {
+                    op: "flush",
+                    source: e,
+                };
                 tracing::error!(error = %e, "audit flush failed; appends refused");
                 self.dirty.store(true, Ordering::Release);
                 self.flush_failed.store(true, Ordering::Release);
