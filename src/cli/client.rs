@@ -62,7 +62,7 @@ impl Client {
             },
             env,
         )
-        .map_err(|e| CliError::usage(e.0))?;
+        .map_err(|e| CliError::usage(e.to_string()))?;
         let config_note = match (&cfg.config_file, cfg.config_origin) {
             (Some(f), o) => format!("config {} (from {})", f.display(), o.describe()),
             (None, _) => "no config file".to_string(),

@@ -11,7 +11,7 @@ mod mcp;
 mod offline;
 pub mod replay;
 pub mod schema;
-pub mod suggest;
+pub use crate::suggest;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -452,7 +452,7 @@ pub fn main() -> ExitCode {
         }
     }
     let result = match cli.command {
-        Command::Serve(a) => crate::server::run(a),
+        Command::Serve(a) => serve(a),
         Command::Check(a) => offline::check(&a, cli.json),
         Command::Test(a) => offline::test(&a),
         Command::Route(a) if a.offline => offline::route(&a, json),
@@ -490,6 +490,25 @@ pub fn main() -> ExitCode {
             ExitCode::from(error_code(e.as_ref()))
         }
     }
+}
+
+/// `hall serve`: build the daemon's [`Config`](crate::config::Config) from the flags, the
+/// environment and `hall.toml`, and run it.
+fn serve(a: ServeArgs) -> CliResult {
+    let mut config = crate::config::Config::resolve(&crate::config::Flags {
+        config: a.files.config,
+        listen: a.listen,
+        registry_dir: a.files.registry,
+        policies_dir: a.files.policies,
+        state_dir: a.state_dir,
+        allowed_origins: a.allowed_origins,
+        audit_durability: a.audit_durability,
+        log_format: a.log_format,
+    })?;
+    config.allow_non_loopback = a.allow_non_loopback;
+    config.accept_audit_truncation = a.accept_audit_truncation;
+    crate::server::run(config)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// hall(1): one page for the whole tool, each command (and each command of a group such

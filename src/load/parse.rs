@@ -232,7 +232,7 @@ impl<'a> Checker<'a> {
         let e = FieldError::UnknownMember {
             what,
             value: s.get_ref().clone(),
-            hint: crate::cli::suggest::hint(s.get_ref(), known.iter().map(String::as_str)),
+            hint: crate::suggest::hint(s.get_ref(), known.iter().map(String::as_str)),
             known: known.join(", "),
         };
         self.error(s.span().start, key, e);
@@ -315,7 +315,7 @@ fn unknown_key_hint(key: &str, msg: &str) -> String {
         return String::new();
     };
     let expected: Vec<&str> = list.split('`').skip(1).step_by(2).collect();
-    crate::cli::suggest::did_you_mean(key, expected)
+    crate::suggest::did_you_mean(key, expected)
         .map(|k| format!("; did you mean `{k}`?"))
         .unwrap_or_default()
 }

@@ -129,7 +129,7 @@ fn workers(
             if !reg.cap_seen.contains_key(c.get_ref()) {
                 let e = RegistryError::UnknownCapability {
                     id: c.get_ref().clone(),
-                    hint: crate::cli::suggest::hint(
+                    hint: crate::suggest::hint(
                         c.get_ref(),
                         reg.cap_seen.keys().map(String::as_str),
                     ),

@@ -182,7 +182,7 @@ fn rule(
             if !reg.worker_seen.contains_key(w.get_ref()) {
                 let e = RuleError::UnknownWorker {
                     id: w.get_ref().clone(),
-                    hint: crate::cli::suggest::hint(
+                    hint: crate::suggest::hint(
                         w.get_ref(),
                         reg.worker_seen.keys().map(String::as_str),
                     ),
