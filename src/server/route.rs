@@ -10,7 +10,8 @@ use serde_json::value::RawValue;
 use super::auth::Caller;
 use super::errors::ApiError;
 use super::state::AppState;
-use crate::engine::{decide, valid_id, Explain, Request};
+use crate::engine::{decide, valid_id, Decision, Explain, Request};
+use crate::store::audit::{AuditEntry, RecordKind};
 use crate::store::tokens::{Authenticated, Scope};
 
 /// Request bodies larger than this are refused with 413.
@@ -333,16 +334,8 @@ pub async fn decide_and_record(
         .as_deref()
         .or(approval_id.as_deref())
         .map(|id| format!("approval_id={id}"));
-    let decision_id = super::record::decision_noted(
-        state,
-        caller,
-        body,
-        &decision,
-        &snap.version,
-        dry_run,
-        detail,
-    )
-    .await?;
+    let entry = decision_entry(caller, body, &decision, &snap.version, dry_run, detail);
+    let decision_id = super::record::decision(state, entry).await?;
     if let Some(e) = refusal {
         return Err(e);
     }
@@ -367,6 +360,40 @@ pub async fn decide_and_record(
         .metrics
         .decision(decision.allowed, decision.deny_reason, started.elapsed());
     Ok(out)
+}
+
+/// The audit record of a route decision. `detail` names the approval a decision opened or
+/// redeemed.
+fn decision_entry(
+    caller: &Authenticated,
+    body: &RouteBody,
+    decision: &Decision<'_>,
+    policy_version: &str,
+    dry_run: bool,
+    detail: Option<String>,
+) -> AuditEntry {
+    // The context exactly as the client sent it (bounded to 8 KiB by the handler): numbers
+    // are not re-parsed (no rounding), nothing is dropped for being deep.
+    let context = body.context.as_ref().map(|raw| raw.get().to_string());
+    AuditEntry {
+        tenant_id: Some(body.tenant_id.clone()),
+        capability_id: Some(body.capability_id.clone()),
+        env: Some(body.env.clone()),
+        data_label: Some(body.data_label.clone()),
+        allowed: Some(decision.allowed),
+        dry_run,
+        worker_id: decision.worker_id.map(str::to_string),
+        deny_reason: decision.deny_reason.map(str::to_string),
+        rule_id: decision.rule_id.map(str::to_string),
+        policy_version: Some(policy_version.to_string()),
+        correlation_id: body.correlation_id.clone(),
+        context,
+        tenant_risk: body.tenant_risk.clone(),
+        qos_class: body.qos_class.clone(),
+        token_id: Some(caller.id().to_string()),
+        detail,
+        ..AuditEntry::new(RecordKind::Decision, super::state::now_ms())
+    }
 }
 
 /// 403 unless the token has the `route` scope. The gate checks it too, but against the raw
