@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::{tenant_mismatch, Caller};
-use super::errors::ApiError;
+use super::errors::{ApiError, Code};
 use super::record;
 use super::route::read_json_body;
 use super::state::{now_ms, AppState};
@@ -17,7 +17,7 @@ use crate::store::tokens::{NewToken, RateLimit, Scope, TokenError};
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "internal error");
-    ApiError::new(500, "internal", "internal error; see the daemon's log")
+    ApiError::new(Code::Internal, "internal error; see the daemon's log")
 }
 
 // ---- audit ---------------------------------------------------------------------------
@@ -345,7 +345,7 @@ fn secret_error(e: SecretError) -> ApiError {
     match e {
         SecretError::InvalidName { .. } => ApiError::invalid("name", e.to_string()),
         SecretError::ValueTooLarge { .. } => ApiError::invalid("value", e.to_string()),
-        SecretError::NotOwner { .. } => ApiError::new(403, "tenant_mismatch", e.to_string()),
+        SecretError::NotOwner { .. } => ApiError::new(Code::TenantMismatch, e.to_string()),
         other => internal(other),
     }
 }
@@ -491,7 +491,7 @@ pub async fn secret_release(
         })
         .await?;
         let r = Refusal::MissingScope;
-        return Err(ApiError::new(r.http_status(), r.code(), r.to_string()));
+        return Err(super::errors::refusal(r));
     }
     let body: ReleaseBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid("body", format!("invalid release request: {e}")))?;
@@ -583,7 +583,7 @@ pub async fn secret_release(
                 e.detail = Some(name.clone());
             })
             .await?;
-            Err(ApiError::new(r.http_status(), r.code(), r.to_string()))
+            Err(super::errors::refusal(r))
         }
         Err(ReleaseError::Store(e)) => Err(secret_error(e)),
     }
@@ -641,7 +641,7 @@ pub async fn secret_rotate(
     .await
     .map_err(internal)?
     .map_err(|e| match e {
-        SecretError::Key(k) => ApiError::new(409, "cannot_rotate", k.to_string()),
+        SecretError::Key(k) => ApiError::new(Code::CannotRotate, k.to_string()),
         other => internal(other),
     })?;
     tracing::info!(

@@ -31,7 +31,7 @@ use std::time::Instant;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
-use super::errors::ApiError;
+use super::errors::{ApiError, Code};
 use super::route::{decide_and_record, parse_body, read_json_body, require_route_scope};
 use super::state::AppState;
 use crate::engine::{decide, valid_id, Request, Snapshot};
@@ -417,7 +417,7 @@ async fn call_tool(
             };
             match answer.and_then(|out| {
                 serde_json::from_slice::<Value>(&out)
-                    .map_err(|e| ApiError::new(500, "internal", e.to_string()))
+                    .map_err(|e| ApiError::new(Code::Internal, e.to_string()))
             }) {
                 Ok(v) => Ok(tool_result(v)),
                 Err(e) => tool_failure(state, e),
@@ -477,8 +477,7 @@ fn list_capabilities(
     let tenant = match (caller.tenant(), asked) {
         (Some(bound), Some(t)) if bound != t => {
             return Err(ApiError::new(
-                403,
-                "tenant_mismatch",
+                Code::TenantMismatch,
                 "this token is bound to another tenant",
             ))
         }

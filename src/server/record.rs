@@ -1,7 +1,7 @@
 //! Writing audit records for what the daemon does. A route response is sent only after
 //! its record is appended (and, in durable mode, flushed): never an unrecorded allow.
 
-use super::errors::ApiError;
+use super::errors::{ApiError, Code};
 use super::state::{now_ms, AppState};
 use crate::store::audit::{AuditEntry, RecordKind};
 
@@ -18,7 +18,7 @@ pub async fn decision(state: &AppState, entry: AuditEntry) -> Result<uuid::Uuid,
             ApiError::unavailable("the audit log cannot be written; no decision can be given")
         })?
         .decision_id
-        .ok_or_else(|| ApiError::new(500, "internal", "the audit log gave no decision id"))
+        .ok_or_else(|| ApiError::new(Code::Internal, "the audit log gave no decision id"))
 }
 
 /// Record every approval transition an operation made (SPEC 3.1: each is an audit record

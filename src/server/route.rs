@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::auth::Caller;
-use super::errors::ApiError;
+use super::errors::{ApiError, Code};
 use super::state::AppState;
 use crate::engine::{decide, valid_id, Decision, Explain, Request};
 use crate::store::audit::{AuditEntry, RecordKind};
@@ -76,15 +76,13 @@ pub async fn read_json_body(
     let mime = ct.split(';').next().unwrap_or("").trim();
     if !mime.eq_ignore_ascii_case("application/json") {
         return Err(ApiError::new(
-            415,
-            "unsupported_media_type",
+            Code::UnsupportedMediaType,
             format!("Content-Type must be application/json, got {:?}", ct),
         ));
     }
     let too_large = || {
         ApiError::new(
-            413,
-            "body_too_large",
+            Code::BodyTooLarge,
             format!("request body is larger than {} KiB", MAX_BODY / 1024),
         )
     };
@@ -113,8 +111,7 @@ pub async fn read_json_body(
     match tokio::time::timeout(BODY_TIMEOUT, read).await {
         Ok(r) => r,
         Err(_) => Err(ApiError::new(
-            408,
-            "request_timeout",
+            Code::RequestTimeout,
             format!(
                 "the request body did not arrive within {} s",
                 BODY_TIMEOUT.as_secs()
@@ -355,7 +352,7 @@ pub async fn decide_and_record(
         explain: decision.explain.as_ref(),
     };
     let out =
-        serde_json::to_vec(&resp).map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+        serde_json::to_vec(&resp).map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
     state
         .metrics
         .decision(decision.allowed, decision.deny_reason, started.elapsed());
@@ -404,8 +401,7 @@ pub fn require_route_scope(caller: &Authenticated) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::new(
-            403,
-            "forbidden",
+            Code::Forbidden,
             format!("this token lacks the {} scope", Scope::Route),
         ))
     }

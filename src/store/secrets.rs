@@ -848,14 +848,6 @@ impl Refusal {
             Refusal::UnknownSecret => "unknown_secret",
         }
     }
-
-    /// Suggested HTTP status: 404 for an unknown decision or secret, else 403.
-    pub fn http_status(self) -> u16 {
-        match self {
-            Refusal::UnknownDecision | Refusal::UnknownSecret => 404,
-            _ => 403,
-        }
-    }
 }
 
 /// Why [`SecretStore::release`] returned no value.
