@@ -44,7 +44,7 @@ pub async fn audit_query(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let mut q = AuditQuery::default();
-    for (k, v) in form_pairs(req.query_string()) {
+    for (k, v) in query_pairs(&req)? {
         match k.as_str() {
             "tenant_id" => q.tenant_id = Some(v),
             "capability_id" => q.capability_id = Some(v),
@@ -158,37 +158,16 @@ pub async fn audit_verify(
     Ok(HttpResponse::Ok().json(report))
 }
 
-/// Split a query string into decoded pairs.
-pub(crate) fn form_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (pct_decode(k), pct_decode(v))
-        })
-        .collect()
-}
-
-fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// A query string as its decoded `(name, value)` pairs, in order, decoded by serde (the
+/// `web::Query` extractor's `application/x-www-form-urlencoded` rules: `+` is a space,
+/// `%XX` a byte, a name without `=` has an empty value). Each handler then matches the
+/// names itself, so an unknown or malformed parameter is refused with its own message in
+/// the order the client wrote them, as before (a typed struct would report them in field
+/// order, and refuse a repeated name that today is "last one wins").
+pub(crate) fn query_pairs(req: &HttpRequest) -> Result<Vec<(String, String)>, ApiError> {
+    web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .map_err(|e| ApiError::invalid("query", format!("the query string does not decode: {e}")))
 }
 
 // ---- tokens --------------------------------------------------------------------------
@@ -666,4 +645,21 @@ pub async fn secret_rotate(
         "old_key_id": report.old_key_id, "new_key_id": report.new_key_id,
         "reencrypted": report.reencrypted, "resumed": report.resumed,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_pairs_decode_in_order_plus_percent_and_bare_names() {
+        let req =
+            actix_web::test::TestRequest::with_uri("/x?b=1+2&a=%41%zz&&c&b=3").to_http_request();
+        let pairs = query_pairs(&req).unwrap();
+        let want = [("b", "1 2"), ("a", "A%zz"), ("c", ""), ("b", "3")];
+        assert_eq!(
+            pairs,
+            want.map(|(k, v)| (k.to_string(), v.to_string())).to_vec()
+        );
+    }
 }

@@ -258,7 +258,7 @@ pub async fn list(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let (mut st, mut tenant, mut limit) = (None, None, MAX_LIST);
-    for (k, v) in super::api::form_pairs(req.query_string()) {
+    for (k, v) in super::api::query_pairs(&req)? {
         match k.as_str() {
             "state" => {
                 st = Some(State::parse(&v).ok_or_else(|| {
@@ -315,7 +315,7 @@ pub async fn show(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let mut wait = 0u64;
-    for (k, v) in super::api::form_pairs(req.query_string()) {
+    for (k, v) in super::api::query_pairs(&req)? {
         match k.as_str() {
             "wait" => {
                 wait = v
