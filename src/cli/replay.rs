@@ -295,7 +295,7 @@ fn api_pages(url: Option<&str>, state_dir: &Path, window: &Window) -> Result<Pag
         ("until", window.until_ms.map(|t| t.to_string())),
     ] {
         if let Some(v) = v {
-            query.push_str(&format!("&{k}={}", encode(&v)));
+            query.push_str(&format!("&{k}={}", super::client::enc(&v)));
         }
     }
     let mut after: Option<u64> = None;
@@ -342,19 +342,6 @@ fn api_pages(url: Option<&str>, state_dir: &Path, window: &Window) -> Result<Pag
 #[derive(serde::Deserialize)]
 struct ApiPage {
     records: Vec<AuditRecord>,
-}
-
-/// Percent-encode a query value (everything but RFC 3986 unreserved characters).
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// Replay every recorded route decision in `window` under `snap`, keeping at most
