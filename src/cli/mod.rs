@@ -95,17 +95,9 @@ impl std::error::Error for CliError {}
 /// A duration for a flag: plain seconds (`3600`) or a number with `s`, `m`, `h` or `d`.
 pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 's')) => (&t[..i], 1),
-        Some((i, 'm')) => (&t[..i], 60),
-        Some((i, 'h')) => (&t[..i], 3600),
-        Some((i, 'd')) => (&t[..i], 86_400),
-        _ => (t, 1),
-    };
-    num.trim()
-        .parse::<u64>()
+    t.parse::<u64>()
         .ok()
-        .and_then(|n| n.checked_mul(mult))
+        .or_else(|| crate::clock::parse_duration(t))
         .filter(|n| *n > 0)
         .ok_or_else(|| format!("{s:?} is not a duration: write seconds (3600) or 30m, 1h, 7d"))
 }
@@ -568,3 +560,21 @@ pub fn error_code(e: &(dyn std::error::Error + 'static)) -> u8 {
 
 /// An error for the person at the terminal.
 pub type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_take_units() {
+        use super::parse_duration_secs as p;
+        assert_eq!(p("3600"), Ok(3600));
+        assert_eq!(p("30m"), Ok(1800));
+        assert_eq!(p("1h"), Ok(3600));
+        assert_eq!(p("7d"), Ok(604_800));
+        assert!(p("0").is_err());
+        assert!(p("1w").is_err());
+        assert!(p("h").is_err());
+        // The syntax of the rule keys, plus bare seconds: one parser underneath.
+        assert_eq!(p(" 15m "), Ok(900));
+        assert!(p("9999999999s").is_err());
+    }
+}

@@ -583,8 +583,8 @@ fn print_text(r: &Report, elapsed: Duration) {
 }
 
 /// `--since`/`--until`: a duration back from `now_ms` (`90s`, `30m`, `24h`, `7d`) or an
-/// RFC 3339 time. Hand-written: four units are all it takes, and it keeps the format the
-/// same as the other durations in hall.toml.
+/// RFC 3339 time. The duration is [`crate::clock::parse_duration`], the syntax of the rule
+/// keys.
 pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
     let s = s.trim();
     if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
@@ -596,17 +596,11 @@ pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
              (e.g. 2026-11-23T09:30:00Z)"
         )
     };
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (n, unit) = s.split_at(split);
-    let n: i64 = n.parse().map_err(|_| bad())?;
-    let unit_ms: i64 = match unit {
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(bad()),
-    };
-    let back = n.checked_mul(unit_ms).ok_or_else(bad)?;
+    let secs = crate::clock::parse_duration(s).ok_or_else(bad)?;
+    let back = i64::try_from(secs)
+        .ok()
+        .and_then(|n| n.checked_mul(1_000))
+        .ok_or_else(bad)?;
     Ok(now_ms.saturating_sub(back))
 }
 

@@ -297,22 +297,8 @@ fn compile(
     }
 }
 
-/// `<n><unit>` with unit `s`, `m`, `h` or `d` (e.g. `"15m"`), in seconds. One unit, no
-/// spaces: the four forms a rule needs do not justify a parsing crate.
-pub fn parse_duration(s: &str) -> Option<u64> {
-    let unit = match s.as_bytes().last()? {
-        b's' => 1,
-        b'm' => 60,
-        b'h' => 3600,
-        b'd' => 86_400,
-        _ => return None,
-    };
-    let n = &s[..s.len() - 1];
-    if n.is_empty() || n.len() > 9 || !n.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    n.parse::<u64>().ok()?.checked_mul(unit)
-}
+/// The duration form of rule keys (`"15m"`): see [`crate::clock::parse_duration`].
+pub use crate::clock::parse_duration;
 
 #[cfg(test)]
 mod tests;
