@@ -55,9 +55,29 @@ impl Client {
         args: &ClientArgs,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Client, CliError> {
+        Self::discover(args, None, env)
+    }
+
+    /// [`from_args`](Self::from_args) for a command with its own `--state-dir` (`hall
+    /// replay`): the admin token file is looked for there instead of in the config's.
+    pub fn from_args_in(
+        args: &ClientArgs,
+        state_dir: Option<std::path::PathBuf>,
+    ) -> Result<Client, CliError> {
+        Self::discover(args, state_dir, &|k| {
+            std::env::var(k).ok().filter(|v| !v.is_empty())
+        })
+    }
+
+    fn discover(
+        args: &ClientArgs,
+        state_dir: Option<std::path::PathBuf>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Client, CliError> {
         let cfg = Config::resolve_with(
             &Flags {
                 config: args.config.clone(),
+                state_dir,
                 ..Default::default()
             },
             env,

@@ -39,7 +39,7 @@ Where the records come from (--source):
   state-dir  read the audit log directly from the state dir; the daemon must be stopped
              (sled locks the directory while it runs). Fastest.
   api        ask the running daemon: GET /api/audit at --url or HALL_URL
-             (default http://127.0.0.1:8765), with HALL_TOKEN or the admin token file;
+             (default http://<listen> from hall.toml), with HALL_TOKEN or the admin token file;
              the token needs the `audit` scope (a tenant-bound one sees its tenant only).
   auto       (default) the state dir, or the API when a running daemon holds it.
 Nothing is written to the audit log.
@@ -79,7 +79,7 @@ pub struct ReplayArgs {
     /// Where to read the recorded decisions (see below).
     #[arg(long, value_enum, default_value_t = Source::Auto)]
     pub source: Source,
-    /// Daemon URL for --source api/auto (also HALL_URL; default http://127.0.0.1:8765).
+    /// Daemon URL for --source api/auto (also HALL_URL; default: http://<listen> from hall.toml, else http://127.0.0.1:8765).
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
 }
@@ -193,7 +193,7 @@ pub(super) fn run(a: &ReplayArgs) -> CliResult {
     let report = match a.source {
         Source::StateDir => replay_state_dir(&cfg.state_dir, &loaded.snapshot, &window, a.limit)?,
         Source::Api => {
-            let pages = api_pages(a.url.as_deref(), &cfg.state_dir, &window)?;
+            let pages = api_pages(a, &window)?;
             replay_pages(pages, &loaded.snapshot, a.limit)?
         }
         Source::Auto => {
@@ -205,7 +205,7 @@ pub(super) fn run(a: &ReplayArgs) -> CliResult {
                 }
                 Err(OpenError::Locked(_)) => {
                     eprintln!("hall: the daemon holds the state dir; reading the audit log through its API");
-                    let pages = api_pages(a.url.as_deref(), &cfg.state_dir, &window)?;
+                    let pages = api_pages(a, &window)?;
                     replay_pages(pages, &loaded.snapshot, a.limit)?
                 }
                 Err(e) => return Err(e.to_string().into()),
@@ -268,21 +268,22 @@ fn replay_state_dir(
 
 type Pages = Box<dyn Iterator<Item = Result<Vec<AuditRecord>, String>> + Send>;
 
-/// Pages of decision records from the running daemon's `GET /api/audit`.
-fn api_pages(url: Option<&str>, state_dir: &Path, window: &Window) -> Result<Pages, String> {
-    let base = url
+/// Pages of decision records from the running daemon's `GET /api/audit`. The daemon and
+/// its token are found as by every client command ([`Client`](super::client::Client)):
+/// `--url`, `HALL_URL`, else `listen` in hall.toml; `HALL_TOKEN`, else the admin token file in
+/// the state dir.
+fn api_pages(a: &ReplayArgs, window: &Window) -> Result<Pages, String> {
+    let args = super::ClientArgs {
+        url: a.url.clone(),
+        token: None,
+        config: a.files.config.clone(),
+    };
+    let client = super::client::Client::from_args_in(&args, a.state_dir.clone())
+        .map_err(|e| e.to_string())?;
+    let base = client.base_url().to_owned();
+    let token = client
+        .token()
         .map(str::to_owned)
-        .or_else(|| std::env::var("HALL_URL").ok().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| "http://127.0.0.1:8765".into());
-    let base = base.trim_end_matches('/').to_owned();
-    let token = std::env::var("HALL_TOKEN")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string(state_dir.join("admin.token"))
-                .ok()
-                .map(|s| s.trim().to_owned())
-        })
         .ok_or("no token for the API: set HALL_TOKEN to a token with the audit scope")?;
     let mut query = format!("kind=decision&limit={MAX_QUERY_LIMIT}");
     for (k, v) in [
