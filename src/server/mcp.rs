@@ -368,7 +368,7 @@ fn tool_result(v: Value) -> Value {
 /// execution error the assistant can read, with the API's code in the text.
 fn tool_failure(state: &AppState, e: ApiError) -> Result<Value, RpcError> {
     state.metrics.refused(e.code);
-    if e.status.as_u16() == 400 {
+    if e.code == Code::InvalidRequest.as_str() {
         let mut data = json!({"code": e.code});
         if let Some(f) = &e.field {
             data["field"] = json!(f);
