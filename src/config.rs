@@ -196,7 +196,7 @@ pub enum ConfigError {
         /// `" (did you mean `listen`?)"` for a mistyped key, else empty.
         hint: String,
         #[source]
-        source: toml::de::Error,
+        source: Box<toml::de::Error>,
     },
     #[error("listen {0:?} is not an address:port (for example 127.0.0.1:8765, localhost:8765 or [::1]:8765)")]
     Listen(String),
@@ -248,7 +248,7 @@ impl Config {
                     toml::from_str(&text).map_err(|source| ConfigError::Parse {
                         path: p.clone(),
                         hint: config_key_hint(source.message()),
-                        source,
+                        source: Box::new(source),
                     })?;
                 let base = p
                     .parent()
