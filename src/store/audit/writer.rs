@@ -7,12 +7,13 @@
 //!
 //! - **Batched:** that is the whole append. The maintenance thread flushes within
 //!   `batch_interval` of the first unflushed record.
-//! - **Durable:** the append then waits for a flush that covers its seq. The first waiter
-//!   that finds no flush running becomes the leader: it flushes everything inserted so far
-//!   (one `db.flush()`), publishes the new durable head and wakes the followers; a follower
-//!   the flush covered answers, one it did not (inserted during the flush) takes the next
-//!   flush. A lone request therefore pays exactly one flush and no wakeup; under load one
-//!   flush covers every record queued behind it.
+//! - **Durable:** the append then waits for a flush that covers its seq. A waiter that is
+//!   alone and finds no flush running flushes on its own thread (one `db.flush()` for
+//!   everything inserted so far), publishes the durable head and wakes any others: a lone
+//!   request pays exactly one flush and no hop. When others wait too, the maintenance
+//!   thread runs the flushes back to back, each covering every record queued behind the
+//!   last (group commit), so that no worker thread blocks in a flush while its other
+//!   connections wait to be read.
 //!
 //! The maintenance thread writes index chunks, runs batched mode's periodic flush and
 //! retention. It takes the chain lock only to swap the pending postings out, never while it
@@ -75,6 +76,8 @@ pub(crate) struct Writer {
     flush_failed: AtomicBool,
     /// Records (or index chunks) inserted and not yet flushed.
     dirty: AtomicBool,
+    /// Durable appends are waiting: the maintenance thread flushes at once.
+    flush_requested: AtomicBool,
     /// The maintenance thread, to wake it (set once it runs).
     pub(crate) maintainer: OnceLock<Thread>,
     stopping: AtomicBool,
@@ -111,6 +114,7 @@ impl Writer {
             flush_failure: Mutex::new(None),
             flush_failed: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
+            flush_requested: AtomicBool::new(false),
             maintainer: OnceLock::new(),
             stopping: AtomicBool::new(false),
             #[cfg(test)]
@@ -232,14 +236,22 @@ impl Writer {
             if let Some(r) = self.outcome(seq) {
                 return r;
             }
-            if let Ok(guard) = self.flush_lock.try_lock() {
-                let r = self.flush_locked(guard);
-                if let Some(r) = self.outcome(seq) {
-                    return r;
+            // Alone: flush on this thread, with no hop to another one. Others waiting too:
+            // the maintenance thread flushes for all of them, so that no worker thread sits
+            // in a flush while requests queue behind it.
+            if self.shared.stats.waiting.load(Ordering::Relaxed) <= 1 {
+                if let Ok(guard) = self.flush_lock.try_lock() {
+                    let r = self.flush_locked(guard);
+                    if let Some(r) = self.outcome(seq) {
+                        return r;
+                    }
+                    // Only possible if `seq` was never inserted: do not spin.
+                    r?;
+                    continue;
                 }
-                // Only possible if `seq` was never inserted: do not spin.
-                r?;
-                continue;
+            }
+            if !self.flush_requested.swap(true, Ordering::AcqRel) {
+                self.wake_maintainer();
             }
             notified.await;
         }
@@ -250,8 +262,10 @@ impl Writer {
     fn flush_locked(&self, guard: MutexGuard<'_, ()>) -> Result<(), AuditError> {
         #[cfg(test)]
         drop(lock(&self.test_hold));
-        let tip = lock(&self.chain).head;
+        // Clear before reading the tip: a record inserted after the clear marks the log dirty
+        // again, one inserted before it is at or below the tip.
         self.dirty.store(false, Ordering::Release);
+        let tip = lock(&self.chain).head;
         let stats = &self.shared.stats;
         stats.flushes.fetch_add(1, Ordering::Relaxed);
         let r = match self.trees.db.flush() {
@@ -348,6 +362,9 @@ impl Writer {
         let mut flush_due: Option<Instant> = None;
         let mut next_prune = Instant::now();
         loop {
+            if self.flush_requested.swap(false, Ordering::AcqRel) {
+                let _ = self.flush_now();
+            }
             let stopping = self.stopping.load(Ordering::Acquire);
             let now = Instant::now();
             let pending = lock(&self.chain).index.records;
@@ -387,6 +404,9 @@ impl Writer {
                 .into_iter()
                 .flatten()
                 .min();
+            if self.flush_requested.load(Ordering::Acquire) {
+                continue;
+            }
             match deadline {
                 Some(d) => {
                     let wait = d.saturating_duration_since(Instant::now());
