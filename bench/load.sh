@@ -27,7 +27,8 @@
 #   are refused. Columns: req/s; p50/p99/p99.9 ms (wrk's latency histogram); CPU µs/req = the
 #   server process's utime+stime (all threads, plus waited-for children) from /proc/PID/stat
 #   read just before and just after the wrk run, ÷ requests completed (CLK_TCK from getconf);
-#   non-2xx answers and socket errors: a row with any is not reported (its cells show "—").
+#   non-2xx answers and socket errors: a row with any is not reported (its cells show "—"),
+#   and the script then exits 1.
 #   --rounds K repeats the whole table K times (systems interleaved) and prints each cell's
 #   median. Peers install into ${HALL_BENCH_CACHE:-~/.cache/hall-bench} (npm, pip in a venv),
 #   never into the repository; when npm/pip are missing or an install fails, that peer is
