@@ -30,7 +30,6 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
 
 use super::index::{self, Pending};
 use super::record::{decision_uuid, encode_value, AuditEntry, Durability, RecordKind, MAX_SEQ};
@@ -65,8 +64,9 @@ pub(crate) struct Writer {
     pub(crate) chain: Mutex<Chain>,
     /// Held by whoever runs a flush (a durable leader or the maintenance thread).
     flush_lock: Mutex<()>,
-    /// Signalled after every flush attempt.
-    flushed: Notify,
+    /// Appends waiting for a flush: their seq and how to wake them. A flush wakes exactly
+    /// the ones it covered (or failed), not everyone.
+    waiters: Mutex<Vec<(u64, Waker)>>,
     /// Every record up to this seq is on disk.
     durable_seq: AtomicU64,
     /// The last failed flush: the tip it was asked to cover and why. A waiter whose seq it
@@ -109,7 +109,7 @@ impl Writer {
                 closed: false,
             }),
             flush_lock: Mutex::new(()),
-            flushed: Notify::new(),
+            waiters: Mutex::new(Vec::new()),
             durable_seq: AtomicU64::new(head.seq),
             flush_failure: Mutex::new(None),
             flush_failed: AtomicBool::new(false),
@@ -229,12 +229,14 @@ impl Writer {
     }
 
     /// Wait until a flush covers `seq`, running it when no one else is (group commit).
-    pub(crate) async fn wait_durable(&self, seq: u64) -> Result<(), AuditError> {
+    pub(crate) fn wait_durable(&self, seq: u64) -> DurableWait<'_> {
+        DurableWait { writer: self, seq }
+    }
+
+    fn poll_durable(&self, seq: u64, cx: &mut Context<'_>) -> Poll<Result<(), AuditError>> {
         loop {
-            let mut notified = pin!(self.flushed.notified());
-            notified.as_mut().enable();
             if let Some(r) = self.outcome(seq) {
-                return r;
+                return Poll::Ready(r);
             }
             // Alone: flush on this thread, with no hop to another one. Others waiting too:
             // the maintenance thread flushes for all of them, so that no worker thread sits
@@ -243,17 +245,25 @@ impl Writer {
                 if let Ok(guard) = self.flush_lock.try_lock() {
                     let r = self.flush_locked(guard);
                     if let Some(r) = self.outcome(seq) {
-                        return r;
+                        return Poll::Ready(r);
                     }
                     // Only possible if `seq` was never inserted: do not spin.
-                    r?;
+                    if let Err(e) = r {
+                        return Poll::Ready(Err(e));
+                    }
                     continue;
                 }
+            }
+            // Register, then look again: a flush that finished in between published its
+            // result before it read the list.
+            lock(&self.waiters).push((seq, cx.waker().clone()));
+            if let Some(r) = self.outcome(seq) {
+                return Poll::Ready(r);
             }
             if !self.flush_requested.swap(true, Ordering::AcqRel) {
                 self.wake_maintainer();
             }
-            notified.await;
+            return Poll::Pending;
         }
     }
 
@@ -299,7 +309,27 @@ impl Writer {
             }
         };
         drop(guard);
-        self.flushed.notify_waiters();
+        // Wake the waiters this flush settled (covered, or failed), and only those.
+        let settled = match &r {
+            Ok(()) => self.durable_seq.load(Ordering::Acquire),
+            Err(_) => tip.seq,
+        };
+        let woken: Vec<Waker> = {
+            let mut w = lock(&self.waiters);
+            let mut woken = Vec::new();
+            w.retain(|(seq, waker)| {
+                if *seq <= settled {
+                    woken.push(waker.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            woken
+        };
+        for w in woken {
+            w.wake();
+        }
         r
     }
 
@@ -435,8 +465,22 @@ impl Writer {
     }
 }
 
-/// Run a future to completion on this thread (for `append_blocking`; the only thing it
-/// waits for is the writer's `Notify`, which needs no runtime).
+/// A durable append waiting for its flush.
+pub(crate) struct DurableWait<'a> {
+    writer: &'a Writer,
+    seq: u64,
+}
+
+impl Future for DurableWait<'_> {
+    type Output = Result<(), AuditError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.writer.poll_durable(self.seq, cx)
+    }
+}
+
+/// Run a future to completion on this thread (for `append_blocking`; what it waits for is
+/// a flush's wake, which needs no runtime).
 pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
     struct Unpark(Thread);
     impl Wake for Unpark {
