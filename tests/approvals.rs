@@ -751,3 +751,71 @@ fn hall_events_prints_the_stream_as_json_lines_and_resumes() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A rule for the cap and watch tests: three distinct requests (staging/PUBLIC,
+/// staging/INTERNAL, prod/PUBLIC) for each of two tenants.
+const CAP_RULE: &str = r#"
+[[rule]]
+id = "t-cap"
+capabilities = ["cap.code.deploy"]
+envs = ["staging", "prod"]
+tenants = ["org.cap", "org.cap2"]
+effect = "require_approval"
+"#;
+
+fn cap_body(tenant: &str, env: &str, label: &str) -> String {
+    format!(
+        r#"{{"capability_id":"cap.code.deploy","env":"{env}","data_label":"{label}","tenant_id":"{tenant}"}}"#
+    )
+}
+
+#[test]
+fn the_pending_cap_comes_from_hall_toml_and_is_per_tenant() {
+    let d = Daemon::builder()
+        .setup(|p| {
+            std::fs::write(p.join("policies/05-approvals.toml"), CAP_RULE).unwrap();
+            // The per-user hall.toml (the harness points XDG_CONFIG_HOME here).
+            std::fs::create_dir_all(p.join("xdg-config/hall")).unwrap();
+            std::fs::write(
+                p.join("xdg-config/hall/hall.toml"),
+                "[approvals]\nmax_pending_per_tenant = 2\n",
+            )
+            .unwrap();
+        })
+        .start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let open_as = |tenant: &str, env: &str, label: &str| {
+        call(
+            &d,
+            &app,
+            "POST",
+            "/api/route",
+            Some(&cap_body(tenant, env, label)),
+        )
+    };
+    let first = open_as("org.cap", "staging", "PUBLIC");
+    assert_eq!(first.status, 200, "{}", first.body);
+    let first = first.json()["approval_id"].as_str().unwrap().to_string();
+    let r = open_as("org.cap", "staging", "INTERNAL");
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The third distinct request of the tenant is over the cap of 2.
+    let r = open_as("org.cap", "prod", "PUBLIC");
+    r.assert_error(429, "too_many_pending_approvals", None);
+    assert!(r.body.contains("2 pending"), "{}", r.body);
+    // A retry of a pending one is not a new approval: the same id, at the cap too.
+    let again = open_as("org.cap", "staging", "PUBLIC");
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.json()["approval_id"], first.as_str());
+    // Another tenant has its own cap.
+    for (env, label) in [("staging", "PUBLIC"), ("prod", "PUBLIC")] {
+        let r = open_as("org.cap2", env, label);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.json()["approval_id"].is_string(), "{}", r.body);
+    }
+    // Once one is decided, a new one can open.
+    assert_eq!(act(&d, &boss, &first, "deny", None).status, 200);
+    let r = open_as("org.cap", "prod", "PUBLIC");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["deny_reason"], "approval_required", "{}", r.body);
+}
