@@ -819,3 +819,75 @@ fn the_pending_cap_comes_from_hall_toml_and_is_per_tenant() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["deny_reason"], "approval_required", "{}", r.body);
 }
+
+/// The value of one sample line of `/metrics` (`name{labels}`), 0 when absent.
+fn metric(d: &Daemon, sample: &str) -> f64 {
+    let r = d.get("/metrics");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn metrics_have_a_time_to_decision_histogram_by_outcome() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let body = d.get("/metrics").body;
+    assert!(
+        body.contains("# TYPE hall_approval_decision_seconds histogram"),
+        "{body}"
+    );
+    for o in ["approved", "denied", "cancelled", "expired"] {
+        assert_eq!(
+            metric(&d, &format!("hall_approval_decision_seconds_count{{outcome=\"{o}\"}}")),
+            0.0
+        );
+    }
+    let a = open(&d, &app, "org.acme");
+    assert_eq!(act(&d, &boss, &a, "approve", None).status, 200);
+    let b = open(&d, &app, "org.beta");
+    assert_eq!(act(&d, &boss, &b, "deny", None).status, 200);
+    let c = open(&d, &app, "org.two");
+    assert_eq!(act(&d, &app, &c, "cancel", None).status, 200);
+    // Expires while pending after its 2 s ttl; the sweep writes it (and observes it).
+    let e = open(&d, &app, "org.ttl");
+    d.wait_until(Duration::from_secs(20), || {
+        metric(
+            &d,
+            "hall_approval_decision_seconds_count{outcome=\"expired\"}",
+        ) == 1.0
+    });
+    for o in ["approved", "denied", "cancelled", "expired"] {
+        let count = metric(
+            &d,
+            &format!("hall_approval_decision_seconds_count{{outcome=\"{o}\"}}"),
+        );
+        assert_eq!(count, 1.0, "{o}");
+        // Every decision here took at most a day: the last finite bucket and +Inf hold it.
+        for le in ["86400", "+Inf"] {
+            assert_eq!(
+                metric(
+                    &d,
+                    &format!("hall_approval_decision_seconds_bucket{{outcome=\"{o}\",le=\"{le}\"}}")
+                ),
+                1.0,
+                "{o} {le}"
+            );
+        }
+    }
+    // The expiry is exactly the ttl after opening: 2 s, so in le=5 and not in le=1.
+    let exp = |s: &str| metric(&d, &format!("hall_approval_decision_seconds_{s}"));
+    assert_eq!(exp("sum{outcome=\"expired\"}"), 2.0);
+    assert_eq!(exp("bucket{outcome=\"expired\",le=\"1\"}"), 0.0);
+    assert_eq!(exp("bucket{outcome=\"expired\",le=\"5\"}"), 1.0);
+    assert_eq!(state_of(&d, &e), "expired");
+    // The transitions counter and the pending gauge are still there beside it.
+    assert_eq!(
+        metric(&d, "hall_approval_transitions_total{kind=\"approved\"}"),
+        1.0
+    );
+    assert_eq!(metric(&d, "hall_approvals_pending"), 0.0);
+}

@@ -507,5 +507,30 @@ pub fn metrics_text(state: &AppState) -> String {
             k.as_str()
         );
     }
+    s.push_str("# HELP hall_approval_decision_seconds Time from opening an approval to its decision (approved, denied, cancelled, or expired while pending), by outcome.\n# TYPE hall_approval_decision_seconds histogram\n");
+    for h in store.decision_histograms() {
+        let o = h.outcome;
+        for (le, n) in crate::store::approvals::DECISION_BUCKETS
+            .iter()
+            .map(|b| b.to_string())
+            .chain(["+Inf".to_string()])
+            .zip(&h.cumulative)
+        {
+            let _ = writeln!(
+                s,
+                "hall_approval_decision_seconds_bucket{{outcome=\"{o}\",le=\"{le}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "hall_approval_decision_seconds_sum{{outcome=\"{o}\"}} {}",
+            h.sum_secs
+        );
+        let _ = writeln!(
+            s,
+            "hall_approval_decision_seconds_count{{outcome=\"{o}\"}} {}",
+            h.count
+        );
+    }
     s
 }

@@ -294,6 +294,87 @@ pub struct ApprovalStore {
     changed: tokio::sync::watch::Sender<u64>,
     /// Transitions written since start, by [`TransitionKind::ALL`] index (for /metrics).
     counts: [std::sync::atomic::AtomicU64; 8],
+    /// Time from opening to the decision, by outcome (for /metrics).
+    decision_times: DecisionTimes,
+}
+
+/// Upper bounds (seconds) of the time-to-decision histogram's buckets: 1 s to a day.
+pub const DECISION_BUCKETS: [u64; 14] = [
+    1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400,
+];
+/// The outcomes the histogram is labelled by.
+pub const DECISION_OUTCOMES: [&str; 4] = ["approved", "denied", "cancelled", "expired"];
+
+/// A Prometheus histogram per outcome of how long approvals waited for their decision.
+/// Observed once per decision transition (an atomic add or three).
+#[derive(Default)]
+struct DecisionTimes {
+    /// `[outcome][bucket]`, not cumulative; the last slot is `+Inf`.
+    buckets: [[std::sync::atomic::AtomicU64; DECISION_BUCKETS.len() + 1]; 4],
+    count: [std::sync::atomic::AtomicU64; 4],
+    sum_ms: [std::sync::atomic::AtomicU64; 4],
+}
+
+/// One outcome's histogram: cumulative counts per bucket of [`DECISION_BUCKETS`] (then
+/// `+Inf`), the count and the sum in seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecisionHistogram {
+    pub outcome: &'static str,
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum_secs: f64,
+}
+
+impl DecisionTimes {
+    /// The outcome index and milliseconds from opening to the decision, if `t` decided it.
+    /// An approved approval that later expires unused was decided when it was approved.
+    fn of(t: &Transition) -> Option<(usize, i64)> {
+        let a = &t.approval;
+        let (i, at) = match t.kind {
+            TransitionKind::Approved => (0, a.approved_at_ms?),
+            TransitionKind::Denied => (1, a.decided_at_ms?),
+            TransitionKind::Cancelled => (2, a.decided_at_ms?),
+            TransitionKind::Expired if a.approved_at_ms.is_none() => (3, a.expires_at_ms),
+            _ => return None,
+        };
+        Some((i, at.saturating_sub(a.opened_at_ms).max(0)))
+    }
+
+    fn observe(&self, t: &Transition) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some((i, ms)) = Self::of(t) else { return };
+        let b = DECISION_BUCKETS
+            .iter()
+            .position(|&le| ms as u64 <= le * 1000)
+            .unwrap_or(DECISION_BUCKETS.len());
+        self.buckets[i][b].fetch_add(1, Relaxed);
+        self.count[i].fetch_add(1, Relaxed);
+        self.sum_ms[i].fetch_add(ms as u64, Relaxed);
+    }
+
+    fn snapshot(&self) -> Vec<DecisionHistogram> {
+        use std::sync::atomic::Ordering::Relaxed;
+        DECISION_OUTCOMES
+            .iter()
+            .enumerate()
+            .map(|(i, outcome)| {
+                let mut cum = 0;
+                let cumulative = self.buckets[i]
+                    .iter()
+                    .map(|c| {
+                        cum += c.load(Relaxed);
+                        cum
+                    })
+                    .collect();
+                DecisionHistogram {
+                    outcome,
+                    cumulative,
+                    count: self.count[i].load(Relaxed),
+                    sum_secs: self.sum_ms[i].load(Relaxed) as f64 / 1000.0,
+                }
+            })
+            .collect()
+    }
 }
 
 impl ApprovalStore {
@@ -306,6 +387,7 @@ impl ApprovalStore {
             max_pending,
             changed: tokio::sync::watch::channel(0).0,
             counts: Default::default(),
+            decision_times: DecisionTimes::default(),
         })
     }
 
@@ -323,7 +405,14 @@ impl ApprovalStore {
             if let Some(i) = TransitionKind::ALL.iter().position(|k| *k == t.kind) {
                 self.counts[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+            self.decision_times.observe(t);
         }
+    }
+
+    /// Time from opening to decision since start, per outcome (approved, denied, cancelled,
+    /// expired while pending).
+    pub fn decision_histograms(&self) -> Vec<DecisionHistogram> {
+        self.decision_times.snapshot()
     }
 
     /// Transitions written since start, by kind.

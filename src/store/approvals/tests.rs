@@ -109,6 +109,60 @@ fn expiry_holds_on_read_and_the_sweep_records_it_once() {
 }
 
 #[test]
+fn time_to_decision_is_observed_once_per_decision_by_outcome() {
+    let s = store();
+    let h = |s: &ApprovalStore, o: &str| {
+        s.decision_histograms()
+            .into_iter()
+            .find(|h| h.outcome == o)
+            .unwrap()
+    };
+    let ttl = ApprovalSettings {
+        ttl_secs: 10,
+        ..Default::default()
+    };
+    // Approved after 3 s (then redeemed, then a later expiry of nothing: not a decision).
+    let a = open(&s, ttl, 0);
+    s.approve(&a.id, "tok_boss", None, 3_000).0.unwrap();
+    s.redeem(&a.id, &D, "tok_opener", 4_000).0.unwrap();
+    // Expired while pending: after its ttl, 10 s. An approved one that expires unused was
+    // decided when it was approved (counted as approved, not again as expired).
+    let b = s.open_for(new(OTHER, "t", ttl), 0).0.unwrap();
+    s.sweep(60_000).0.unwrap();
+    assert_eq!(s.get(&b.id, 60_000).unwrap().unwrap().state, State::Expired);
+    let c = s.open_for(new([9; 32], "t", ttl), 100_000).0.unwrap();
+    s.approve(&c.id, "tok_boss", None, 100_500).0.unwrap();
+    s.sweep(200_000).0.unwrap();
+    // Denied after 2 h.
+    let day = ApprovalSettings {
+        ttl_secs: 86_400,
+        ..Default::default()
+    };
+    let d = s.open_for(new([10; 32], "t", day), 0).0.unwrap();
+    s.deny(&d.id, "tok_boss", None, 7_200_000).0.unwrap();
+
+    let approved = h(&s, "approved");
+    assert_eq!(approved.count, 2);
+    assert_eq!(approved.sum_secs, 3.5);
+    // Buckets 1, 5, ...: 0.5 s is in le=1, 3 s in le=5; cumulative; +Inf last.
+    assert_eq!(approved.cumulative[0], 1);
+    assert_eq!(approved.cumulative[1], 2);
+    assert_eq!(approved.cumulative.len(), DECISION_BUCKETS.len() + 1);
+    assert_eq!(*approved.cumulative.last().unwrap(), 2);
+    let expired = h(&s, "expired");
+    assert_eq!((expired.count, expired.sum_secs), (1, 10.0));
+    assert_eq!((expired.cumulative[1], expired.cumulative[2]), (0, 1));
+    let denied = h(&s, "denied");
+    assert_eq!((denied.count, denied.sum_secs), (1, 7200.0));
+    let le_7200 = DECISION_BUCKETS.iter().position(|b| *b == 7200).unwrap();
+    assert_eq!(
+        (denied.cumulative[le_7200 - 1], denied.cumulative[le_7200]),
+        (0, 1)
+    );
+    assert_eq!(h(&s, "cancelled").count, 0);
+}
+
+#[test]
 fn veto_window_and_distinct_approvers_and_cancel() {
     let s = store();
     let veto = ApprovalSettings {
