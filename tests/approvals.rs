@@ -891,3 +891,173 @@ fn metrics_have_a_time_to_decision_histogram_by_outcome() {
     );
     assert_eq!(metric(&d, "hall_approvals_pending"), 0.0);
 }
+
+/// A TCP connection to `addr` whose receive buffer is set small before connecting (so the
+/// window it advertises stays small), for a client that stops reading.
+fn connect_small_rcvbuf(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let std::net::SocketAddr::V4(v4) = addr else {
+        panic!("the test daemon listens on IPv4 loopback")
+    };
+    // SAFETY: plain socket calls on a fd this function owns until it hands it to TcpStream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let size: libc::c_int = 4096;
+        assert_eq!(
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ),
+            0
+        );
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let r = libc::connect(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
+        std::net::TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// Every `(id, event, data)` frame in SSE text.
+fn frames(text: &str) -> Vec<(Option<u64>, String, String)> {
+    let body = text.split_once("\r\n\r\n").map_or(text, |(_, b)| b);
+    let mut out = Vec::new();
+    for block in body.split("\n\n") {
+        let (mut id, mut ev, mut data) = (None, None, String::new());
+        for l in block.lines() {
+            if let Some(v) = l.strip_prefix("id: ") {
+                id = v.trim().parse().ok();
+            } else if let Some(v) = l.strip_prefix("event: ") {
+                ev = Some(v.trim().to_string());
+            } else if let Some(v) = l.strip_prefix("data: ") {
+                data.push_str(v);
+            }
+        }
+        if let Some(ev) = ev {
+            out.push((id, ev, data));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_slow_event_consumer_is_dropped_with_a_final_event_and_can_resume() {
+    use std::io::{Read, Write};
+    let d = Daemon::builder()
+        .setup(|p| {
+            std::fs::create_dir_all(p.join("xdg-config/hall")).unwrap();
+            std::fs::write(
+                p.join("xdg-config/hall/hall.toml"),
+                "[events]\nmax_lag = 20\n[audit]\ndurability = \"batched\"\n",
+            )
+            .unwrap();
+        })
+        .start();
+    let admin = d.admin_token().unwrap();
+    let mut s = connect_small_rcvbuf(d.addr);
+    write!(
+        s,
+        "GET /api/events?types=decision HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {admin}\r\n\r\n",
+        d.addr
+    )
+    .unwrap();
+    let seen = read_until(&mut s, "", ": from seq", Duration::from_secs(10));
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    // The client stops reading. Decisions go on, each record ~4 KB with its context, far
+    // more than the socket buffers hold: none of them waits for the stream.
+    const N: usize = 300;
+    let context = format!(r#"{{"pad":"{}"}}"#, "x".repeat(4000));
+    let body = format!(
+        r#"{{"capability_id":"cap.doc.summarize","env":"dev","data_label":"PUBLIC","tenant_id":"org.acme","context":{context}}}"#
+    );
+    std::thread::scope(|sc| {
+        for _ in 0..4 {
+            sc.spawn(|| {
+                for _ in 0..N / 4 {
+                    let r = d.post_json("/api/route", &body);
+                    assert_eq!(r.status, 200, "{}", r.body);
+                }
+            });
+        }
+    });
+    // Now it reads on: what was buffered, one final `dropped` event, then the end.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = seen.into_bytes();
+    let mut chunk = [0u8; 65536];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                // The chunked body's last chunk: the server ended the stream.
+                if buf.ends_with(b"\r\n0\r\n\r\n") {
+                    break;
+                }
+            }
+            Err(e) => panic!(
+                "the stream did not end: {e}; read {} bytes:\n{}",
+                buf.len(),
+                String::from_utf8_lossy(&buf[buf.len().saturating_sub(2000)..])
+            ),
+        }
+    }
+    // Drop the chunk-size lines so the SSE text reads as sent.
+    let text: String = String::from_utf8_lossy(&buf)
+        .split("\r\n")
+        .filter(|l| !(l.len() <= 8 && !l.is_empty() && l.chars().all(|c| c.is_ascii_hexdigit())))
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    let got = frames(&text.replace("\r\n", ""));
+    let (last, rest) = got.split_last().expect("events");
+    assert_eq!(last.1, "dropped", "the final event: {last:?}");
+    assert!(
+        rest.iter().all(|f| f.1 == "decision"),
+        "nothing after the final event"
+    );
+    assert!(rest.len() < N, "dropped before all {N} were sent");
+    let info: Value = serde_json::from_str(&last.2).unwrap();
+    assert_eq!(info["reason"], "slow_consumer", "{info}");
+    assert!(info["unsent"].as_u64().unwrap() > 20, "{info}");
+    assert!(
+        info["error"].as_str().unwrap().contains("Last-Event-ID"),
+        "{info}"
+    );
+    let ids: Vec<u64> = rest.iter().map(|f| f.0.unwrap()).collect();
+    let resume = info["last_event_id"].as_u64().unwrap();
+    if let Some(l) = ids.last() {
+        assert_eq!(resume, *l, "resume from the last id sent");
+    }
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+
+    // Resuming from there gives every remaining decision, in order, without a gap or a
+    // repeat (a replay of what was in the log is not lag: this stream is not dropped).
+    let (mut s, seen) = sse(&d, &admin, "?types=decision", Some(resume));
+    let want = N - ids.len();
+    let mut text = seen;
+    let start = Instant::now();
+    while frames(&text).len() < want && start.elapsed() < Duration::from_secs(30) {
+        let more = read_until(&mut s, "", "\n\n", Duration::from_secs(5));
+        text.push_str(&more);
+    }
+    let more = frames(&text);
+    assert_eq!(more.len(), want, "{:?}", more.last());
+    assert!(more.iter().all(|f| f.1 == "decision"), "not dropped again");
+    let more_ids: Vec<u64> = more.iter().map(|f| f.0.unwrap()).collect();
+    assert_eq!(more_ids[0], resume + 1);
+    assert!(more_ids.windows(2).all(|w| w[1] == w[0] + 1));
+    assert!(d.logs().contains("event stream dropped"), "logged");
+}
