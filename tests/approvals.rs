@@ -842,7 +842,10 @@ fn metrics_have_a_time_to_decision_histogram_by_outcome() {
     );
     for o in ["approved", "denied", "cancelled", "expired"] {
         assert_eq!(
-            metric(&d, &format!("hall_approval_decision_seconds_count{{outcome=\"{o}\"}}")),
+            metric(
+                &d,
+                &format!("hall_approval_decision_seconds_count{{outcome=\"{o}\"}}")
+            ),
             0.0
         );
     }
@@ -871,7 +874,9 @@ fn metrics_have_a_time_to_decision_histogram_by_outcome() {
             assert_eq!(
                 metric(
                     &d,
-                    &format!("hall_approval_decision_seconds_bucket{{outcome=\"{o}\",le=\"{le}\"}}")
+                    &format!(
+                        "hall_approval_decision_seconds_bucket{{outcome=\"{o}\",le=\"{le}\"}}"
+                    )
                 ),
                 1.0,
                 "{o} {le}"
@@ -1060,4 +1065,131 @@ fn a_slow_event_consumer_is_dropped_with_a_final_event_and_can_resume() {
     assert_eq!(more_ids[0], resume + 1);
     assert!(more_ids.windows(2).all(|w| w[1] == w[0] + 1));
     assert!(d.logs().contains("event stream dropped"), "logged");
+}
+
+/// `hall approvals watch …` as `tok`, its stdout lines coming through a channel.
+fn spawn_watch(
+    d: &Daemon,
+    tok: &str,
+    args: &[&str],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(common::HALL)
+        .args(["approvals", "watch"])
+        .args(args)
+        .env("HALL_URL", format!("http://{}", d.addr))
+        .env("HALL_TOKEN", tok)
+        .env_remove("HALL_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// The next line of a watch, within 20 s.
+fn next_line(rx: &std::sync::mpsc::Receiver<String>) -> String {
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("a line from hall approvals watch")
+}
+
+#[test]
+fn hall_approvals_watch_prints_the_queue_live_with_the_approvers_command() {
+    let d = start();
+    let admin = d.admin_token().unwrap();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let already = open(&d, &app, "org.acme");
+
+    // Human lines: what is pending at start, then what opens and how it is decided.
+    let (mut child, rx) = spawn_watch(&d, &admin, &["--count", "3"]);
+    let l = next_line(&rx);
+    assert!(l.contains(&already) && l.contains("pending"), "{l}");
+    assert!(
+        l.contains("tenant org.acme: cap.code.deploy in prod (INTERNAL)"),
+        "{l}"
+    );
+    assert_eq!(
+        next_line(&rx).trim(),
+        format!("approve: hall approvals approve {already} --note \"…\"")
+    );
+    assert_eq!(
+        next_line(&rx).trim(),
+        format!("deny:    hall approvals deny {already} --note \"…\"")
+    );
+    // The watch is following now (it lists after its stream opened).
+    let id = open(&d, &app, "org.beta");
+    let l = next_line(&rx);
+    assert!(l.contains(&id) && l.contains("opened"), "{l}");
+    assert!(l.contains("worker worker.deploy.canary"), "{l}");
+    let cmd = next_line(&rx);
+    assert_eq!(
+        cmd.trim(),
+        format!("approve: hall approvals approve {id} --note \"…\"")
+    );
+    next_line(&rx);
+    // The printed command works as printed (run by an approver).
+    let out = std::process::Command::new(common::HALL)
+        .args(["approvals", "approve", &id, "--note", "looks fine"])
+        .env("HALL_URL", format!("http://{}", d.addr))
+        .env("HALL_TOKEN", &boss)
+        .env_remove("HALL_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = next_line(&rx);
+    assert!(l.contains(&id) && l.contains("approved"), "{l}");
+    assert!(
+        l.contains("note: looks fine") && l.contains(", by tok_"),
+        "{l}"
+    );
+    // --count 3 reached: it exits 0.
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // --json: one object a line, with the commands; a tenant filter. Opened before or after
+    // the watch's stream starts, an approval is printed once: as pending (from the list it
+    // takes once its stream is open) or as opened (from the stream).
+    let (mut child, rx) = spawn_watch(
+        &d,
+        &admin,
+        &["--json", "--count", "2", "--tenant", "org.two"],
+    );
+    let two = open(&d, &app, "org.two");
+    let _ = open(&d, &app, "org.beta"); // another tenant: not shown
+    let v: Value = serde_json::from_str(&next_line(&rx)).unwrap();
+    assert!(
+        v["event"] == "approval.opened" || v["event"] == "approval.pending",
+        "{v}"
+    );
+    assert_eq!(v["approval_id"], two.as_str(), "{v}");
+    assert_eq!(v["tenant_id"], "org.two", "{v}");
+    assert_eq!(
+        v["approve_command"],
+        format!("hall approvals approve {two} --note \"…\""),
+        "{v}"
+    );
+    assert_eq!(act(&d, &boss, &two, "deny", Some("not today")).status, 200);
+    let v: Value = serde_json::from_str(&next_line(&rx)).unwrap();
+    assert_eq!(v["event"], "approval.decided", "{v}");
+    assert_eq!(v["state"], "denied", "{v}");
+    assert_eq!(v["approval_id"], two.as_str(), "{v}");
+    assert_eq!(v["note"], "not today", "{v}");
+    assert!(v["id"].as_u64().is_some(), "the event's audit seq: {v}");
+    assert!(child.wait().unwrap().success());
 }

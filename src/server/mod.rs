@@ -146,7 +146,7 @@ fn open_stores(
         .map_err(|e| format!("cannot open the secret store: {e}"))?;
     tracing::info!(source = %key_source, key_id = %secrets.key_id(), "master key loaded");
     let approvals = crate::store::approvals::ApprovalStore::open(&db, config.approvals_max_pending)
-    .map_err(|e| format!("cannot open the approval store: {e}"))?;
+        .map_err(|e| format!("cannot open the approval store: {e}"))?;
     Ok(state::Stores {
         audit,
         tokens,
