@@ -1193,3 +1193,40 @@ fn hall_approvals_watch_prints_the_queue_live_with_the_approvers_command() {
     assert!(v["id"].as_u64().is_some(), "the event's audit seq: {v}");
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn a_second_app_whose_request_joined_an_approval_can_read_it() {
+    let d = start();
+    let app1 = issue(&d, "app1", &["route"], None);
+    let app2 = issue(&d, "app2", &["route"], None);
+    let app3 = issue(&d, "app3", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let id = open(&d, &app1, "org.acme");
+    // The same request from another app: the same approval, which it may now read...
+    assert_eq!(open(&d, &app2, "org.acme"), id);
+    let get = |tok: &str| call(&d, tok, "GET", &format!("/api/approvals/{id}"), None);
+    let r = get(&app2);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["state"], "pending");
+    assert_eq!(get(&app1).status, 200);
+    // ...and wait on, like its opener.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let r = call(&d, &app2, "GET", &format!("/api/approvals/{id}?wait=30"), None);
+            tx.send(r).unwrap();
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(act(&d, &boss, &id, "approve", None).status, 200);
+        let r = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(r.json()["state"], "approved", "{}", r.body);
+    });
+    // A route token that never asked for it still cannot see it; nor can a joiner cancel it.
+    get(&app3).assert_error(404, "not_found", None);
+    let id2 = open(&d, &app1, "org.beta");
+    assert_eq!(open(&d, &app2, "org.beta"), id2);
+    act(&d, &app2, &id2, "cancel", None).assert_error(403, "not_opener", None);
+    // Redeemed by the joiner: allowed once.
+    let r = route(&d, &app2, "org.acme", Some(&id));
+    assert_eq!(r.json()["allowed"], true, "{}", r.body);
+}

@@ -247,8 +247,12 @@ fn visible(
     if !caller.may_act_for(&a.tenant_id) {
         return Err(super::auth::tenant_mismatch());
     }
-    // A route-only token sees the approvals it opened; approvers see the queue.
-    if !caller.allows(Scope::Approve) && a.opened_by != caller.id() {
+    // A route-only token sees the approvals it opened or joined (its identical request was
+    // answered with this one); approvers see the queue.
+    if !caller.allows(Scope::Approve)
+        && a.opened_by != caller.id()
+        && !a.joined_by.iter().any(|t| t == caller.id())
+    {
         return Err(ApiError::not_found("no such approval"));
     }
     Ok(a)

@@ -33,6 +33,9 @@ const PENDING: &str = "approvals_pending";
 const FORMAT: u8 = 1;
 /// Default per-tenant cap on pending approvals.
 pub const DEFAULT_MAX_PENDING: usize = 1000;
+/// Most tokens recorded as having joined one approval (beyond it, later joiners can still
+/// redeem it but not read it).
+pub const MAX_JOINED: usize = 16;
 /// Longest note accepted with approve/deny/cancel, in characters.
 pub const MAX_NOTE: usize = 512;
 
@@ -123,6 +126,10 @@ pub struct Approval {
     pub note: Option<String>,
     /// How many redemptions were allowed.
     pub uses: u32,
+    /// Other tokens whose identical request, while it was pending, was answered with this
+    /// approval (they may read it like its opener; at most [`MAX_JOINED`]).
+    #[serde(default)]
+    pub joined_by: Vec<String>,
 }
 
 /// What the stored bytes hold.
@@ -514,8 +521,21 @@ impl ApprovalStore {
         let _guard = self.open_lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(id) = self.by_digest.get(new.digest)? {
             let id = String::from_utf8_lossy(&id).into_owned();
-            // Materialise its time-driven transitions (and audit them) before deciding.
-            match self.update(&id, now, transitions, |_| Ok(None)) {
+            // Materialise its time-driven transitions (and audit them) before deciding; a
+            // token other than the opener that asks the same joins it (so it may read it).
+            let joiner = new.opened_by;
+            let join = |a: &mut Approval| {
+                if a.state == State::Pending
+                    && a.tenant_id == new.tenant_id
+                    && a.opened_by != joiner
+                    && a.joined_by.len() < MAX_JOINED
+                    && !a.joined_by.iter().any(|t| t == joiner)
+                {
+                    a.joined_by.push(joiner.to_string());
+                }
+                Ok(None)
+            };
+            match self.update(&id, now, transitions, join) {
                 Ok(a) if a.state == State::Pending && a.tenant_id == new.tenant_id => return Ok(a),
                 Ok(_) | Err(ApprovalError::NotFound) => {}
                 Err(e) => return Err(e),
@@ -566,6 +586,7 @@ impl ApprovalStore {
             decided_at_ms: None,
             note: None,
             uses: 0,
+            joined_by: Vec::new(),
         };
         let bytes = Self::encode(&a)?;
         self.tree.insert(a.id.as_bytes(), bytes)?;
