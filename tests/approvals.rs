@@ -1213,7 +1213,13 @@ fn a_second_app_whose_request_joined_an_approval_can_read_it() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::scope(|sc| {
         sc.spawn(|| {
-            let r = call(&d, &app2, "GET", &format!("/api/approvals/{id}?wait=30"), None);
+            let r = call(
+                &d,
+                &app2,
+                "GET",
+                &format!("/api/approvals/{id}?wait=30"),
+                None,
+            );
             tx.send(r).unwrap();
         });
         std::thread::sleep(Duration::from_millis(300));

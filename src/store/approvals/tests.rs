@@ -163,6 +163,80 @@ fn time_to_decision_is_observed_once_per_decision_by_outcome() {
 }
 
 #[test]
+fn the_sweep_reads_only_due_timers_and_deletes_ended_approvals_later() {
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let s = ApprovalStore::open(&db, 1000).unwrap();
+    let ttl = ApprovalSettings {
+        ttl_secs: 10,
+        ..Default::default()
+    };
+    // 40 approvals denied at 1 s, one left pending (expires at 10 s).
+    let mut denied = Vec::new();
+    for i in 0..40u8 {
+        let a = s.open_for(new([i; 32], "t", ttl), 0).0.unwrap();
+        s.deny(&a.id, "tok_boss", None, 1_000).0.unwrap();
+        denied.push(a.id);
+    }
+    let live = s.open_for(new([200; 32], "t", ttl), 0).0.unwrap();
+    // Nothing is due: the sweep reads no approval at all.
+    let (r, t) = s.sweep(5_000);
+    assert_eq!((r.unwrap(), t.len()), (0, 0));
+    // The pending one's expiry is the only timer due at 10 s.
+    let (r, t) = s.sweep(10_000);
+    assert_eq!(r.unwrap(), 1);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].kind, TransitionKind::Expired);
+    assert_eq!(t[0].approval.id, live.id);
+    // The pending queue comes from the pending index (which the expiry left).
+    assert!(s
+        .list(10_000, Some(State::Pending), None, 100)
+        .unwrap()
+        .is_empty());
+    assert_eq!(s.pending_now(10_000).unwrap(), 0);
+    // Ended approvals stay for KEEP_ENDED_MS after they ended, then go.
+    let (r, _) = s.sweep(1_000 + KEEP_ENDED_MS - 1);
+    assert_eq!(r.unwrap(), 0);
+    assert!(s.get(&denied[0], 1_000 + KEEP_ENDED_MS).unwrap().is_some());
+    let (r, t) = s.sweep(1_000 + KEEP_ENDED_MS);
+    assert_eq!(r.unwrap(), 40);
+    assert!(t.is_empty(), "a deletion is not a transition");
+    for id in &denied {
+        assert!(s.get(id, 0).unwrap().is_none(), "{id} deleted");
+    }
+    assert_eq!(s.list(0, None, None, 1000).unwrap().len(), 1);
+    // The expired one goes KEEP_ENDED_MS after its expiry was written.
+    s.sweep(10_000 + KEEP_ENDED_MS).0.unwrap();
+    assert!(s.get(&live.id, 0).unwrap().is_none());
+    assert!(s.timers.is_empty() && s.pending.is_empty() && s.by_digest.is_empty());
+    // The same request again opens a new approval.
+    let again = s
+        .open_for(new([0; 32], "t", ttl), 2 * KEEP_ENDED_MS)
+        .0
+        .unwrap();
+    assert!(!denied.contains(&again.id));
+}
+
+#[test]
+fn approvals_stored_before_timers_existed_get_them_at_open() {
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let s = ApprovalStore::open(&db, 1000).unwrap();
+    let ttl = ApprovalSettings {
+        ttl_secs: 10,
+        ..Default::default()
+    };
+    let now = crate::clock::now_ms();
+    let a = s.open_for(new(D, "t", ttl), now).0.unwrap();
+    drop(s);
+    // As an older release left it: approvals, no timers.
+    db.open_tree(TIMERS).unwrap().clear().unwrap();
+    let s = ApprovalStore::open(&db, 1000).unwrap();
+    let (r, t) = s.sweep(now + 10_000);
+    assert_eq!(r.unwrap(), 1);
+    assert_eq!(t[0].kind, TransitionKind::Expired);
+    assert_eq!(t[0].approval.id, a.id);
+}
+
+#[test]
 fn veto_window_and_distinct_approvers_and_cancel() {
     let s = store();
     let veto = ApprovalSettings {
