@@ -1236,3 +1236,110 @@ fn a_second_app_whose_request_joined_an_approval_can_read_it() {
     let r = route(&d, &app2, "org.acme", Some(&id));
     assert_eq!(r.json()["allowed"], true, "{}", r.body);
 }
+
+#[test]
+fn hall_events_resumes_without_a_gap_after_the_daemon_drops_it() {
+    use std::io::BufRead;
+    let d = Daemon::builder()
+        .setup(|p| {
+            std::fs::create_dir_all(p.join("xdg-config/hall")).unwrap();
+            std::fs::write(
+                p.join("xdg-config/hall/hall.toml"),
+                "[events]\nmax_lag = 20\n[audit]\ndurability = \"batched\"\n",
+            )
+            .unwrap();
+        })
+        .start();
+    let admin = d.admin_token().unwrap();
+    // Nobody reads its stdout for now: once the pipe is full, it stops reading the stream.
+    let mut child = std::process::Command::new(common::HALL)
+        .args(["events", "--types", "decision"])
+        .env("HALL_URL", format!("http://{}", d.addr))
+        .env("HALL_TOKEN", &admin)
+        .env_remove("HALL_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Decide until one reaches its stdout: its stream is open. Then nobody reads its
+    // stdout for a while.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        tx.send((first, out)).unwrap();
+    });
+    let (first, out) = loop {
+        assert_eq!(
+            d.route("cap.doc.summarize", "dev", "PUBLIC", "org.acme")
+                .status,
+            200
+        );
+        if let Ok(got) = rx.recv_timeout(Duration::from_millis(200)) {
+            break got;
+        }
+    };
+    let first: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["event"], "decision", "{first}");
+    const N: usize = 300;
+    let body = format!(
+        r#"{{"capability_id":"cap.doc.summarize","env":"dev","data_label":"PUBLIC","tenant_id":"org.acme","context":{{"pad":"{}"}}}}"#,
+        "x".repeat(4000)
+    );
+    std::thread::scope(|sc| {
+        for _ in 0..4 {
+            sc.spawn(|| {
+                for _ in 0..N / 4 {
+                    assert_eq!(d.post_json("/api/route", &body).status, 200);
+                }
+            });
+        }
+    });
+    // Now read: every decision exactly once, in order, with the daemon's `dropped` among them.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in out.lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let head = d.get("/api/status").json()["audit"]["seq"]
+        .as_u64()
+        .unwrap();
+    let (mut ids, mut dropped) = (vec![first["id"].as_u64().unwrap()], None);
+    while ids.last() != Some(&head) {
+        let l = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                panic!("{} decisions up to {head}, dropped: {dropped:?}", ids.len())
+            });
+        let v: Value = serde_json::from_str(&l).unwrap();
+        match v["event"].as_str() {
+            Some("decision") => ids.push(v["id"].as_u64().unwrap()),
+            Some("dropped") => dropped = Some((ids.len(), v["data"].clone())),
+            other => panic!("{other:?}: {l}"),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let stderr = {
+        use std::io::Read;
+        let mut s = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+        s
+    };
+    let (at, info) = dropped.expect("the daemon dropped the slow reader");
+    assert!(at < ids.len(), "dropped before the end");
+    assert_eq!(info["reason"], "slow_consumer", "{info}");
+    // It names the last event it sent, which is where the CLI resumed.
+    assert_eq!(info["last_event_id"].as_u64(), Some(ids[at - 1]), "{info}");
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "no gap, no repeat: {ids:?}"
+    );
+    assert!(stderr.contains("dropped this stream"), "{stderr}");
+}
