@@ -266,8 +266,11 @@ pub(crate) struct Shared {
 impl Shared {
     fn publish_head(&self, head: Head) {
         self.head.store(Arc::new(head));
-        // One O(1) signal per batch; it wakes the event streams (no receivers: nothing to do).
-        self.head_seq.send_replace(head.seq);
+        // An O(1) signal that wakes the event streams; skipped while none is open (a stream
+        // that subscribes later reads `head` above, stored first).
+        if self.head_seq.receiver_count() > 0 {
+            self.head_seq.send_replace(head.seq);
+        }
     }
 
     pub(crate) fn publish_durable(&self, head: Head) {
