@@ -21,6 +21,24 @@ pub fn rfc3339_ms(ts_ms: i64) -> Option<String> {
     t.format(FMT).ok()
 }
 
+/// `<n><unit>` with unit `s`, `m`, `h` or `d` (e.g. `"15m"`), in seconds; at most 9 digits,
+/// one unit, no spaces. The one duration syntax of Hall: rule keys (`approval_ttl`), the
+/// CLI's `--expires-in` (which also takes bare seconds) and `hall replay --since`.
+pub fn parse_duration(s: &str) -> Option<u64> {
+    let unit = match s.as_bytes().last()? {
+        b's' => 1,
+        b'm' => 60,
+        b'h' => 3600,
+        b'd' => 86_400,
+        _ => return None,
+    };
+    let n = &s[..s.len() - 1];
+    if n.is_empty() || n.len() > 9 || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse::<u64>().ok()?.checked_mul(unit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,28 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use crate::store::audit::Durability;
+/// When an audit append may return, relative to the disk (`audit.durability`): `durable`
+/// (after the flush, the default) or `batched` (before it; a crash may lose the last
+/// batch). The daemon maps it onto the audit log's own setting when it opens the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    #[default]
+    Durable,
+    Batched,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "durable" => Ok(Durability::Durable),
+            "batched" => Ok(Durability::Batched),
+            other => Err(format!(
+                "audit durability must be \"durable\" or \"batched\", not {other:?}"
+            )),
+        }
+    }
+}
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -57,6 +78,11 @@ pub struct Config {
     /// The default locations looked at when neither `--config` nor `HALL_CONFIG` named a
     /// file (empty when one did): for messages that say where Hall looked.
     pub config_tried: Vec<PathBuf>,
+    /// `hall serve --allow-non-loopback`: listen beyond loopback (never from a file or variable).
+    pub allow_non_loopback: bool,
+    /// `hall serve --accept-audit-truncation`: start on an audit log shorter than its
+    /// checkpoint (never from a file or variable).
+    pub accept_audit_truncation: bool,
 }
 
 /// Where the config file came from.
@@ -114,11 +140,7 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, ConfigError> {
             None
         }
     });
-    parsed.ok_or_else(|| {
-        ConfigError(format!(
-            "listen {s:?} is not an address:port (for example 127.0.0.1:8765, localhost:8765 or [::1]:8765)"
-        ))
-    })
+    parsed.ok_or_else(|| ConfigError::Listen(s.to_string()))
 }
 
 /// Values given on the command line; `None` leaves the lower layers in force.
@@ -186,7 +208,7 @@ fn bounded(
     let (v, from) = match env(var) {
         Some(s) => (
             s.trim().parse::<u64>().map_err(|_| {
-                ConfigError(format!(
+                ConfigError::Bounded(format!(
                     "{var} must be a whole number from 1 to {max} ({what}), got {s:?}"
                 ))
             })?,
@@ -195,7 +217,7 @@ fn bounded(
         None => (file.unwrap_or(default), key),
     };
     if !(1..=max).contains(&v) {
-        return Err(ConfigError(format!(
+        return Err(ConfigError::Bounded(format!(
             "{from} must be from 1 to {max} ({what}; default {default}), got {v}"
         )));
     }
@@ -215,10 +237,42 @@ struct FileSecrets {
     release_ttl: Option<u64>,
 }
 
-/// A configuration error, phrased for the person at the terminal.
+/// A configuration error, phrased for the person at the terminal: what is wrong, where, and
+/// what to write instead.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    #[error("cannot read config {} (from {}): {source}", path.display(), origin.describe())]
+    Read {
+        path: PathBuf,
+        origin: ConfigOrigin,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {}: {}{hint}", path.display(), source.message().trim())]
+    Parse {
+        path: PathBuf,
+        /// `" (did you mean `listen`?)"` for a mistyped key, else empty.
+        hint: String,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("listen {0:?} is not an address:port (for example 127.0.0.1:8765, localhost:8765 or [::1]:8765)")]
+    Listen(String),
+    #[error("allowed_origins: {0:?} is not an origin; write scheme://host[:port] with no path or trailing slash, e.g. http://localhost:3000 (\"null\" and wildcards are not accepted)")]
+    Origin(String),
+    /// A value with a fixed set of spellings (`audit.durability`, `log_format`).
+    #[error("{0}")]
+    Choice(String),
+    #[error("HALL_AUDIT_RETENTION_DAYS must be a whole number of days, got {0:?}")]
+    RetentionDays(String),
+    #[error("audit retention_days must be at least 1 (leave it unset to keep everything)")]
+    RetentionZero,
+    #[error("HALL_SECRETS_RELEASE_TTL must be a number of seconds, got {0:?}")]
+    ReleaseTtl(String),
+    /// A whole number outside its range (`approvals.max_pending_per_tenant`, `events.max_lag`).
+    #[error("{0}")]
+    Bounded(String),
+}
 
 impl Config {
     /// Resolve from the process environment.
@@ -246,21 +300,17 @@ impl Config {
         let (file, base) = match &config_file {
             None => (FileConfig::default(), PathBuf::from(".")),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| {
-                    ConfigError(format!(
-                        "cannot read config {} (from {}): {e}",
-                        p.display(),
-                        config_origin.describe()
-                    ))
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    origin: config_origin,
+                    source,
                 })?;
-                let fc: FileConfig = toml::from_str(&text).map_err(|e| {
-                    ConfigError(format!(
-                        "config {}: {}{}",
-                        p.display(),
-                        e.message().trim(),
-                        config_key_hint(e.message())
-                    ))
-                })?;
+                let fc: FileConfig =
+                    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                        path: p.clone(),
+                        hint: config_key_hint(source.message()),
+                        source: Box::new(source),
+                    })?;
                 let base = p
                     .parent()
                     .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
@@ -323,12 +373,9 @@ impl Config {
         // An entry that is not an origin would silently match nothing: say so at startup.
         if let Some(bad) = allowed_origins
             .iter()
-            .find(|o| crate::server::guard::normalize_origin(o).is_none())
+            .find(|o| crate::origin::normalize_origin(o).is_none())
         {
-            return Err(ConfigError(format!(
-                "allowed_origins: {bad:?} is not an origin; write scheme://host[:port] with no path or \
-                 trailing slash, e.g. http://localhost:3000 (\"null\" and wildcards are not accepted)"
-            )));
+            return Err(ConfigError::Origin(bad.clone()));
         }
 
         let audit_durability = flags
@@ -337,29 +384,18 @@ impl Config {
             .or_else(|| env("HALL_AUDIT_DURABILITY"))
             .or(file.audit.durability)
             .map_or(Ok(Durability::default()), |s| s.parse())
-            .map_err(ConfigError)?;
+            .map_err(ConfigError::Choice)?;
         let audit_retention_days: Option<u32> = match env("HALL_AUDIT_RETENTION_DAYS") {
-            Some(v) => Some(v.parse().map_err(|_| {
-                ConfigError(format!(
-                    "HALL_AUDIT_RETENTION_DAYS must be a whole number of days, got {v:?}"
-                ))
-            })?),
+            Some(v) => Some(v.parse().map_err(|_| ConfigError::RetentionDays(v))?),
             None => file.audit.retention_days,
         };
         if audit_retention_days == Some(0) {
             // 0 would delete every record a minute after it is written, including the
             // decisions a secret release must find.
-            return Err(ConfigError(
-                "audit retention_days must be at least 1 (leave it unset to keep everything)"
-                    .into(),
-            ));
+            return Err(ConfigError::RetentionZero);
         }
         let release_ttl_secs = match env("HALL_SECRETS_RELEASE_TTL") {
-            Some(v) => v.parse().map_err(|_| {
-                ConfigError(format!(
-                    "HALL_SECRETS_RELEASE_TTL must be a number of seconds, got {v:?}"
-                ))
-            })?,
+            Some(v) => v.parse().map_err(|_| ConfigError::ReleaseTtl(v))?,
             None => file.secrets.release_ttl.unwrap_or(300),
         };
         let approvals_max_pending = bounded(
@@ -386,7 +422,7 @@ impl Config {
             .or_else(|| env("HALL_LOG_FORMAT"))
             .or(file.log_format)
             .map_or(Ok(LogFormat::default()), |s| s.parse())
-            .map_err(ConfigError)?;
+            .map_err(ConfigError::Choice)?;
 
         Ok(Config {
             listen,
@@ -403,6 +439,8 @@ impl Config {
             config_file,
             config_origin,
             config_tried,
+            allow_non_loopback: false,
+            accept_audit_truncation: false,
         })
     }
 
@@ -456,7 +494,7 @@ fn config_key_hint(msg: &str) -> String {
         return String::new();
     };
     let key = rest.split('`').next().unwrap_or("");
-    crate::cli::suggest::did_you_mean(key, CONFIG_KEYS.iter().copied())
+    crate::suggest::did_you_mean(key, CONFIG_KEYS.iter().copied())
         .map(|k| format!(" (did you mean `{k}`?)"))
         .unwrap_or_default()
 }
@@ -565,13 +603,13 @@ mod tests {
             &env_of(&[]),
         )
         .unwrap_err();
-        assert!(e.0.contains("\"nope\""), "{e}");
+        assert!(e.to_string().contains("\"nope\""), "{e}");
         let e = Config::resolve_with(
             &Flags::default(),
             &env_of(&[("HALL_AUDIT_DURABILITY", "sometimes")]),
         )
         .unwrap_err();
-        assert!(e.0.contains("durable"), "{e}");
+        assert!(e.to_string().contains("durable"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("hall.toml");
         std::fs::write(&cfg, "lisen = \"x\"\n").unwrap();
@@ -583,7 +621,7 @@ mod tests {
             &env_of(&[]),
         )
         .unwrap_err();
-        assert!(e.0.contains("lisen"), "{e}");
+        assert!(e.to_string().contains("lisen"), "{e}");
     }
 
     #[test]
@@ -639,7 +677,7 @@ mod tests {
             &env_of(&[("HALL_AUDIT_RETENTION_DAYS", "0")]),
         )
         .unwrap_err();
-        assert!(e.0.contains("at least 1"), "{e}");
+        assert!(e.to_string().contains("at least 1"), "{e}");
         let c = Config::resolve_with(
             &Flags::default(),
             &env_of(&[("HALL_AUDIT_RETENTION_DAYS", "1")]),
@@ -688,17 +726,27 @@ mod tests {
         ] {
             std::fs::write(&cfg, text).unwrap();
             let e = Config::resolve_with(&flags, &env_of(&[])).unwrap_err();
-            assert!(e.0.contains(key) && e.0.contains("from 1 to"), "{e}");
+            assert!(
+                e.to_string().contains(key) && e.to_string().contains("from 1 to"),
+                "{e}"
+            );
         }
         let e = Config::resolve_with(
             &Flags::default(),
             &env_of(&[("HALL_APPROVALS_MAX_PENDING_PER_TENANT", "many")]),
         )
         .unwrap_err();
-        assert!(e.0.contains("HALL_APPROVALS_MAX_PENDING_PER_TENANT"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("HALL_APPROVALS_MAX_PENDING_PER_TENANT"),
+            "{e}"
+        );
         std::fs::write(&cfg, "[approvals]\nmax_pending = 3\n").unwrap();
         let e = Config::resolve_with(&flags, &env_of(&[])).unwrap_err();
-        assert!(e.0.contains("max_pending_per_tenant"), "did you mean: {e}");
+        assert!(
+            e.to_string().contains("max_pending_per_tenant"),
+            "did you mean: {e}"
+        );
     }
 
     #[test]
@@ -725,9 +773,9 @@ mod tests {
             };
             let e = Config::resolve_with(&flags, &env_of(&[])).unwrap_err();
             assert!(
-                e.0.contains("allowed_origins") && e.0.contains(bad),
+                e.to_string().contains("allowed_origins") && e.to_string().contains(bad),
                 "{}",
-                e.0
+                e.to_string()
             );
         }
         let e = Config::resolve_with(
@@ -738,7 +786,11 @@ mod tests {
             )]),
         )
         .unwrap_err();
-        assert!(e.0.contains("https://b.example/x"), "{}", e.0);
+        assert!(
+            e.to_string().contains("https://b.example/x"),
+            "{}",
+            e.to_string()
+        );
         let flags = Flags {
             allowed_origins: vec!["HTTP://App.Example:8080".into()],
             ..Default::default()

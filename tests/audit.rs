@@ -1052,6 +1052,26 @@ fn crash_batched_chain_still_verifies_after_kill_9() {
 }
 
 #[test]
+fn batched_decisions_older_than_the_window_survive_kill_9() {
+    // The documented batched window: what was answered more than `batch_interval` (50 ms)
+    // before a crash is on disk. 2 s of quiet leaves a wide margin on a slow machine.
+    let args = vec!["--audit-durability".to_string(), "batched".to_string()];
+    let mut b = Daemon::builder();
+    for a in &args {
+        b = b.arg(a);
+    }
+    let mut d = b.start();
+    let ids: Vec<String> = (0..50).map(|_| decision_id(&route_ok(&d, ALLOW))).collect();
+    std::thread::sleep(Duration::from_secs(2));
+    d.signal(libc::SIGKILL);
+    d.wait_exit(Duration::from_secs(30));
+    let d = Daemon::spawn(d.into_dir(), &args, &[], true);
+    let missing = missing_after_crash(&d, &ids);
+    assert!(missing.is_empty(), "lost after the window: {missing:?}");
+    assert_verifies(&d);
+}
+
+#[test]
 fn cli_tail_show_verify() {
     let d = Daemon::start();
     let a = route_ok(&d, ALLOW);

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
+use super::client::enc;
 use super::client::Client;
 use super::{CliResult, ClientArgs};
 
@@ -66,19 +67,6 @@ pub enum ApprovalsCmd {
         #[command(flatten)]
         client: ClientArgs,
     },
-}
-
-/// Percent-encode a path segment or query value.
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 pub(super) fn run(cmd: ApprovalsCmd, json: bool) -> CliResult {

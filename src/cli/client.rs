@@ -55,14 +55,34 @@ impl Client {
         args: &ClientArgs,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Client, CliError> {
+        Self::discover(args, None, env)
+    }
+
+    /// [`from_args`](Self::from_args) for a command with its own `--state-dir` (`hall
+    /// replay`): the admin token file is looked for there instead of in the config's.
+    pub fn from_args_in(
+        args: &ClientArgs,
+        state_dir: Option<std::path::PathBuf>,
+    ) -> Result<Client, CliError> {
+        Self::discover(args, state_dir, &|k| {
+            std::env::var(k).ok().filter(|v| !v.is_empty())
+        })
+    }
+
+    fn discover(
+        args: &ClientArgs,
+        state_dir: Option<std::path::PathBuf>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Client, CliError> {
         let cfg = Config::resolve_with(
             &Flags {
                 config: args.config.clone(),
+                state_dir,
                 ..Default::default()
             },
             env,
         )
-        .map_err(|e| CliError::usage(e.0))?;
+        .map_err(|e| CliError::usage(e.to_string()))?;
         let config_note = match (&cfg.config_file, cfg.config_origin) {
             (Some(f), o) => format!("config {} (from {})", f.display(), o.describe()),
             (None, _) => "no config file".to_string(),
@@ -798,14 +818,22 @@ fn follow_records(c: &Client, mut after: u64, json: bool) -> Result<(), CliError
 }
 
 /// Percent-encode a path segment or query value.
-fn enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
+pub(super) fn enc(s: &str) -> String {
+    /// Everything but RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`).
+    const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, RESERVED).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn enc_keeps_unreserved_and_escapes_the_rest_bytewise() {
+        assert_eq!(super::enc("a-Z_0.9~"), "a-Z_0.9~");
+        assert_eq!(super::enc("a/b c?d&e=%"), "a%2Fb%20c%3Fd%26e%3D%25");
+        assert_eq!(super::enc("é+"), "%C3%A9%2B");
     }
-    out
 }

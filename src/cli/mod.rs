@@ -11,7 +11,7 @@ mod mcp;
 mod offline;
 pub mod replay;
 pub mod schema;
-pub mod suggest;
+pub use crate::suggest;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -95,17 +95,9 @@ impl std::error::Error for CliError {}
 /// A duration for a flag: plain seconds (`3600`) or a number with `s`, `m`, `h` or `d`.
 pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 's')) => (&t[..i], 1),
-        Some((i, 'm')) => (&t[..i], 60),
-        Some((i, 'h')) => (&t[..i], 3600),
-        Some((i, 'd')) => (&t[..i], 86_400),
-        _ => (t, 1),
-    };
-    num.trim()
-        .parse::<u64>()
+    t.parse::<u64>()
         .ok()
-        .and_then(|n| n.checked_mul(mult))
+        .or_else(|| crate::clock::parse_duration(t))
         .filter(|n| *n > 0)
         .ok_or_else(|| format!("{s:?} is not a duration: write seconds (3600) or 30m, 1h, 7d"))
 }
@@ -452,7 +444,7 @@ pub fn main() -> ExitCode {
         }
     }
     let result = match cli.command {
-        Command::Serve(a) => crate::server::run(a),
+        Command::Serve(a) => serve(a),
         Command::Check(a) => offline::check(&a, cli.json),
         Command::Test(a) => offline::test(&a),
         Command::Route(a) if a.offline => offline::route(&a, json),
@@ -490,6 +482,25 @@ pub fn main() -> ExitCode {
             ExitCode::from(error_code(e.as_ref()))
         }
     }
+}
+
+/// `hall serve`: build the daemon's [`Config`](crate::config::Config) from the flags, the
+/// environment and `hall.toml`, and run it.
+fn serve(a: ServeArgs) -> CliResult {
+    let mut config = crate::config::Config::resolve(&crate::config::Flags {
+        config: a.files.config,
+        listen: a.listen,
+        registry_dir: a.files.registry,
+        policies_dir: a.files.policies,
+        state_dir: a.state_dir,
+        allowed_origins: a.allowed_origins,
+        audit_durability: a.audit_durability,
+        log_format: a.log_format,
+    })?;
+    config.allow_non_loopback = a.allow_non_loopback;
+    config.accept_audit_truncation = a.accept_audit_truncation;
+    crate::server::run(config)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// hall(1): one page for the whole tool, each command (and each command of a group such
@@ -549,3 +560,21 @@ pub fn error_code(e: &(dyn std::error::Error + 'static)) -> u8 {
 
 /// An error for the person at the terminal.
 pub type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_take_units() {
+        use super::parse_duration_secs as p;
+        assert_eq!(p("3600"), Ok(3600));
+        assert_eq!(p("30m"), Ok(1800));
+        assert_eq!(p("1h"), Ok(3600));
+        assert_eq!(p("7d"), Ok(604_800));
+        assert!(p("0").is_err());
+        assert!(p("1w").is_err());
+        assert!(p("h").is_err());
+        // The syntax of the rule keys, plus bare seconds: one parser underneath.
+        assert_eq!(p(" 15m "), Ok(900));
+        assert!(p("9999999999s").is_err());
+    }
+}

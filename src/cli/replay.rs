@@ -39,7 +39,7 @@ Where the records come from (--source):
   state-dir  read the audit log directly from the state dir; the daemon must be stopped
              (sled locks the directory while it runs). Fastest.
   api        ask the running daemon: GET /api/audit at --url or HALL_URL
-             (default http://127.0.0.1:8765), with HALL_TOKEN or the admin token file;
+             (default http://<listen> from hall.toml), with HALL_TOKEN or the admin token file;
              the token needs the `audit` scope (a tenant-bound one sees its tenant only).
   auto       (default) the state dir, or the API when a running daemon holds it.
 Nothing is written to the audit log.
@@ -79,7 +79,7 @@ pub struct ReplayArgs {
     /// Where to read the recorded decisions (see below).
     #[arg(long, value_enum, default_value_t = Source::Auto)]
     pub source: Source,
-    /// Daemon URL for --source api/auto (also HALL_URL; default http://127.0.0.1:8765).
+    /// Daemon URL for --source api/auto (also HALL_URL; default: http://<listen> from hall.toml, else http://127.0.0.1:8765).
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
 }
@@ -193,7 +193,7 @@ pub(super) fn run(a: &ReplayArgs) -> CliResult {
     let report = match a.source {
         Source::StateDir => replay_state_dir(&cfg.state_dir, &loaded.snapshot, &window, a.limit)?,
         Source::Api => {
-            let pages = api_pages(a.url.as_deref(), &cfg.state_dir, &window)?;
+            let pages = api_pages(a, &window)?;
             replay_pages(pages, &loaded.snapshot, a.limit)?
         }
         Source::Auto => {
@@ -205,7 +205,7 @@ pub(super) fn run(a: &ReplayArgs) -> CliResult {
                 }
                 Err(OpenError::Locked(_)) => {
                     eprintln!("hall: the daemon holds the state dir; reading the audit log through its API");
-                    let pages = api_pages(a.url.as_deref(), &cfg.state_dir, &window)?;
+                    let pages = api_pages(a, &window)?;
                     replay_pages(pages, &loaded.snapshot, a.limit)?
                 }
                 Err(e) => return Err(e.to_string().into()),
@@ -268,21 +268,22 @@ fn replay_state_dir(
 
 type Pages = Box<dyn Iterator<Item = Result<Vec<AuditRecord>, String>> + Send>;
 
-/// Pages of decision records from the running daemon's `GET /api/audit`.
-fn api_pages(url: Option<&str>, state_dir: &Path, window: &Window) -> Result<Pages, String> {
-    let base = url
+/// Pages of decision records from the running daemon's `GET /api/audit`. The daemon and
+/// its token are found as by every client command ([`Client`](super::client::Client)):
+/// `--url`, `HALL_URL`, else `listen` in hall.toml; `HALL_TOKEN`, else the admin token file in
+/// the state dir.
+fn api_pages(a: &ReplayArgs, window: &Window) -> Result<Pages, String> {
+    let args = super::ClientArgs {
+        url: a.url.clone(),
+        token: None,
+        config: a.files.config.clone(),
+    };
+    let client = super::client::Client::from_args_in(&args, a.state_dir.clone())
+        .map_err(|e| e.to_string())?;
+    let base = client.base_url().to_owned();
+    let token = client
+        .token()
         .map(str::to_owned)
-        .or_else(|| std::env::var("HALL_URL").ok().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| "http://127.0.0.1:8765".into());
-    let base = base.trim_end_matches('/').to_owned();
-    let token = std::env::var("HALL_TOKEN")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string(state_dir.join("admin.token"))
-                .ok()
-                .map(|s| s.trim().to_owned())
-        })
         .ok_or("no token for the API: set HALL_TOKEN to a token with the audit scope")?;
     let mut query = format!("kind=decision&limit={MAX_QUERY_LIMIT}");
     for (k, v) in [
@@ -295,7 +296,7 @@ fn api_pages(url: Option<&str>, state_dir: &Path, window: &Window) -> Result<Pag
         ("until", window.until_ms.map(|t| t.to_string())),
     ] {
         if let Some(v) = v {
-            query.push_str(&format!("&{k}={}", encode(&v)));
+            query.push_str(&format!("&{k}={}", super::client::enc(&v)));
         }
     }
     let mut after: Option<u64> = None;
@@ -342,19 +343,6 @@ fn api_pages(url: Option<&str>, state_dir: &Path, window: &Window) -> Result<Pag
 #[derive(serde::Deserialize)]
 struct ApiPage {
     records: Vec<AuditRecord>,
-}
-
-/// Percent-encode a query value (everything but RFC 3986 unreserved characters).
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// Replay every recorded route decision in `window` under `snap`, keeping at most
@@ -596,8 +584,8 @@ fn print_text(r: &Report, elapsed: Duration) {
 }
 
 /// `--since`/`--until`: a duration back from `now_ms` (`90s`, `30m`, `24h`, `7d`) or an
-/// RFC 3339 time. Hand-written: four units are all it takes, and it keeps the format the
-/// same as the other durations in hall.toml.
+/// RFC 3339 time. The duration is [`crate::clock::parse_duration`], the syntax of the rule
+/// keys.
 pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
     let s = s.trim();
     if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
@@ -609,17 +597,11 @@ pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
              (e.g. 2026-11-23T09:30:00Z)"
         )
     };
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (n, unit) = s.split_at(split);
-    let n: i64 = n.parse().map_err(|_| bad())?;
-    let unit_ms: i64 = match unit {
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(bad()),
-    };
-    let back = n.checked_mul(unit_ms).ok_or_else(bad)?;
+    let secs = crate::clock::parse_duration(s).ok_or_else(bad)?;
+    let back = i64::try_from(secs)
+        .ok()
+        .and_then(|n| n.checked_mul(1_000))
+        .ok_or_else(bad)?;
     Ok(now_ms.saturating_sub(back))
 }
 

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::{tenant_mismatch, Caller};
-use super::errors::ApiError;
+use super::errors::{ApiError, Code};
 use super::record;
 use super::route::read_json_body;
 use super::state::{now_ms, AppState};
@@ -17,7 +17,7 @@ use crate::store::tokens::{NewToken, RateLimit, Scope, TokenError};
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "internal error");
-    ApiError::new(500, "internal", "internal error; see the daemon's log")
+    ApiError::new(Code::Internal, "internal error; see the daemon's log")
 }
 
 // ---- audit ---------------------------------------------------------------------------
@@ -44,7 +44,7 @@ pub async fn audit_query(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let mut q = AuditQuery::default();
-    for (k, v) in form_pairs(req.query_string()) {
+    for (k, v) in query_pairs(&req)? {
         match k.as_str() {
             "tenant_id" => q.tenant_id = Some(v),
             "capability_id" => q.capability_id = Some(v),
@@ -158,37 +158,16 @@ pub async fn audit_verify(
     Ok(HttpResponse::Ok().json(report))
 }
 
-/// Split a query string into decoded pairs.
-pub(crate) fn form_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (pct_decode(k), pct_decode(v))
-        })
-        .collect()
-}
-
-fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// A query string as its decoded `(name, value)` pairs, in order, decoded by serde (the
+/// `web::Query` extractor's `application/x-www-form-urlencoded` rules: `+` is a space,
+/// `%XX` a byte, a name without `=` has an empty value). Each handler then matches the
+/// names itself, so an unknown or malformed parameter is refused with its own message in
+/// the order the client wrote them, as before (a typed struct would report them in field
+/// order, and refuse a repeated name that today is "last one wins").
+pub(crate) fn query_pairs(req: &HttpRequest) -> Result<Vec<(String, String)>, ApiError> {
+    web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .map_err(|e| ApiError::invalid("query", format!("the query string does not decode: {e}")))
 }
 
 // ---- tokens --------------------------------------------------------------------------
@@ -345,7 +324,7 @@ fn secret_error(e: SecretError) -> ApiError {
     match e {
         SecretError::InvalidName { .. } => ApiError::invalid("name", e.to_string()),
         SecretError::ValueTooLarge { .. } => ApiError::invalid("value", e.to_string()),
-        SecretError::NotOwner { .. } => ApiError::new(403, "tenant_mismatch", e.to_string()),
+        SecretError::NotOwner { .. } => ApiError::new(Code::TenantMismatch, e.to_string()),
         other => internal(other),
     }
 }
@@ -491,7 +470,7 @@ pub async fn secret_release(
         })
         .await?;
         let r = Refusal::MissingScope;
-        return Err(ApiError::new(r.http_status(), r.code(), r.to_string()));
+        return Err(super::errors::refusal(r));
     }
     let body: ReleaseBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid("body", format!("invalid release request: {e}")))?;
@@ -583,7 +562,7 @@ pub async fn secret_release(
                 e.detail = Some(name.clone());
             })
             .await?;
-            Err(ApiError::new(r.http_status(), r.code(), r.to_string()))
+            Err(super::errors::refusal(r))
         }
         Err(ReleaseError::Store(e)) => Err(secret_error(e)),
     }
@@ -641,7 +620,7 @@ pub async fn secret_rotate(
     .await
     .map_err(internal)?
     .map_err(|e| match e {
-        SecretError::Key(k) => ApiError::new(409, "cannot_rotate", k.to_string()),
+        SecretError::Key(k) => ApiError::new(Code::CannotRotate, k.to_string()),
         other => internal(other),
     })?;
     tracing::info!(
@@ -666,4 +645,21 @@ pub async fn secret_rotate(
         "old_key_id": report.old_key_id, "new_key_id": report.new_key_id,
         "reencrypted": report.reencrypted, "resumed": report.resumed,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_pairs_decode_in_order_plus_percent_and_bare_names() {
+        let req =
+            actix_web::test::TestRequest::with_uri("/x?b=1+2&a=%41%zz&&c&b=3").to_http_request();
+        let pairs = query_pairs(&req).unwrap();
+        let want = [("b", "1 2"), ("a", "A%zz"), ("c", ""), ("b", "3")];
+        assert_eq!(
+            pairs,
+            want.map(|(k, v)| (k.to_string(), v.to_string())).to_vec()
+        );
+    }
 }

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::{tenant_mismatch, Caller};
-use super::errors::ApiError;
+use super::errors::{ApiError, Code};
 use super::record;
 use super::route::RouteBody;
 use super::state::{now_ms, AppState};
@@ -42,13 +42,11 @@ pub enum Settle {
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "approval store error");
-    ApiError::new(500, "internal", "internal error; see the daemon's log")
+    ApiError::new(Code::Internal, "internal error; see the daemon's log")
 }
 
 fn mismatch() -> ApiError {
-    ApiError::new(
-        403,
-        "approval_mismatch",
+    ApiError::new(Code::ApprovalMismatch,
         "this approval does not exist or was given for another request (capability, env, label, tenant, rule or worker differ)",
     )
 }
@@ -128,8 +126,7 @@ pub async fn settle<'s>(
                 Redemption::Refused(State::Used) => {
                     decision.deny_reason = Some("approval_used");
                     return Err(Settle::Refused(ApiError::new(
-                        409,
-                        "approval_used",
+                        Code::ApprovalUsed,
                         "this approval was for one use and has been used",
                     )));
                 }
@@ -189,29 +186,19 @@ fn hex(b: &[u8]) -> String {
 fn error(e: ApprovalError) -> ApiError {
     match e {
         ApprovalError::NotFound => ApiError::not_found("no such approval"),
-        ApprovalError::Conflict(s) => ApiError::new(
-            409,
-            "approval_conflict",
+        ApprovalError::Conflict(s) => ApiError::new(Code::ApprovalConflict,
             format!("the approval is {s}: it cannot move that way"),
         ),
-        ApprovalError::AlreadyVoted => ApiError::new(
-            409,
-            "approval_conflict",
+        ApprovalError::AlreadyVoted => ApiError::new(Code::ApprovalConflict,
             "the approval is pending: this token has already approved it, and approvers must be distinct",
         ),
-        ApprovalError::SelfApproval => ApiError::new(
-            403,
-            "self_approval",
+        ApprovalError::SelfApproval => ApiError::new(Code::SelfApproval,
             "the token that opened an approval cannot approve it (separation of duties)",
         ),
-        ApprovalError::NotOpener => ApiError::new(
-            403,
-            "not_opener",
+        ApprovalError::NotOpener => ApiError::new(Code::NotOpener,
             "only the token that opened an approval may cancel it",
         ),
-        ApprovalError::TooManyPending(n) => ApiError::new(
-            429,
-            "too_many_pending_approvals",
+        ApprovalError::TooManyPending(n) => ApiError::new(Code::TooManyPendingApprovals,
             format!("this tenant already has {n} pending approvals; decide or cancel some first"),
         ),
         ApprovalError::Store(e) => internal(e),
@@ -275,7 +262,7 @@ pub async fn list(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let (mut st, mut tenant, mut limit) = (None, None, MAX_LIST);
-    for (k, v) in super::api::form_pairs(req.query_string()) {
+    for (k, v) in super::api::query_pairs(&req)? {
         match k.as_str() {
             "state" => {
                 st = Some(State::parse(&v).ok_or_else(|| {
@@ -332,7 +319,7 @@ pub async fn show(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let mut wait = 0u64;
-    for (k, v) in super::api::form_pairs(req.query_string()) {
+    for (k, v) in super::api::query_pairs(&req)? {
         match k.as_str() {
             "wait" => {
                 wait = v

@@ -34,7 +34,7 @@ use actix_web::middleware::Next;
 use actix_web::{web, FromRequest, HttpMessage, HttpRequest, HttpResponse};
 
 use super::conn::{ConnGuard, TrackedBody};
-use super::errors::ApiError;
+use super::errors::{ApiError, Code};
 use super::guard;
 use super::state::{now_ms, AppState};
 use crate::store::tokens::{bearer_token, Authenticated, Scope};
@@ -95,7 +95,7 @@ async fn gate_inner<B: MessageBody + 'static>(
 ) -> Result<ServiceResponse<EitherBody<B>>, actix_web::Error> {
     let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
         return Ok(req
-            .error_response(ApiError::new(500, "internal", "state missing"))
+            .error_response(ApiError::new(Code::Internal, "state missing"))
             .map_into_right_body());
     };
     let cors_configured = !state.config.allowed_origins.is_empty();
@@ -155,7 +155,7 @@ fn host_ok(host: Option<&str>, state: &AppState) -> bool {
 
 fn bad_host(state: &AppState, why: &'static str) -> ApiError {
     state.metrics.refused("bad_host");
-    ApiError::new(403, "bad_host", why)
+    ApiError::new(Code::BadHost, why)
 }
 
 /// Host (exactly one header; and the authority of an absolute-form target such as
@@ -191,8 +191,7 @@ fn check_host_and_origin(req: &ServiceRequest, state: &AppState) -> Result<bool,
     if !guard::origin_allowed(origin, &state.config.allowed_origins) {
         state.metrics.refused("bad_origin");
         return Err(ApiError::new(
-            403,
-            "bad_origin",
+            Code::BadOrigin,
             "requests from this Origin are not allowed",
         ));
     }
@@ -258,7 +257,7 @@ where
             }
             let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
                 return Ok(req
-                    .error_response(ApiError::new(500, "internal", "state missing"))
+                    .error_response(ApiError::new(Code::Internal, "state missing"))
                     .map_into_right_body());
             };
             match admit_token(&req, &state, access) {
@@ -308,8 +307,7 @@ fn admit_token(
             state.metrics.refused("rate_limited");
             let retry = d.retry_after_secs.unwrap_or(1).max(1);
             let mut e = ApiError::new(
-                429,
-                "rate_limited",
+                Code::RateLimited,
                 format!("rate limit exceeded; retry in {retry} s"),
             )
             .with_header("Retry-After", retry.to_string());
@@ -322,8 +320,7 @@ fn admit_token(
         if !auth.allows(a) && !auth.allows(b) {
             state.metrics.refused("forbidden");
             let mut e = ApiError::new(
-                403,
-                "forbidden",
+                Code::Forbidden,
                 format!("this token lacks the {a} or {b} scope"),
             );
             e.headers.extend(rate_headers);
@@ -334,8 +331,7 @@ fn admit_token(
         if !auth.allows(scope) {
             state.metrics.refused("forbidden");
             let mut e = ApiError::new(
-                403,
-                "forbidden",
+                Code::Forbidden,
                 format!("this token lacks the {scope} scope"),
             );
             e.headers.extend(rate_headers);
@@ -346,7 +342,7 @@ fn admit_token(
 }
 
 fn unauthorized() -> ApiError {
-    ApiError::new(401, "unauthorized", "a valid bearer token is required")
+    ApiError::new(Code::Unauthorized, "a valid bearer token is required")
         .with_header("WWW-Authenticate", "Bearer".into())
 }
 
@@ -400,8 +396,7 @@ impl Caller {
         match self.tenant() {
             None => Ok(()),
             Some(_) => Err(ApiError::new(
-                403,
-                "tenant_mismatch",
+                Code::TenantMismatch,
                 format!("{what} every tenant; use a token that is not bound to a tenant"),
             )),
         }
@@ -411,8 +406,7 @@ impl Caller {
 /// 403 `tenant_mismatch`.
 pub fn tenant_mismatch() -> ApiError {
     ApiError::new(
-        403,
-        "tenant_mismatch",
+        Code::TenantMismatch,
         "this token is bound to another tenant",
     )
 }

@@ -113,7 +113,7 @@ pub async fn events(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let mut types: Vec<&'static str> = TYPES.to_vec();
-    for (k, v) in super::api::form_pairs(req.query_string()) {
+    for (k, v) in super::api::query_pairs(&req)? {
         match k.as_str() {
             "types" => {
                 types = Vec::new();

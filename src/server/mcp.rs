@@ -31,7 +31,7 @@ use std::time::Instant;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
-use super::errors::ApiError;
+use super::errors::{ApiError, Code};
 use super::route::{decide_and_record, parse_body, read_json_body, require_route_scope};
 use super::state::AppState;
 use crate::engine::{decide, valid_id, Request, Snapshot};
@@ -368,7 +368,7 @@ fn tool_result(v: Value) -> Value {
 /// execution error the assistant can read, with the API's code in the text.
 fn tool_failure(state: &AppState, e: ApiError) -> Result<Value, RpcError> {
     state.metrics.refused(e.code);
-    if e.status.as_u16() == 400 {
+    if e.code == Code::InvalidRequest.as_str() {
         let mut data = json!({"code": e.code});
         if let Some(f) = &e.field {
             data["field"] = json!(f);
@@ -417,7 +417,7 @@ async fn call_tool(
             };
             match answer.and_then(|out| {
                 serde_json::from_slice::<Value>(&out)
-                    .map_err(|e| ApiError::new(500, "internal", e.to_string()))
+                    .map_err(|e| ApiError::new(Code::Internal, e.to_string()))
             }) {
                 Ok(v) => Ok(tool_result(v)),
                 Err(e) => tool_failure(state, e),
@@ -477,8 +477,7 @@ fn list_capabilities(
     let tenant = match (caller.tenant(), asked) {
         (Some(bound), Some(t)) if bound != t => {
             return Err(ApiError::new(
-                403,
-                "tenant_mismatch",
+                Code::TenantMismatch,
                 "this token is bound to another tenant",
             ))
         }

@@ -22,31 +22,65 @@ use actix_web::{web, App, HttpServer};
 pub use errors::ApiError;
 pub use state::AppState;
 
-use crate::cli::{CliResult, ServeArgs};
-use crate::config::{Config, Flags, LogFormat};
+use crate::config::{Config, LogFormat};
 
-/// Run the daemon until SIGTERM/SIGINT; exit 0 after in-flight requests finish.
-pub fn run(args: ServeArgs) -> CliResult {
-    let config = Config::resolve(&Flags {
-        config: args.files.config.clone(),
-        listen: args.listen.clone(),
-        registry_dir: args.files.registry.clone(),
-        policies_dir: args.files.policies.clone(),
-        state_dir: args.state_dir.clone(),
-        allowed_origins: args.allowed_origins.clone(),
-        audit_durability: args.audit_durability.clone(),
-        log_format: args.log_format.clone(),
-    })?;
+/// Why the daemon could not start, or stopped abnormally. Each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("refusing to listen on {0}: not a loopback address. Hall's API is meant for this machine only; pass --allow-non-loopback to expose it to the network anyway (remote clients must then address it by IP, http://<ip>:<port>: host names other than localhost get 403 bad_host)")]
+    NotLoopback(std::net::SocketAddr),
+    #[error("cannot use state dir {}: {source}", dir.display())]
+    StateDir {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source} (another daemon on that port? change listen in {config}, or pass --listen)")]
+    PortTaken {
+        addr: std::net::SocketAddr,
+        /// The config file to change (`hall.toml` when none was read).
+        config: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the database in {}: {source} (is another hall running on this state dir?)", dir.display())]
+    Database {
+        dir: std::path::PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A store that would not open (`what`: "the audit log", "the token store", ...).
+    #[error("cannot open {what}: {source}")]
+    Store {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot create the admin token: {0}")]
+    AdminToken(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot record the admin token in the audit log: {0}")]
+    AdminTokenAudit(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("master key: {0}")]
+    MasterKey(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("server error: {0}")]
+    Server(#[source] std::io::Error),
+    #[error("could not re-execute to reopen the database: {0}")]
+    Reexec(#[source] std::io::Error),
+}
+
+/// Run the daemon with `config` (built by the CLI) until SIGTERM/SIGINT; return after
+/// in-flight requests finish.
+pub fn run(config: Config) -> Result<(), ServeError> {
     init_logging(config.log_format);
     let loopback = guard::is_loopback_listen(&config.listen);
-    if !loopback && !args.allow_non_loopback {
-        return Err(format!(
-            "refusing to listen on {}: not a loopback address. Hall's API is meant for this machine only; \
-             pass --allow-non-loopback to expose it to the network anyway (remote clients must then \
-             address it by IP, http://<ip>:<port>: host names other than localhost get 403 bad_host)",
-            config.listen
-        )
-        .into());
+    if !loopback && !config.allow_non_loopback {
+        return Err(ServeError::NotLoopback(config.listen));
     }
     if !loopback {
         tracing::warn!(
@@ -61,8 +95,10 @@ pub fn run(args: ServeArgs) -> CliResult {
     unsafe {
         libc::umask(0o077);
     }
-    crate::store::ensure_private_dir(&config.state_dir)
-        .map_err(|e| format!("cannot use state dir {}: {e}", config.state_dir.display()))?;
+    crate::store::ensure_private_dir(&config.state_dir).map_err(|source| ServeError::StateDir {
+        dir: config.state_dir.clone(),
+        source,
+    })?;
     // A write past RLIMIT_FSIZE must be an error the audit log can refuse on, not a kill.
     // SAFETY: setting a signal disposition to SIG_IGN.
     unsafe {
@@ -71,49 +107,47 @@ pub fn run(args: ServeArgs) -> CliResult {
     // Take the port before anything is written: a start that fails because the port is in
     // use must leave no audit record (such as a freshly issued admin token) behind. (After a
     // storage re-exec the listening socket is inherited instead, see `storage::listener`.)
-    let listener = storage::listener(config.listen).map_err(|e| {
-        format!(
-            "cannot listen on {}: {e} (another daemon on that port? change listen in {}, or pass --listen)",
-            config.listen,
-            config
-                .config_file
-                .as_ref()
-                .map_or_else(|| "hall.toml".to_string(), |p| p.display().to_string())
-        )
+    let listener = storage::listener(config.listen).map_err(|source| ServeError::PortTaken {
+        addr: config.listen,
+        config: config
+            .config_file
+            .as_ref()
+            .map_or_else(|| "hall.toml".to_string(), |p| p.display().to_string()),
+        source,
     })?;
-    let stores = open_stores(&config, args.accept_audit_truncation)?;
+    let stores = open_stores(&config)?;
     actix_web::rt::System::new().block_on(serve(config, stores, listener))
 }
 
 /// Open sled and every store, before the runtime starts (the OS keyring may block).
-fn open_stores(
-    config: &Config,
-    accept_audit_truncation: bool,
-) -> Result<state::Stores, Box<dyn std::error::Error>> {
+fn open_stores(config: &Config) -> Result<state::Stores, ServeError> {
     use crate::store::{audit, keys, secrets, tokens};
     let dir = &config.state_dir;
-    let db = crate::store::open_db(dir).map_err(|e| {
-        format!(
-            "cannot open the database in {}: {e} (is another hall running on this state dir?)",
-            dir.display()
-        )
+    let db = crate::store::open_db(dir).map_err(|e| ServeError::Database {
+        dir: dir.clone(),
+        source: e.into(),
     })?;
+    let store = |what: &'static str| {
+        move |e: Box<dyn std::error::Error + Send + Sync>| ServeError::Store { what, source: e }
+    };
     let audit = audit::AuditLog::open(
         &db,
         audit::AuditConfig {
-            durability: config.audit_durability,
+            durability: match config.audit_durability {
+                crate::config::Durability::Durable => audit::Durability::Durable,
+                crate::config::Durability::Batched => audit::Durability::Batched,
+            },
             retention_days: config.audit_retention_days,
             checkpoint: Some(dir.join(audit::checkpoint::FILE_NAME)),
-            accept_truncation: accept_audit_truncation,
+            accept_truncation: config.accept_audit_truncation,
             ..Default::default()
         },
     )
-    .map_err(|e| format!("cannot open the audit log: {e}"))?;
-    let tokens =
-        tokens::TokenStore::open(&db).map_err(|e| format!("cannot open the token store: {e}"))?;
+    .map_err(|e| store("the audit log")(e.into()))?;
+    let tokens = tokens::TokenStore::open(&db).map_err(|e| store("the token store")(e.into()))?;
     let boot = tokens
         .ensure_admin_token(dir, state::now_ms())
-        .map_err(|e| format!("cannot create the admin token: {e}"))?;
+        .map_err(|e| ServeError::AdminToken(e.into()))?;
     match &boot.created {
         Some(id) => {
             tracing::info!(path = %boot.path.display(), token_id = %id, "created an admin token (mode 0600); the CLI reads it from there");
@@ -134,19 +168,19 @@ fn open_stores(
                 e.detail = Some(detail);
                 audit
                     .append_blocking(e)
-                    .map_err(|e| format!("cannot record the admin token in the audit log: {e}"))?;
+                    .map_err(|e| ServeError::AdminTokenAudit(e.into()))?;
             }
         }
         None => tracing::info!(path = %boot.path.display(), "admin token file"),
     }
     let key_sources = keys::KeySources::new(
-        keys::KeyEnv::from_process_env(dir).map_err(|e| format!("master key: {e}"))?,
+        keys::KeyEnv::from_process_env(dir).map_err(|e| ServeError::MasterKey(e.into()))?,
     );
     let (secrets, key_source) = secrets::SecretStore::open_from(&db, &key_sources)
-        .map_err(|e| format!("cannot open the secret store: {e}"))?;
+        .map_err(|e| store("the secret store")(e.into()))?;
     tracing::info!(source = %key_source, key_id = %secrets.key_id(), "master key loaded");
     let approvals = crate::store::approvals::ApprovalStore::open(&db, config.approvals_max_pending)
-        .map_err(|e| format!("cannot open the approval store: {e}"))?;
+        .map_err(|e| store("the approval store")(e.into()))?;
     Ok(state::Stores {
         audit,
         tokens,
@@ -186,7 +220,7 @@ async fn serve(
     config: Config,
     stores: state::Stores,
     listener: std::net::TcpListener,
-) -> CliResult {
+) -> Result<(), ServeError> {
     tracing::info!(
         registry = %config.registry_dir.display(),
         policies = %config.policies_dir.display(),
@@ -242,12 +276,12 @@ async fn serve(
     .max_connections(limits.per_worker)
     .shutdown_timeout(30);
     // Our own listener (not `bind`), so a re-exec after a storage failure can hand it over.
-    let kept = listener
-        .try_clone()
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    let server = server
-        .listen(listener)
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let listen_error = |source| ServeError::Listen {
+        addr: config.listen,
+        source,
+    };
+    let kept = listener.try_clone().map_err(listen_error)?;
+    let server = server.listen(listener).map_err(listen_error)?;
     let addr = server.addrs().first().copied().unwrap_or(config.listen);
     state
         .port
@@ -302,7 +336,7 @@ async fn serve(
         }
     });
 
-    server.await.map_err(|e| format!("server error: {e}"))?;
+    server.await.map_err(ServeError::Server)?;
     // A re-exec to reopen the database is a reload to the service manager, not a stop.
     let reexec = state.reexec.load(std::sync::atomic::Ordering::SeqCst);
     let _ = sd_notify::notify(
@@ -317,12 +351,12 @@ async fn serve(
     if reexec {
         tracing::warn!("re-executing to reopen the database (same address, same arguments)");
         let e = storage::reexec(&kept);
-        return Err(format!("could not re-execute to reopen the database: {e}").into());
+        return Err(ServeError::Reexec(e));
     }
     drop(kept);
     tracing::info!("shut down cleanly");
     drop(tx);
-    Ok(std::process::ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// How long a client may take to send its request head.

@@ -3,7 +3,7 @@
 use actix_web::{web, HttpResponse, ResponseError};
 use serde_json::json;
 
-use super::errors::ApiError;
+use super::errors::{ApiError, Code};
 use super::state::AppState;
 
 fn json_ok(v: serde_json::Value) -> HttpResponse {
@@ -18,15 +18,11 @@ pub async fn health() -> HttpResponse {
 /// `GET /ready`: 200 once a policy set is loaded, while the audit log can be written.
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     if let Some(why) = super::storage::problem(&state) {
-        return HttpResponse::ServiceUnavailable().json(json!({
-            "error": format!("storage cannot be written: {why}"),
-            "code": "unavailable",
-        }));
+        return ApiError::unavailable(format!("storage cannot be written: {why}")).error_response();
     }
     match state.snapshot.load().as_ref() {
         Some(s) => json_ok(json!({"status": "ready", "policy_version": s.version})),
-        None => HttpResponse::ServiceUnavailable()
-            .json(json!({"error": "no policy set is loaded yet", "code": "unavailable"})),
+        None => ApiError::unavailable("no policy set is loaded yet").error_response(),
     }
 }
 
@@ -143,12 +139,15 @@ pub async fn reload(
         Err(errors) => {
             super::record::reload(&st, "api", who, false, "", &errors).await;
             let current = st.snapshot.load().as_ref().map(|s| s.version.clone());
-            Ok(HttpResponse::UnprocessableEntity().json(json!({
-                "error": "the policy files do not load; the last good set stays in force",
-                "code": "invalid_policy",
-                "errors": errors,
-                "policy_version": current,
-            })))
+            // The API's error shape, with the load's errors and the version still in force.
+            Ok(
+                HttpResponse::build(Code::InvalidPolicy.status()).json(json!({
+                    "error": "the policy files do not load; the last good set stays in force",
+                    "code": Code::InvalidPolicy.as_str(),
+                    "errors": errors,
+                    "policy_version": current,
+                })),
+            )
         }
     }
 }

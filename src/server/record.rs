@@ -1,47 +1,13 @@
 //! Writing audit records for what the daemon does. A route response is sent only after
 //! its record is appended (and, in durable mode, flushed): never an unrecorded allow.
 
-use super::errors::ApiError;
-use super::route::RouteBody;
+use super::errors::{ApiError, Code};
 use super::state::{now_ms, AppState};
-use crate::engine::Decision;
 use crate::store::audit::{AuditEntry, RecordKind};
-use crate::store::tokens::Authenticated;
 
-/// Record a route decision and return its id (the audit writer makes it, see
-/// `store::audit`); an error means the response must be 503. `detail` names the approval a
-/// decision opened or redeemed.
-pub async fn decision_noted(
-    state: &AppState,
-    caller: &Authenticated,
-    body: &RouteBody,
-    decision: &Decision<'_>,
-    policy_version: &str,
-    dry_run: bool,
-    detail: Option<String>,
-) -> Result<uuid::Uuid, ApiError> {
-    // The context exactly as the client sent it (bounded to 8 KiB by the handler): numbers
-    // are not re-parsed (no rounding), nothing is dropped for being deep.
-    let context = body.context.as_ref().map(|raw| raw.get().to_string());
-    let entry = AuditEntry {
-        tenant_id: Some(body.tenant_id.clone()),
-        capability_id: Some(body.capability_id.clone()),
-        env: Some(body.env.clone()),
-        data_label: Some(body.data_label.clone()),
-        allowed: Some(decision.allowed),
-        dry_run,
-        worker_id: decision.worker_id.map(str::to_string),
-        deny_reason: decision.deny_reason.map(str::to_string),
-        rule_id: decision.rule_id.map(str::to_string),
-        policy_version: Some(policy_version.to_string()),
-        correlation_id: body.correlation_id.clone(),
-        context,
-        tenant_risk: body.tenant_risk.clone(),
-        qos_class: body.qos_class.clone(),
-        token_id: Some(caller.id().to_string()),
-        detail,
-        ..AuditEntry::new(RecordKind::Decision, now_ms())
-    };
+/// Append a route decision's record (built by the route handler) and return its id (the
+/// audit writer makes it, see `store::audit`); an error means the response must be 503.
+pub async fn decision(state: &AppState, entry: AuditEntry) -> Result<uuid::Uuid, ApiError> {
     state
         .stores
         .audit
@@ -52,7 +18,7 @@ pub async fn decision_noted(
             ApiError::unavailable("the audit log cannot be written; no decision can be given")
         })?
         .decision_id
-        .ok_or_else(|| ApiError::new(500, "internal", "the audit log gave no decision id"))
+        .ok_or_else(|| ApiError::new(Code::Internal, "the audit log gave no decision id"))
 }
 
 /// Record every approval transition an operation made (SPEC 3.1: each is an audit record

@@ -8,9 +8,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::auth::Caller;
-use super::errors::ApiError;
+use super::errors::{ApiError, Code};
 use super::state::AppState;
-use crate::engine::{decide, valid_id, Explain, Request};
+use crate::engine::{decide, valid_id, Decision, Explain, Request};
+use crate::store::audit::{AuditEntry, RecordKind};
 use crate::store::tokens::{Authenticated, Scope};
 
 /// Request bodies larger than this are refused with 413.
@@ -75,15 +76,13 @@ pub async fn read_json_body(
     let mime = ct.split(';').next().unwrap_or("").trim();
     if !mime.eq_ignore_ascii_case("application/json") {
         return Err(ApiError::new(
-            415,
-            "unsupported_media_type",
+            Code::UnsupportedMediaType,
             format!("Content-Type must be application/json, got {:?}", ct),
         ));
     }
     let too_large = || {
         ApiError::new(
-            413,
-            "body_too_large",
+            Code::BodyTooLarge,
             format!("request body is larger than {} KiB", MAX_BODY / 1024),
         )
     };
@@ -112,8 +111,7 @@ pub async fn read_json_body(
     match tokio::time::timeout(BODY_TIMEOUT, read).await {
         Ok(r) => r,
         Err(_) => Err(ApiError::new(
-            408,
-            "request_timeout",
+            Code::RequestTimeout,
             format!(
                 "the request body did not arrive within {} s",
                 BODY_TIMEOUT.as_secs()
@@ -333,16 +331,8 @@ pub async fn decide_and_record(
         .as_deref()
         .or(approval_id.as_deref())
         .map(|id| format!("approval_id={id}"));
-    let decision_id = super::record::decision_noted(
-        state,
-        caller,
-        body,
-        &decision,
-        &snap.version,
-        dry_run,
-        detail,
-    )
-    .await?;
+    let entry = decision_entry(caller, body, &decision, &snap.version, dry_run, detail);
+    let decision_id = super::record::decision(state, entry).await?;
     if let Some(e) = refusal {
         return Err(e);
     }
@@ -362,11 +352,45 @@ pub async fn decide_and_record(
         explain: decision.explain.as_ref(),
     };
     let out =
-        serde_json::to_vec(&resp).map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+        serde_json::to_vec(&resp).map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
     state
         .metrics
         .decision(decision.allowed, decision.deny_reason, started.elapsed());
     Ok(out)
+}
+
+/// The audit record of a route decision. `detail` names the approval a decision opened or
+/// redeemed.
+fn decision_entry(
+    caller: &Authenticated,
+    body: &RouteBody,
+    decision: &Decision<'_>,
+    policy_version: &str,
+    dry_run: bool,
+    detail: Option<String>,
+) -> AuditEntry {
+    // The context exactly as the client sent it (bounded to 8 KiB by the handler): numbers
+    // are not re-parsed (no rounding), nothing is dropped for being deep.
+    let context = body.context.as_ref().map(|raw| raw.get().to_string());
+    AuditEntry {
+        tenant_id: Some(body.tenant_id.clone()),
+        capability_id: Some(body.capability_id.clone()),
+        env: Some(body.env.clone()),
+        data_label: Some(body.data_label.clone()),
+        allowed: Some(decision.allowed),
+        dry_run,
+        worker_id: decision.worker_id.map(str::to_string),
+        deny_reason: decision.deny_reason.map(str::to_string),
+        rule_id: decision.rule_id.map(str::to_string),
+        policy_version: Some(policy_version.to_string()),
+        correlation_id: body.correlation_id.clone(),
+        context,
+        tenant_risk: body.tenant_risk.clone(),
+        qos_class: body.qos_class.clone(),
+        token_id: Some(caller.id().to_string()),
+        detail,
+        ..AuditEntry::new(RecordKind::Decision, super::state::now_ms())
+    }
 }
 
 /// 403 unless the token has the `route` scope. The gate checks it too, but against the raw
@@ -377,8 +401,7 @@ pub fn require_route_scope(caller: &Authenticated) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::new(
-            403,
-            "forbidden",
+            Code::Forbidden,
             format!("this token lacks the {} scope", Scope::Route),
         ))
     }

@@ -294,9 +294,10 @@ enum StopAt {
 }
 
 impl SecretStore {
-    /// Open with one master key. Fails with [`SecretError::WrongMasterKey`] if the db was
-    /// written under another key. Use [`open_from`](Self::open_from) in the daemon: it
-    /// also loads a pending rotation key.
+    /// Open with one master key (tests: the daemon uses [`open_from`](Self::open_from),
+    /// which also loads a pending rotation key). Fails with [`SecretError::WrongMasterKey`]
+    /// if the db was written under another key.
+    #[cfg(test)]
     pub fn open(db: &sled::Db, key: MasterKey) -> Result<Self, SecretError> {
         Self::open_with_pending(db, key, None)
     }
@@ -410,13 +411,15 @@ impl SecretStore {
         self.read_keys().write_key().key_id.clone()
     }
 
-    /// Store (or replace) a secret; durable when this returns.
+    /// Store (or replace) a secret as an unbound writer; durable when this returns (tests:
+    /// the daemon uses [`put_undoable`](Self::put_undoable)).
+    #[cfg(test)]
     pub fn put(&self, name: &str, value: &[u8], now_ms: i64) -> Result<SecretMeta, SecretError> {
         self.put_undoable(name, value, now_ms, None, None)
             .map(|(meta, _)| meta)
     }
 
-    /// [`put`](Self::put) by a writer bound to `writer_tenant` (or unbound), also returning
+    /// Store (or replace) a secret, durable when this returns, by a writer bound to `writer_tenant` (or unbound), also returning
     /// how to take the change back (see [`Undo`]).
     ///
     /// Ownership: a bound writer creates secrets owned by its tenant and may replace only
@@ -549,12 +552,14 @@ impl SecretStore {
         Ok(out)
     }
 
-    /// Remove a secret; `false` if there was none. Durable when this returns.
+    /// Remove a secret as an unbound writer; `false` if there was none. Durable when this
+    /// returns (tests: the daemon uses [`delete_undoable`](Self::delete_undoable)).
+    #[cfg(test)]
     pub fn delete(&self, name: &str) -> Result<bool, SecretError> {
         self.delete_undoable(name, None).map(|u| u.is_some())
     }
 
-    /// [`delete`](Self::delete) by a writer bound to `writer_tenant` (or unbound), returning
+    /// Remove a secret, durable when this returns, by a writer bound to `writer_tenant` (or unbound), returning
     /// how to take it back; `None` if there was none. Ownership as for
     /// [`put_undoable`](Self::put_undoable).
     pub fn delete_undoable(
@@ -846,14 +851,6 @@ impl Refusal {
             Refusal::WorkerNotEntitled => "worker_not_entitled",
             Refusal::TenantMismatch | Refusal::OwnedByOtherTenant => "tenant_mismatch",
             Refusal::UnknownSecret => "unknown_secret",
-        }
-    }
-
-    /// Suggested HTTP status: 404 for an unknown decision or secret, else 403.
-    pub fn http_status(self) -> u16 {
-        match self {
-            Refusal::UnknownDecision | Refusal::UnknownSecret => 404,
-            _ => 403,
         }
     }
 }

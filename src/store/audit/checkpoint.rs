@@ -161,7 +161,7 @@ mod tests {
 
     fn open(dir: &Path, accept: bool) -> Result<(sled::Db, AuditLog), AuditError> {
         let db = crate::store::test_db_at(&dir.join("db"));
-        let log = AuditLog::open_with(&db, config(dir, accept), None, None)?;
+        let log = AuditLog::open_with(&db, config(dir, accept), None)?;
         Ok((db, log))
     }
 

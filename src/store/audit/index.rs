@@ -131,6 +131,14 @@ impl Pending {
         Ok(p)
     }
 
+    /// Append `newer`'s postings (all of higher seqs) after these.
+    pub(crate) fn extend(&mut self, newer: Pending) {
+        self.records += newer.records;
+        for (prefix, seqs) in newer.lists {
+            self.lists.entry(prefix).or_default().extend(seqs);
+        }
+    }
+
     pub(crate) fn add(&mut self, seq: u64, e: &AuditEntry) {
         self.records += 1;
         for (kind, value) in postings_of(e) {
@@ -261,14 +269,12 @@ pub(crate) fn first_seq_where(
     let last = key_seq(&last);
     // The first record at or after seq x, and whether it satisfies pred. Monotonic in x.
     let at_or_after = |x: u64| -> Result<(u64, bool), AuditError> {
-        let (k, v) =
-            t.records
-                .range(seq_key(x)..)
-                .next()
-                .transpose()?
-                .ok_or(AuditError::Storage(
-                    "the audit log shrank during a query".into(),
-                ))?;
+        let (k, v) = t
+            .records
+            .range(seq_key(x)..)
+            .next()
+            .transpose()?
+            .ok_or(AuditError::Moved("the audit log shrank during a query"))?;
         let seq = key_seq(&k);
         let ts = decode_value(seq, &v, false)
             .map_err(|d| AuditError::Corrupt {

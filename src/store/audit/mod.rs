@@ -7,11 +7,13 @@
 //! id is one read; the tenant and capability indexes are posting lists the writer adds about
 //! once a second ([`index`]); time ranges are binary-searched in the records tree itself.
 //!
-//! Writes go through one writer thread (group commit): it takes every waiting append,
-//! chains and inserts them, calls `db.flush()` once, then answers them all. With
-//! [`Durability::Durable`] (the default) `append` returns only after that flush; any storage
-//! error fails every waiting append (the daemon answers 503), so a decision is never sent
-//! unrecorded. A failed append may still be in the log; a successful one always is.
+//! An append chains and inserts its record on the caller's thread ([`writer`]); with
+//! [`Durability::Durable`] (the default) it then waits for a `db.flush()` that covers it,
+//! run by the first waiter for everyone queued behind it (leader/follower group commit).
+//! Batched appends answer after the insert; a maintenance thread flushes within the batch
+//! interval and writes index chunks and retention, so no answer waits for them. Any storage
+//! error fails the append (the daemon answers 503), so a decision is never sent unrecorded.
+//! A failed append may still be in the log; a successful one always is.
 //!
 //! **Fault hook (debug builds only).** If the environment variable `HALL_FAULT_AUDIT_FAIL_FILE`
 //! names a path, then while that path exists every batch fails with an injected I/O error,
@@ -35,11 +37,11 @@ mod tests;
 use std::io::Write;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -47,7 +49,23 @@ use serde::Serialize;
 pub use checkpoint::LostRange;
 use record::{decode_value, split_value, Defect, HASH_LEN};
 pub use record::{AuditEntry, AuditRecord, Durability, Hash32, RecordKind};
-use writer::{Msg, Writer};
+use writer::Writer;
+
+/// Counts an append waiting for its flush (`queue_depth`) for as long as it waits.
+struct Waiting<'a>(&'a Counters);
+
+impl<'a> Waiting<'a> {
+    fn new(c: &'a Counters) -> Self {
+        c.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(c)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// How often the writer applies retention (when `retention_days` is set).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -90,32 +108,67 @@ impl Default for AuditConfig {
 }
 
 /// Why the audit log could not do what was asked. Every variant means "no record was
-/// promised": the daemon answers 503 to an append error.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+/// promised": the daemon answers 503 to an append error. Causes stay attached
+/// (`Error::source`) and are also spelled out in the message, which is what status, logs and
+/// the CLI show.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum AuditError {
-    /// The batch holding this append could not be inserted or flushed.
-    #[error("the audit log could not be written: {0}")]
-    Write(String),
-    /// The writer has stopped (after `shutdown`).
+    /// sled refused to insert or flush: the append is not committed.
+    #[error("the audit log could not be written ({op}): {source}")]
+    Write {
+        op: &'static str,
+        #[source]
+        source: sled::Error,
+    },
+    /// An I/O error outside sled while writing (starting a thread, the checkpoint file).
+    #[error("the audit log could not be written ({op}): {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// Debug builds: the fault-injection file exists (see the module docs).
+    #[error("the audit log could not be written: injected I/O error ({0} exists)")]
+    Injected(String),
+    /// Every seq a decision id can carry is used.
+    #[error(
+        "the audit log holds its maximum of {} records: export it (`hall audit export`) and start a new state dir",
+        record::MAX_SEQ
+    )]
+    Full,
+    /// A record could not be encoded (not expected: every field is serializable).
+    #[error("the audit log could not be written: a record could not be encoded: {0}")]
+    Encode(String),
+    /// The log has been shut down (`shutdown`).
     #[error("the audit log is shut down")]
     Closed,
     /// Reading the log failed.
     #[error("the audit log could not be read: {0}")]
-    Storage(String),
+    Storage(#[from] sled::Error),
+    /// The log changed under a reader in a way it cannot follow (retention ran mid-query).
+    #[error("the audit log could not be read: {0}")]
+    Moved(&'static str),
     /// A stored record cannot be decoded.
     #[error("audit record {seq} is corrupt: {reason}")]
     Corrupt { seq: u64, reason: &'static str },
     /// Writing an export to its destination failed.
     #[error("could not write the audit export: {0}")]
-    Export(String),
+    Export(#[source] Arc<std::io::Error>),
     /// The log holds fewer (or other) records than its checkpoint says were durable.
     #[error("{0}")]
     Truncated(String),
 }
 
-impl From<sled::Error> for AuditError {
-    fn from(e: sled::Error) -> Self {
-        AuditError::Storage(e.to_string())
+impl AuditError {
+    fn io(op: impl Into<String>, e: std::io::Error) -> AuditError {
+        AuditError::Io {
+            op: op.into(),
+            source: Arc::new(e),
+        }
+    }
+
+    fn export(e: impl Into<std::io::Error>) -> AuditError {
+        AuditError::Export(Arc::new(e.into()))
     }
 }
 
@@ -232,14 +285,13 @@ pub struct AuditStats {
     pub batches: u64,
     /// `db.flush()` calls.
     pub flushes: u64,
-    /// Appends sent to the writer and not yet answered.
+    /// Appends waiting for a flush that covers them.
     pub queue_depth: u64,
 }
 
 #[derive(Default)]
 pub(crate) struct Counters {
-    submitted: AtomicU64,
-    answered: AtomicU64,
+    waiting: AtomicU64,
     appended: AtomicU64,
     failed: AtomicU64,
     batches: AtomicU64,
@@ -251,8 +303,10 @@ pub(crate) struct Shared {
     head: ArcSwap<Head>,
     /// The newest head known to be on disk (after a flush): what the checkpoint may name.
     pub(crate) durable: ArcSwap<Head>,
-    /// Why the last batch failed; `None` once one succeeds (for readiness and status).
+    /// Why the last append or flush failed; `None` once one succeeds (readiness, status).
     pub(crate) write_error: Mutex<Option<String>>,
+    /// `write_error` is set (so that a successful append clears it without a lock).
+    has_write_error: AtomicBool,
     stats: Counters,
     /// Masks the seq in decision ids (`record::decision_uuid`).
     pub(crate) id_key: [u8; 32],
@@ -278,7 +332,15 @@ impl Shared {
     }
 
     pub(crate) fn set_write_error(&self, e: Option<String>) {
-        *self.write_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+        let mut w = self.write_error.lock().unwrap_or_else(|p| p.into_inner());
+        self.has_write_error.store(e.is_some(), Ordering::Release);
+        *w = e;
+    }
+
+    pub(crate) fn clear_write_error_if_set(&self) {
+        if self.has_write_error.load(Ordering::Acquire) {
+            self.set_write_error(None);
+        }
     }
 }
 
@@ -303,10 +365,11 @@ impl Trees {
 }
 
 struct Inner {
-    tx: mpsc::Sender<Msg>,
+    writer: Arc<Writer>,
     trees: Trees,
     shared: Arc<Shared>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// The maintenance thread ([`writer`]); `None` after shutdown.
+    maintainer: Mutex<Option<JoinHandle<()>>>,
     retention_days: Option<u32>,
     /// The checkpoint task and the sender that stops it (`None` without a checkpoint).
     checkpointer: Mutex<Option<(JoinHandle<()>, mpsc::Sender<()>)>>,
@@ -315,14 +378,17 @@ struct Inner {
 
 impl Inner {
     fn shutdown(&self) {
-        let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let Some(handle) = self
+            .maintainer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
             return;
         };
-        let (ack_tx, ack_rx) = mpsc::channel();
-        if self.tx.send(Msg::Shutdown(ack_tx)).is_ok() {
-            let _ = ack_rx.recv();
-        }
+        self.writer.stop();
         let _ = handle.join();
+        self.writer.finish();
         // After the writer's last flush: the final checkpoint names the final head.
         if let Some((cp, stop)) = self
             .checkpointer
@@ -338,19 +404,20 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // The writer holds sled handles; stop it so the database can be closed and reopened.
+        // The maintainer holds sled handles; stop it so the database can be closed and reopened.
         self.shutdown();
     }
 }
 
-/// Handle to the audit log. Cheap to clone; all clones share one writer thread.
+/// Handle to the audit log. Cheap to clone; all clones share one chain.
 #[derive(Clone)]
 pub struct AuditLog {
     inner: Arc<Inner>,
 }
 
 impl AuditLog {
-    /// Open the log in `db`, recover the head from the last record and start the writer thread.
+    /// Open the log in `db`, recover the head from the last record and start the maintenance
+    /// thread.
     ///
     /// In debug builds, reads `HALL_FAULT_AUDIT_FAIL_FILE` once (see the module docs).
     pub fn open(db: &sled::Db, config: AuditConfig) -> Result<AuditLog, AuditError> {
@@ -358,14 +425,13 @@ impl AuditLog {
         let fault_file = std::env::var_os("HALL_FAULT_AUDIT_FAIL_FILE").map(PathBuf::from);
         #[cfg(not(debug_assertions))]
         let fault_file = None;
-        Self::open_with(db, config, fault_file, None)
+        Self::open_with(db, config, fault_file)
     }
 
     fn open_with(
         db: &sled::Db,
         config: AuditConfig,
         fault_file: Option<PathBuf>,
-        #[allow(unused_variables)] start_gate: Option<mpsc::Receiver<()>>,
     ) -> Result<AuditLog, AuditError> {
         let trees = Trees::open(db)?;
         let (head, last_ts) = recover_head(&trees)?;
@@ -378,6 +444,7 @@ impl AuditLog {
             head: ArcSwap::from_pointee(head),
             durable: ArcSwap::from_pointee(head),
             write_error: Mutex::new(None),
+            has_write_error: AtomicBool::new(false),
             stats: Counters::default(),
             id_key: id_key(&trees)?,
             prune_lock: Mutex::new(()),
@@ -395,42 +462,32 @@ impl AuditLog {
                 let h = std::thread::Builder::new()
                     .name("hall-audit-checkpoint".into())
                     .spawn(move || checkpoint::run(path, sh, st, stop_rx))
-                    .map_err(|e| {
-                        AuditError::Write(format!("cannot start the audit checkpoint task: {e}"))
-                    })?;
+                    .map_err(|e| AuditError::io("starting the checkpoint task", e))?;
                 Some((h, stop_tx))
             }
             None => None,
         };
-        let writer = Writer {
-            trees: trees.clone(),
-            shared: shared.clone(),
+        let writer = Arc::new(Writer::new(
+            trees.clone(),
+            shared.clone(),
             config,
             fault_file,
             head,
             last_ts,
             index,
-            index_stale: false,
-            last_index: Instant::now(),
-            buf: Vec::with_capacity(1024),
-            dirty: false,
-            last_flush: Instant::now(),
-            flush_failed: false,
-            next_prune: Instant::now(),
-            #[cfg(test)]
-            start_gate,
-        };
-        let (tx, rx) = mpsc::channel();
+        ));
+        let w = writer.clone();
         let handle = std::thread::Builder::new()
-            .name("hall-audit-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| AuditError::Write(format!("cannot start the audit writer: {e}")))?;
+            .name("hall-audit-maint".into())
+            .spawn(move || w.maintain())
+            .map_err(|e| AuditError::io("starting the maintenance thread", e))?;
+        let _ = writer.maintainer.set(handle.thread().clone());
         Ok(AuditLog {
             inner: Arc::new(Inner {
-                tx,
+                writer,
                 trees,
                 shared,
-                writer: Mutex::new(Some(handle)),
+                maintainer: Mutex::new(Some(handle)),
                 retention_days,
                 checkpointer: Mutex::new(checkpointer),
                 checkpoint: checkpoint_status,
@@ -438,34 +495,31 @@ impl AuditLog {
         })
     }
 
-    fn submit(
+    /// Append a record: it is chained and inserted before this returns; the future resolves
+    /// when it is committed (durable: flushed to disk, by this caller or a concurrent one;
+    /// batched: at once). Dropping the future does not cancel the write.
+    pub fn append(
         &self,
         entry: AuditEntry,
-    ) -> tokio::sync::oneshot::Receiver<Result<Appended, AuditError>> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let stats = &self.inner.shared.stats;
-        stats.submitted.fetch_add(1, Ordering::Relaxed);
-        if let Err(mpsc::SendError(Msg::Append(_, reply))) =
-            self.inner.tx.send(Msg::Append(entry, reply))
-        {
-            stats.answered.fetch_add(1, Ordering::Relaxed);
-            let _ = reply.send(Err(AuditError::Closed));
+    ) -> impl std::future::Future<Output = Result<Appended, AuditError>> + Send + 'static {
+        let writer = self.inner.writer.clone();
+        let inserted = writer.insert(entry);
+        async move {
+            let a = inserted?;
+            if writer.needs_flush() {
+                let _waiting = Waiting::new(&writer.shared.stats);
+                if let Err(e) = writer.wait_durable(a.seq).await {
+                    writer.shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+            Ok(a)
         }
-        rx
     }
 
-    /// Append a record and wait until it is committed (durable: flushed to disk; batched:
-    /// inserted). Dropping the future does not cancel the write.
-    pub async fn append(&self, entry: AuditEntry) -> Result<Appended, AuditError> {
-        self.submit(entry).await.unwrap_or(Err(AuditError::Closed))
-    }
-
-    /// [`append`](Self::append) for threads outside an async runtime (it blocks; calling it
-    /// from async code panics).
+    /// [`append`](Self::append) for threads outside an async runtime (it blocks the thread).
     pub fn append_blocking(&self, entry: AuditEntry) -> Result<Appended, AuditError> {
-        self.submit(entry)
-            .blocking_recv()
-            .unwrap_or(Err(AuditError::Closed))
+        writer::block_on(self.append(entry))
     }
 
     /// The newest committed record (durable mode: the newest flushed one). After a failed
@@ -515,14 +569,12 @@ impl AuditLog {
     /// Counters for metrics.
     pub fn stats(&self) -> AuditStats {
         let c = &self.inner.shared.stats;
-        let submitted = c.submitted.load(Ordering::Relaxed);
-        let answered = c.answered.load(Ordering::Relaxed);
         AuditStats {
             appended: c.appended.load(Ordering::Relaxed),
             failed: c.failed.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
             flushes: c.flushes.load(Ordering::Relaxed),
-            queue_depth: submitted.saturating_sub(answered),
+            queue_depth: c.waiting.load(Ordering::Relaxed),
         }
     }
 
@@ -769,22 +821,25 @@ impl AuditLog {
                 continue;
             }
             line.clear();
-            serde_json::to_writer(&mut line, &r).map_err(|e| AuditError::Export(e.to_string()))?;
+            serde_json::to_writer(&mut line, &r).map_err(AuditError::export)?;
             line.push(b'\n');
-            out.write_all(&line)
-                .map_err(|e| AuditError::Export(e.to_string()))?;
+            out.write_all(&line).map_err(AuditError::export)?;
             n += 1;
         }
-        out.flush().map_err(|e| AuditError::Export(e.to_string()))?;
+        out.flush().map_err(AuditError::export)?;
         Ok(n)
     }
 
-    /// Tests: have the writer write its pending index chunks now.
+    /// Tests: write the pending index chunks now.
     #[cfg(test)]
     pub(crate) fn write_index_now(&self) {
-        let (ack, done) = mpsc::channel();
-        self.inner.tx.send(Msg::WriteIndex(ack)).unwrap();
-        done.recv().unwrap();
+        self.inner.writer.write_index();
+    }
+
+    /// Tests: block every flush until the guard is dropped.
+    #[cfg(test)]
+    pub(crate) fn hold_flushes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner.writer.test_hold.lock().unwrap()
     }
 
     /// Flush everything pending, answer every queued append, and stop the writer. Later
@@ -972,10 +1027,7 @@ fn check_checkpoint(
         Ok(()) => {}
         // An acknowledged loss must be on record before anything else is written.
         Err(e) if found_any(&lost, &cp) => {
-            return Err(AuditError::Write(format!(
-                "cannot write {}: {e}",
-                path.display()
-            )))
+            return Err(AuditError::io(format!("writing {}", path.display()), e))
         }
         // Otherwise the checkpoint task retries.
         Err(e) => tracing::warn!(error = %e, "cannot write the audit checkpoint yet"),

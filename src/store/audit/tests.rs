@@ -1,5 +1,4 @@
 use std::collections::BTreeSet;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -17,7 +16,7 @@ fn reopen(dir: &tempfile::TempDir) -> sled::Db {
 }
 
 fn open(db: &sled::Db) -> AuditLog {
-    AuditLog::open_with(db, AuditConfig::default(), None, None).unwrap()
+    AuditLog::open_with(db, AuditConfig::default(), None).unwrap()
 }
 
 /// A decision entry with every field set.
@@ -288,29 +287,93 @@ async fn concurrent_appends_get_gapless_ordered_seqs() {
 }
 
 #[test]
-fn waiting_appends_share_one_transaction_and_one_flush() {
+fn waiting_appends_share_one_flush() {
     let (_dir, db) = temp_db();
-    let (gate_tx, gate_rx) = mpsc::channel();
-    let log = AuditLog::open_with(&db, AuditConfig::default(), None, Some(gate_rx)).unwrap();
+    let log = AuditLog::open_with(&db, AuditConfig::default(), None).unwrap();
+    let hold = log.hold_flushes();
     let threads: Vec<_> = (0..50u64)
         .map(|n| {
             let log = log.clone();
             std::thread::spawn(move || log.append_blocking(decision(1, n, "t", "c", true, false)))
         })
         .collect();
-    // Wait (bounded) until all 50 are queued behind the held writer.
+    // Wait (bounded) until all 50 are inserted and waiting behind the held flush.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while log.stats().queue_depth != 50 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(log.stats().queue_depth, 50);
-    gate_tx.send(()).unwrap();
+    assert_eq!(
+        log.head().seq,
+        0,
+        "durable: nothing is committed before its flush"
+    );
+    drop(hold);
     for t in threads {
         t.join().unwrap().unwrap();
     }
     let s = log.stats();
-    assert_eq!((s.appended, s.batches, s.flushes), (50, 1, 1));
+    assert_eq!(
+        (s.appended, s.batches, s.flushes, s.queue_depth),
+        (50, 1, 1, 0)
+    );
+    assert_eq!(log.head().seq, 50);
     assert!(log.verify().unwrap().is_ok());
+}
+
+#[test]
+fn a_batched_append_never_waits_for_a_flush() {
+    let (_dir, db) = temp_db();
+    let config = AuditConfig {
+        durability: Durability::Batched,
+        batch_interval: Duration::from_millis(1),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config, None).unwrap();
+    let hold = log.hold_flushes();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for n in 0..100u64 {
+            l.append_blocking(decision(1, n, "t", "c", true, false))
+                .unwrap();
+        }
+        tx.send(()).unwrap();
+    });
+    // Every flush is held, yet all 100 appends are answered.
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("a batched append waited for the held flush");
+    assert_eq!(log.head().seq, 100);
+    assert!(log.inner.shared.durable.load().seq < 100);
+    drop(hold);
+    // The maintenance thread's periodic flush then makes them durable.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while log.inner.shared.durable.load().seq < 100 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(log.inner.shared.durable.load().seq, 100);
+    assert!(log.verify().unwrap().is_ok());
+}
+
+#[test]
+fn a_durable_append_is_answered_only_after_its_flush() {
+    let (_dir, db) = temp_db();
+    let log = AuditLog::open_with(&db, AuditConfig::default(), None).unwrap();
+    let hold = log.hold_flushes();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        let r = l.append_blocking(decision(1, 1, "t", "c", true, false));
+        tx.send(r).unwrap();
+    });
+    // Bounded wait that must time out: the flush is held.
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+    assert_eq!(log.head().seq, 0);
+    drop(hold);
+    let a = rx.recv_timeout(Duration::from_secs(60)).unwrap().unwrap();
+    assert_eq!(a.seq, 1);
+    assert_eq!(log.inner.shared.durable.load().seq, 1);
+    assert_eq!(log.stats().flushes, 1);
 }
 
 #[test]
@@ -630,7 +693,7 @@ fn retention_prunes_old_records_and_their_indexes_and_verify_still_passes() {
         retention_days: Some(1),
         ..AuditConfig::default()
     };
-    let log = AuditLog::open_with(&db, config.clone(), None, None).unwrap();
+    let log = AuditLog::open_with(&db, config.clone(), None).unwrap();
     // Timestamps in the future, so the writer's own (real-clock) pruning never touches them.
     let base = now_ms() + 10 * MS_PER_DAY;
     let mut ids = vec![String::new()]; // ids[seq]
@@ -692,7 +755,7 @@ fn retention_prunes_old_records_and_their_indexes_and_verify_still_passes() {
     drop(log);
     drop(db);
     let db = reopen(&dir);
-    let log = AuditLog::open_with(&db, config, None, None).unwrap();
+    let log = AuditLog::open_with(&db, config, None).unwrap();
     assert_eq!(log.head(), head);
     let a = log
         .append_blocking(decision(base + 6 * MS_PER_DAY, 9, "t", "c", true, false))
@@ -726,7 +789,7 @@ fn the_writer_applies_retention_by_itself() {
         retention_days: Some(1),
         ..AuditConfig::default()
     };
-    let log = AuditLog::open_with(&db, config, None, None).unwrap();
+    let log = AuditLog::open_with(&db, config, None).unwrap();
     // The writer prunes when it starts; wait (bounded, generously: CI machines are busy).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while log.get(3).unwrap().is_some() && std::time::Instant::now() < deadline {
@@ -745,7 +808,7 @@ async fn the_fault_hook_fails_appends_without_recording_and_recovery_continues_t
     let (_dir, db) = temp_db();
     let flag_dir = tempfile::tempdir().unwrap();
     let flag = flag_dir.path().join("fail");
-    let log = AuditLog::open_with(&db, AuditConfig::default(), Some(flag.clone()), None).unwrap();
+    let log = AuditLog::open_with(&db, AuditConfig::default(), Some(flag.clone())).unwrap();
     log.append(decision(1, 1, "t", "c", true, false))
         .await
         .unwrap();
@@ -756,7 +819,7 @@ async fn the_fault_hook_fails_appends_without_recording_and_recovery_continues_t
         .append(decision(2, 2, "t", "c", true, false))
         .await
         .unwrap_err();
-    assert!(matches!(err, AuditError::Write(_)), "{err:?}");
+    assert!(matches!(err, AuditError::Injected(_)), "{err:?}");
     let blocking = log.clone();
     let err2 = tokio::task::spawn_blocking(move || {
         blocking.append_blocking(decision(3, 3, "t", "c", true, false))
@@ -764,7 +827,7 @@ async fn the_fault_hook_fails_appends_without_recording_and_recovery_continues_t
     .await
     .unwrap()
     .unwrap_err();
-    assert!(matches!(err2, AuditError::Write(_)));
+    assert!(matches!(err2, AuditError::Injected(_)));
     assert_eq!(log.head(), head);
     assert_eq!(records_tree(&db).len(), 1);
     let seq2 = record::decision_uuid(&log.inner.shared.id_key, 2, 2, 0).to_string();
@@ -795,7 +858,7 @@ async fn batched_mode_answers_and_the_data_survives_shutdown_and_reopen() {
         batch_interval: Duration::from_millis(10),
         ..AuditConfig::default()
     };
-    let log = AuditLog::open_with(&db, config.clone(), None, None).unwrap();
+    let log = AuditLog::open_with(&db, config.clone(), None).unwrap();
     let mut handles = Vec::new();
     for n in 1..=100u64 {
         let log = log.clone();
@@ -814,15 +877,15 @@ async fn batched_mode_answers_and_the_data_survives_shutdown_and_reopen() {
         .await
         .unwrap();
     log.shutdown(); // idempotent
-    assert_eq!(
+    assert!(matches!(
         log.append(decision(0, 0, "t", "c", true, false)).await,
         Err(AuditError::Closed)
-    );
+    ));
     drop(log);
     drop(db);
 
     let db = reopen(&dir);
-    let log = AuditLog::open_with(&db, config, None, None).unwrap();
+    let log = AuditLog::open_with(&db, config, None).unwrap();
     assert_eq!(log.head(), head);
     assert_eq!(
         log.verify().unwrap(),
@@ -983,7 +1046,7 @@ proptest! {
         let names = |p: &str, i: usize| format!("{p}{i}");
         let (_dir, db) = temp_db();
         let config = AuditConfig { durability: Durability::Batched, ..AuditConfig::default() };
-        let mut log = AuditLog::open_with(&db, config.clone(), None, None).unwrap();
+        let mut log = AuditLog::open_with(&db, config.clone(), None).unwrap();
         let mut ts = 0i64;
         for (n, &(t, c, step, allowed, write_index)) in appends.iter().enumerate() {
             ts += step; // may step back: the writer keeps the log time-ordered
@@ -996,7 +1059,7 @@ proptest! {
         if lose_index {
             drop(log);
             db.open_tree("audit_postings").unwrap().clear().unwrap();
-            log = AuditLog::open_with(&db, config, None, None).unwrap();
+            log = AuditLog::open_with(&db, config, None).unwrap();
         }
         let everything = all_records(&log);
         prop_assert_eq!(everything.len(), appends.len());

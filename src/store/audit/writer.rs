@@ -1,328 +1,439 @@
-//! The single writer thread: group commit, chaining, retention ticks.
+//! Appending: chain and insert on the caller's thread, leader/follower group commit for the
+//! flush, and a maintenance thread for the work no answer waits for.
+//!
+//! An append takes the chain lock, gives the entry its seq (and a decision its id), encodes
+//! it, inserts it into sled and releases the lock: a few microseconds on the caller's own
+//! thread, with no hop to another thread and back.
+//!
+//! - **Batched:** that is the whole append. The maintenance thread flushes within
+//!   `batch_interval` of the first unflushed record.
+//! - **Durable:** the append then waits for a flush that covers its seq. The first waiter
+//!   that finds no flush running becomes the leader: it flushes everything inserted so far
+//!   (one `db.flush()`), publishes the new durable head and wakes the followers; a follower
+//!   the flush covered answers, one it did not (inserted during the flush) takes the next
+//!   flush. A lone request therefore pays exactly one flush and no wakeup; under load one
+//!   flush covers every record queued behind it.
+//!
+//! The maintenance thread writes index chunks, runs batched mode's periodic flush and
+//! retention. It takes the chain lock only to swap the pending postings out, never while it
+//! does I/O, so no append waits for an index write, a retention step or (batched) a flush.
+//! After a periodic flush fails, batched appends wait for a flush of their own (fail closed)
+//! until one succeeds.
 
+use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::Arc;
-use std::time::Instant;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
 
-use sled::Batch;
+use tokio::sync::Notify;
 
 use super::index::{self, Pending};
 use super::record::{decision_uuid, encode_value, AuditEntry, Durability, RecordKind, MAX_SEQ};
-use super::{
-    seq_key, Appended, AuditConfig, AuditError, Head, Shared, Trees, PRUNE_EVERY, PRUNE_STEP,
-};
+use super::{seq_key, Appended, AuditConfig, AuditError, Head, Shared, Trees, PRUNE_EVERY};
 
-/// Most appends committed in one sled batch + flush. Bounds one batch's latency.
-const MAX_BATCH: usize = 4096;
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
-/// Where a waiting `append` gets its answer.
-pub(crate) type Reply = tokio::sync::oneshot::Sender<Result<Appended, AuditError>>;
-
-// Nearly every message is an Append: boxing it would cost an allocation per record.
-#[allow(clippy::large_enum_variant)]
-pub(crate) enum Msg {
-    Append(AuditEntry, Reply),
-    /// Flush what is pending, answer, stop; the sender is told when it is done.
-    Shutdown(std::sync::mpsc::Sender<()>),
-    /// Tests: write the pending index chunks now.
-    #[cfg(test)]
-    WriteIndex(std::sync::mpsc::Sender<()>),
+/// The chain's tip as inserted into sled, and what goes with it. Held only while one record
+/// is chained and inserted (or the pending postings are swapped out).
+pub(crate) struct Chain {
+    /// The last record inserted into sled (ahead of the durable head until a flush).
+    pub(crate) head: Head,
+    /// Time of the last record, to keep the log time-ordered.
+    pub(crate) last_ts: i64,
+    /// Index postings of the records after the stored marker, not yet written.
+    pub(crate) index: Pending,
+    /// Reused encode buffer.
+    pub(crate) buf: Vec<u8>,
+    /// After `shutdown`: appends get `Closed`.
+    pub(crate) closed: bool,
 }
 
 pub(crate) struct Writer {
     pub(crate) trees: Trees,
     pub(crate) shared: Arc<Shared>,
     pub(crate) config: AuditConfig,
-    /// Debug builds only: while this path exists, every batch fails (see `AuditLog::open`).
+    /// Debug builds only: while this path exists, every insert fails (see `AuditLog::open`).
     #[cfg_attr(not(debug_assertions), allow(dead_code))]
     pub(crate) fault_file: Option<PathBuf>,
-    /// The chain's tip as written to sled (ahead of the published head in durable mode
-    /// between insert and flush).
-    pub(crate) head: Head,
-    /// Time of the last record, to keep the log time-ordered.
-    pub(crate) last_ts: i64,
-    /// Index postings of the records after the stored marker, not yet written.
-    pub(crate) index: Pending,
-    /// `index` could not be rebuilt after a failed batch: rebuild before writing it.
-    pub(crate) index_stale: bool,
-    pub(crate) last_index: Instant,
-    /// Reused encode buffer.
-    pub(crate) buf: Vec<u8>,
-    /// Batched mode: inserted but not yet flushed.
-    pub(crate) dirty: bool,
-    pub(crate) last_flush: Instant,
-    /// Batched mode: the last periodic flush failed, so flush before answering until one works.
-    pub(crate) flush_failed: bool,
-    pub(crate) next_prune: Instant,
+    pub(crate) chain: Mutex<Chain>,
+    /// Held by whoever runs a flush (a durable leader or the maintenance thread).
+    flush_lock: Mutex<()>,
+    /// Signalled after every flush attempt.
+    flushed: Notify,
+    /// Every record up to this seq is on disk.
+    durable_seq: AtomicU64,
+    /// The last failed flush: the tip it was asked to cover and why. A waiter whose seq it
+    /// covered, and that no later flush covered, gets this error.
+    flush_failure: Mutex<Option<(u64, AuditError)>>,
+    /// The last flush failed: batched appends flush before answering until one works.
+    flush_failed: AtomicBool,
+    /// Records (or index chunks) inserted and not yet flushed.
+    dirty: AtomicBool,
+    /// The maintenance thread, to wake it (set once it runs).
+    pub(crate) maintainer: OnceLock<Thread>,
+    stopping: AtomicBool,
+    /// Tests: hold the flush lock so that appends queue behind it.
     #[cfg(test)]
-    pub(crate) start_gate: Option<std::sync::mpsc::Receiver<()>>,
+    pub(crate) test_hold: Mutex<()>,
 }
 
 impl Writer {
-    pub(crate) fn run(mut self, rx: Receiver<Msg>) {
-        #[cfg(test)]
-        if let Some(gate) = self.start_gate.take() {
-            let _ = gate.recv();
-        }
-        let mut pending: Vec<(AuditEntry, Reply)> = Vec::new();
-        loop {
-            let deadline = self.next_deadline();
-            let first = match deadline {
-                None => match rx.recv() {
-                    Ok(m) => Some(m),
-                    Err(_) => break,
-                },
-                Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
-                    Ok(m) => Some(m),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                },
-            };
-            let mut shutdown = None;
-            if let Some(first) = first {
-                let mut next = Some(first);
-                while let Some(msg) = next.take() {
-                    match msg {
-                        Msg::Append(entry, reply) => pending.push((entry, reply)),
-                        Msg::Shutdown(ack) => {
-                            shutdown = Some(ack);
-                            break;
-                        }
-                        #[cfg(test)]
-                        Msg::WriteIndex(ack) => {
-                            if !pending.is_empty() {
-                                self.commit(&mut pending);
-                            }
-                            self.write_index();
-                            let _ = ack.send(());
-                        }
-                    }
-                    if pending.len() < MAX_BATCH {
-                        next = rx.try_recv().ok();
-                    }
-                }
-                if !pending.is_empty() {
-                    self.commit(&mut pending);
-                }
-            }
-            if self.index.records > 0
-                && (shutdown.is_some()
-                    || self.index.records >= index::INDEX_MAX_PENDING
-                    || self.last_index.elapsed() >= index::INDEX_INTERVAL)
-            {
-                self.write_index();
-            }
-            if self.dirty
-                && (shutdown.is_some() || self.last_flush.elapsed() >= self.config.batch_interval)
-            {
-                self.periodic_flush();
-            }
-            if self.config.retention_days.is_some() && Instant::now() >= self.next_prune {
-                self.prune_tick();
-            }
-            if let Some(ack) = shutdown {
-                let _ = ack.send(());
-                return;
-            }
-        }
-        // Every `AuditLog` is gone: make what was answered durable before the thread ends.
-        if self.index.records > 0 {
-            self.write_index();
-        }
-        if self.dirty {
-            self.periodic_flush();
+    pub(crate) fn new(
+        trees: Trees,
+        shared: Arc<Shared>,
+        config: AuditConfig,
+        fault_file: Option<PathBuf>,
+        head: Head,
+        last_ts: i64,
+        index: Pending,
+    ) -> Writer {
+        Writer {
+            trees,
+            shared,
+            config,
+            fault_file,
+            chain: Mutex::new(Chain {
+                head,
+                last_ts,
+                index,
+                buf: Vec::with_capacity(1024),
+                closed: false,
+            }),
+            flush_lock: Mutex::new(()),
+            flushed: Notify::new(),
+            durable_seq: AtomicU64::new(head.seq),
+            flush_failure: Mutex::new(None),
+            flush_failed: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            maintainer: OnceLock::new(),
+            stopping: AtomicBool::new(false),
+            #[cfg(test)]
+            test_hold: Mutex::new(()),
         }
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        let flush = self
-            .dirty
-            .then(|| self.last_flush + self.config.batch_interval);
-        let prune = self.config.retention_days.map(|_| self.next_prune);
-        let index = (self.index.records > 0).then(|| {
-            if self.index.records >= index::INDEX_MAX_PENDING {
-                Instant::now()
-            } else {
-                self.last_index + index::INDEX_INTERVAL
-            }
-        });
-        [flush, prune, index].into_iter().flatten().min()
-    }
-
-    /// Write the pending index chunks (a failure leaves them pending for the next try).
-    fn write_index(&mut self) {
-        self.last_index = Instant::now();
-        if self.index_stale {
-            match Pending::rebuild(&self.trees) {
-                Ok(p) => {
-                    self.index = p;
-                    self.index_stale = false;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "could not rebuild the audit index");
-                    return;
-                }
-            }
-        }
-        match self.index.write(&self.trees, self.head.seq) {
-            // Reaches the disk with the next flush (batched mode's timer, or shutdown).
-            Ok(()) => self.dirty = true,
-            Err(e) => {
-                tracing::error!(error = %e, "could not write the audit index; queries scan instead")
-            }
+    fn wake_maintainer(&self) {
+        if let Some(t) = self.maintainer.get() {
+            t.unpark();
         }
     }
 
-    /// Chain, insert and (durable) flush one batch, then answer every waiter.
-    fn commit(&mut self, pending: &mut Vec<(AuditEntry, Reply)>) {
-        let shared = self.shared.clone();
-        let stats = &shared.stats;
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        let n = pending.len() as u64;
-        match self.write_batch(pending) {
-            Ok(appended) => {
-                self.shared.publish_head(self.head);
-                self.shared.set_write_error(None);
-                stats.appended.fetch_add(n, Ordering::Relaxed);
-                for ((_, reply), a) in pending.drain(..).zip(appended) {
-                    let _ = reply.send(Ok(a));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, records = n, "audit batch failed; appends refused");
-                stats.failed.fetch_add(n, Ordering::Relaxed);
-                self.shared.set_write_error(Some(e.to_string()));
-                // Do not trust the in-memory tip after a failure: re-read what sled holds.
-                match super::recover_head(&self.trees) {
-                    Ok((head, ts)) => {
-                        self.head = head;
-                        self.last_ts = ts;
-                        self.shared.publish_head(head);
-                    }
-                    Err(re) => {
-                        tracing::error!(error = %re, "could not re-read the audit head");
-                        self.head = *self.shared.head.load_full();
-                    }
-                }
-                // Nor the pending postings: sled may hold some of the failed batch.
-                match Pending::rebuild(&self.trees) {
-                    Ok(p) => self.index = p,
-                    Err(_) => self.index_stale = true,
-                }
-                for (_, reply) in pending.drain(..) {
-                    let _ = reply.send(Err(e.clone()));
-                }
-            }
+    /// Chain and insert one record. Batched mode publishes the head here; durable mode when
+    /// a flush covers it.
+    pub(crate) fn insert(&self, mut entry: AuditEntry) -> Result<Appended, AuditError> {
+        let stats = &self.shared.stats;
+        let mut chain = lock(&self.chain);
+        if chain.closed {
+            return Err(AuditError::Closed);
         }
-        stats.answered.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn write_batch(
-        &mut self,
-        pending: &mut [(AuditEntry, Reply)],
-    ) -> Result<Vec<Appended>, AuditError> {
         #[cfg(debug_assertions)]
         if let Some(path) = &self.fault_file {
             if path.exists() {
-                return Err(AuditError::Write(format!(
-                    "injected I/O error ({} exists)",
-                    path.display()
-                )));
+                drop(chain);
+                return Err(self.failed(AuditError::Injected(path.display().to_string())));
             }
         }
-        let mut records = Batch::default();
-        let mut appended = Vec::with_capacity(pending.len());
-        let mut head = self.head;
-        let mut last_ts = self.last_ts;
-        for (entry, _) in pending.iter_mut() {
-            let seq = head.seq + 1;
-            if seq > MAX_SEQ {
-                return Err(AuditError::Write(format!(
-                    "the audit log holds its maximum of {MAX_SEQ} records"
-                )));
-            }
-            entry.ts_ms = entry.ts_ms.max(last_ts);
-            last_ts = entry.ts_ms;
-            let mut decision_id = None;
-            if entry.kind == RecordKind::Decision && entry.decision_id.is_none() {
-                let id = decision_uuid(&self.shared.id_key, entry.ts_ms, seq, rand::random());
-                entry.decision_id = Some(id.to_string());
-                decision_id = Some(id);
-            }
-            let hash = encode_value(&mut self.buf, &head.hash, seq, entry)
-                .map_err(|e| AuditError::Write(format!("encoding failed: {e}")))?;
-            records.insert(&seq_key(seq), self.buf.as_slice());
-            head = Head { seq, hash };
-            appended.push(Appended {
-                seq,
-                hash,
-                decision_id,
-            });
+        let seq = chain.head.seq + 1;
+        if seq > MAX_SEQ {
+            drop(chain);
+            return Err(self.failed(AuditError::Full));
         }
-        // One tree: the batch is atomic without a transaction.
-        self.trees
-            .records
-            .apply_batch(records)
-            .map_err(|e| AuditError::Write(e.to_string()))?;
-        // The records are in sled's memory: the chain continues from them whatever happens next.
-        self.head = head;
-        self.last_ts = last_ts;
-        for ((entry, _), a) in pending.iter().zip(&appended) {
-            self.index.add(a.seq, entry);
+        entry.ts_ms = entry.ts_ms.max(chain.last_ts);
+        let mut decision_id = None;
+        if entry.kind == RecordKind::Decision && entry.decision_id.is_none() {
+            let id = decision_uuid(&self.shared.id_key, entry.ts_ms, seq, rand::random());
+            entry.decision_id = Some(id.to_string());
+            decision_id = Some(id);
         }
-        if self.config.durability == Durability::Durable || self.flush_failed {
-            self.flush()?;
+        let Chain { head, buf, .. } = &mut *chain;
+        let hash = match encode_value(buf, &head.hash, seq, &entry) {
+            Ok(h) => h,
+            Err(e) => {
+                drop(chain);
+                return Err(self.failed(AuditError::Encode(e.to_string())));
+            }
+        };
+        if let Err(e) = self.trees.records.insert(seq_key(seq), buf.as_slice()) {
+            drop(chain);
+            return Err(self.failed(AuditError::Write {
+                op: "insert",
+                source: e,
+            }));
+        }
+        let new = Head { seq, hash };
+        *head = new;
+        chain.last_ts = entry.ts_ms;
+        chain.index.add(seq, &entry);
+        let index_full = chain.index.records >= index::INDEX_MAX_PENDING;
+        let first_pending = chain.index.records == 1;
+        let batched = self.config.durability == Durability::Batched;
+        if batched {
+            self.shared.publish_head(new);
+        }
+        drop(chain);
+        stats.appended.fetch_add(1, Ordering::Relaxed);
+        // The first record since a flush (or index write) starts the maintainer's timer.
+        // In batched mode the first record since a flush starts the maintainer's flush timer;
+        // a durable append flushes for itself (the maintainer only catches records whose
+        // waiter went away, on its next wake).
+        let wake_for_flush = if batched {
+            !self.dirty.swap(true, Ordering::AcqRel)
         } else {
-            self.dirty = true;
+            self.dirty.store(true, Ordering::Release);
+            false
+        };
+        if wake_for_flush || index_full || first_pending {
+            self.wake_maintainer();
         }
-        Ok(appended)
+        if batched && !self.flush_failed.load(Ordering::Acquire) {
+            self.shared.clear_write_error_if_set();
+        }
+        Ok(Appended {
+            seq,
+            hash,
+            decision_id,
+        })
     }
 
-    fn flush(&mut self) -> Result<(), AuditError> {
-        self.shared.stats.flushes.fetch_add(1, Ordering::Relaxed);
-        match self.trees.db.flush() {
+    fn failed(&self, e: AuditError) -> AuditError {
+        tracing::error!(error = %e, "audit append failed; appends refused");
+        self.shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+        self.shared.set_write_error(Some(e.to_string()));
+        e
+    }
+
+    /// Must this append wait for a flush before it is answered?
+    pub(crate) fn needs_flush(&self) -> bool {
+        self.config.durability == Durability::Durable || self.flush_failed.load(Ordering::Acquire)
+    }
+
+    /// What a waiter for `seq` may answer now, if anything.
+    fn outcome(&self, seq: u64) -> Option<Result<(), AuditError>> {
+        if self.durable_seq.load(Ordering::Acquire) >= seq {
+            return Some(Ok(()));
+        }
+        match &*lock(&self.flush_failure) {
+            Some((tip, e)) if *tip >= seq => Some(Err(e.clone())),
+            _ => None,
+        }
+    }
+
+    /// Wait until a flush covers `seq`, running it when no one else is (group commit).
+    pub(crate) async fn wait_durable(&self, seq: u64) -> Result<(), AuditError> {
+        loop {
+            let mut notified = pin!(self.flushed.notified());
+            notified.as_mut().enable();
+            if let Some(r) = self.outcome(seq) {
+                return r;
+            }
+            if let Ok(guard) = self.flush_lock.try_lock() {
+                let r = self.flush_locked(guard);
+                if let Some(r) = self.outcome(seq) {
+                    return r;
+                }
+                // Only possible if `seq` was never inserted: do not spin.
+                r?;
+                continue;
+            }
+            notified.await;
+        }
+    }
+
+    /// Flush everything inserted so far (the caller holds the flush lock), publish the
+    /// result, release the lock and wake every waiter.
+    fn flush_locked(&self, guard: MutexGuard<'_, ()>) -> Result<(), AuditError> {
+        #[cfg(test)]
+        drop(lock(&self.test_hold));
+        let tip = lock(&self.chain).head;
+        self.dirty.store(false, Ordering::Release);
+        let stats = &self.shared.stats;
+        stats.flushes.fetch_add(1, Ordering::Relaxed);
+        let r = match self.trees.db.flush() {
             Ok(_) => {
-                self.shared.publish_durable(self.head);
-                self.dirty = false;
-                self.flush_failed = false;
-                self.last_flush = Instant::now();
+                let before = self.durable_seq.load(Ordering::Acquire);
+                if tip.seq > before {
+                    stats.batches.fetch_add(1, Ordering::Relaxed);
+                    self.shared.publish_durable(tip);
+                    if self.config.durability == Durability::Durable {
+                        self.shared.publish_head(tip);
+                    }
+                    self.durable_seq.store(tip.seq, Ordering::Release);
+                }
+                if self.flush_failed.swap(false, Ordering::AcqRel) {
+                    *lock(&self.flush_failure) = None;
+                }
+                self.shared.clear_write_error_if_set();
                 Ok(())
             }
             Err(e) => {
-                self.flush_failed = true;
-                Err(AuditError::Write(format!("flush failed: {e}")))
+                let e = AuditError::Write {
+                    op: "flush",
+                    source: e,
+                };
+                tracing::error!(error = %e, "audit flush failed; appends refused");
+                self.dirty.store(true, Ordering::Release);
+                self.flush_failed.store(true, Ordering::Release);
+                *lock(&self.flush_failure) = Some((tip.seq, e.clone()));
+                self.shared.set_write_error(Some(e.to_string()));
+                Err(e)
+            }
+        };
+        drop(guard);
+        self.flushed.notify_waiters();
+        r
+    }
+
+    /// A flush from the maintenance thread (or shutdown): waits its turn for the lock.
+    /// Nothing to do if a flush ran while it waited.
+    fn flush_now(&self) -> Result<(), AuditError> {
+        let guard = lock(&self.flush_lock);
+        if !self.dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.flush_locked(guard)
+    }
+
+    /// Write the pending index chunks. The postings are swapped out under the chain lock
+    /// and written without it; on failure they are put back in front of the newer ones.
+    pub(crate) fn write_index(&self) {
+        let (mut taken, through) = {
+            let mut chain = lock(&self.chain);
+            if chain.index.records == 0 {
+                return;
+            }
+            (std::mem::take(&mut chain.index), chain.head.seq)
+        };
+        match taken.write(&self.trees, through) {
+            // Reaches the disk with the next flush.
+            Ok(()) => {
+                self.dirty.store(true, Ordering::Release);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not write the audit index; queries scan instead");
+                let mut chain = lock(&self.chain);
+                let newer = std::mem::take(&mut chain.index);
+                taken.extend(newer);
+                chain.index = taken;
             }
         }
     }
 
-    /// Batched mode's timer flush. A failure makes every later batch flush before answering
-    /// (i.e. fail closed) until a flush succeeds again.
-    fn periodic_flush(&mut self) {
-        if let Err(e) = self.flush() {
-            tracing::error!(error = %e, "audit flush failed");
-            // Try again at the next interval rather than spinning.
-            self.last_flush = Instant::now();
-        }
-    }
-
-    fn prune_tick(&mut self) {
-        self.next_prune = Instant::now() + PRUNE_EVERY;
+    fn prune_tick(&self) -> bool {
         let Some(days) = self.config.retention_days else {
-            return;
+            return false;
         };
         let Ok(_guard) = self.shared.prune_lock.try_lock() else {
-            return; // someone is already pruning
+            return false; // someone is already pruning
         };
         let cutoff = super::retention_cutoff(super::now_ms(), days);
-        match super::prune_before(&self.trees, cutoff, PRUNE_STEP) {
-            Ok(n) if n == PRUNE_STEP => {
-                // More to do: come back soon, between batches, instead of stalling appends.
-                self.next_prune = Instant::now();
+        match super::prune_before(&self.trees, cutoff, super::PRUNE_STEP) {
+            // More to do: come back at once.
+            Ok(n) => n == super::PRUNE_STEP,
+            Err(e) => {
+                tracing::error!(error = %e, "audit retention pruning failed");
+                false
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "audit retention pruning failed"),
+        }
+    }
+
+    /// The maintenance thread: index chunks, batched mode's periodic flush, retention.
+    pub(crate) fn maintain(self: Arc<Self>) {
+        let mut last_index = Instant::now();
+        let mut flush_due: Option<Instant> = None;
+        let mut next_prune = Instant::now();
+        loop {
+            let stopping = self.stopping.load(Ordering::Acquire);
+            let now = Instant::now();
+            let pending = lock(&self.chain).index.records;
+            if pending > 0
+                && (stopping
+                    || pending >= index::INDEX_MAX_PENDING
+                    || now >= last_index + index::INDEX_INTERVAL)
+            {
+                self.write_index();
+                last_index = Instant::now();
+            }
+            if self.dirty.load(Ordering::Acquire) {
+                let due = *flush_due.get_or_insert(now + self.config.batch_interval);
+                if stopping || now >= due {
+                    // Durable appends flush for themselves; this covers index chunks and
+                    // batched records.
+                    let _ = self.flush_now();
+                    flush_due = None;
+                }
+            } else {
+                flush_due = None;
+            }
+            if self.config.retention_days.is_some() && now >= next_prune {
+                next_prune = if self.prune_tick() {
+                    Instant::now()
+                } else {
+                    Instant::now() + PRUNE_EVERY
+                };
+            }
+            if stopping {
+                return;
+            }
+            let pending = lock(&self.chain).index.records;
+            let index_due = (pending > 0).then_some(last_index + index::INDEX_INTERVAL);
+            let prune_due = self.config.retention_days.map(|_| next_prune);
+            let deadline = [flush_due, index_due, prune_due]
+                .into_iter()
+                .flatten()
+                .min();
+            match deadline {
+                Some(d) => {
+                    let wait = d.saturating_duration_since(Instant::now());
+                    if !wait.is_zero() {
+                        std::thread::park_timeout(wait.max(Duration::from_millis(1)));
+                    }
+                }
+                None => std::thread::park(),
+            }
+        }
+    }
+
+    /// Refuse new appends, then have the maintenance thread write the index and flush.
+    pub(crate) fn stop(&self) {
+        lock(&self.chain).closed = true;
+        self.stopping.store(true, Ordering::Release);
+        self.wake_maintainer();
+    }
+
+    /// After the maintenance thread ended (or never started): write and flush what is left.
+    pub(crate) fn finish(&self) {
+        self.write_index();
+        if self.dirty.load(Ordering::Acquire) {
+            let _ = self.flush_now();
+        }
+    }
+}
+
+/// Run a future to completion on this thread (for `append_blocking`; the only thing it
+/// waits for is the writer's `Notify`, which needs no runtime).
+pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
+    struct Unpark(Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = pin!(fut);
+    loop {
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(v) => return v,
+            Poll::Pending => std::thread::park(),
         }
     }
 }

@@ -87,16 +87,4 @@ mod tests {
         );
         assert_eq!(did_you_mean("rout", ["route", "audit"]), Some("route"));
     }
-
-    #[test]
-    fn durations_take_units() {
-        use crate::cli::parse_duration_secs as p;
-        assert_eq!(p("3600"), Ok(3600));
-        assert_eq!(p("30m"), Ok(1800));
-        assert_eq!(p("1h"), Ok(3600));
-        assert_eq!(p("7d"), Ok(604_800));
-        assert!(p("0").is_err());
-        assert!(p("1w").is_err());
-        assert!(p("h").is_err());
-    }
 }
