@@ -65,6 +65,11 @@ pub struct Config {
     pub audit_durability: Durability,
     pub audit_retention_days: Option<u32>,
     pub release_ttl_secs: u64,
+    /// Most approvals one tenant may have pending (`[approvals] max_pending_per_tenant`).
+    pub approvals_max_pending: usize,
+    /// How far (in audit records written since it connected) an event stream may fall
+    /// behind before it is dropped (`[events] max_lag`).
+    pub events_max_lag: u64,
     pub log_format: LogFormat,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
@@ -164,6 +169,59 @@ struct FileConfig {
     audit: FileAudit,
     #[serde(default)]
     secrets: FileSecrets,
+    #[serde(default)]
+    approvals: FileApprovals,
+    #[serde(default)]
+    events: FileEvents,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileApprovals {
+    max_pending_per_tenant: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEvents {
+    max_lag: Option<u64>,
+}
+
+/// Default and bounds of `[approvals] max_pending_per_tenant`.
+pub const DEFAULT_MAX_PENDING_PER_TENANT: u64 = crate::store::approvals::DEFAULT_MAX_PENDING as u64;
+const MAX_MAX_PENDING_PER_TENANT: u64 = 1_000_000;
+/// Default and bounds of `[events] max_lag`.
+pub const DEFAULT_EVENTS_MAX_LAG: u64 = 10_000;
+const MAX_EVENTS_MAX_LAG: u64 = 10_000_000;
+
+/// A whole number in `1..=max` from `var` (when set) or the file, else `default`; a value out
+/// of range is an error naming the key, the range and what the value is for.
+fn bounded(
+    env: &dyn Fn(&str) -> Option<String>,
+    var: &str,
+    key: &str,
+    file: Option<u64>,
+    default: u64,
+    max: u64,
+    what: &str,
+) -> Result<u64, ConfigError> {
+    let (v, from) = match env(var) {
+        Some(s) => (
+            s.trim().parse::<u64>().map_err(|_| {
+                ConfigError::Bounded(format!(
+                    "{var} must be a whole number from 1 to {max} ({what}), got {s:?}"
+                ))
+            })?,
+            var,
+        ),
+        None => (file.unwrap_or(default), key),
+    };
+    if !(1..=max).contains(&v) {
+        return Err(ConfigError::Bounded(format!(
+            "{from} must be from 1 to {max} ({what}; default {default}), got {v}"
+        )));
+    }
+    Ok(v)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -211,6 +269,9 @@ pub enum ConfigError {
     RetentionZero,
     #[error("HALL_SECRETS_RELEASE_TTL must be a number of seconds, got {0:?}")]
     ReleaseTtl(String),
+    /// A whole number outside its range (`approvals.max_pending_per_tenant`, `events.max_lag`).
+    #[error("{0}")]
+    Bounded(String),
 }
 
 impl Config {
@@ -337,6 +398,24 @@ impl Config {
             Some(v) => v.parse().map_err(|_| ConfigError::ReleaseTtl(v))?,
             None => file.secrets.release_ttl.unwrap_or(300),
         };
+        let approvals_max_pending = bounded(
+            env,
+            "HALL_APPROVALS_MAX_PENDING_PER_TENANT",
+            "approvals.max_pending_per_tenant",
+            file.approvals.max_pending_per_tenant,
+            DEFAULT_MAX_PENDING_PER_TENANT,
+            MAX_MAX_PENDING_PER_TENANT,
+            "the most approvals one tenant may have pending",
+        )? as usize;
+        let events_max_lag = bounded(
+            env,
+            "HALL_EVENTS_MAX_LAG",
+            "events.max_lag",
+            file.events.max_lag,
+            DEFAULT_EVENTS_MAX_LAG,
+            MAX_EVENTS_MAX_LAG,
+            "audit records an event stream may fall behind before it is dropped",
+        )?;
         let log_format = flags
             .log_format
             .clone()
@@ -354,6 +433,8 @@ impl Config {
             audit_durability,
             audit_retention_days,
             release_ttl_secs,
+            approvals_max_pending,
+            events_max_lag,
             log_format,
             config_file,
             config_origin,
@@ -401,6 +482,10 @@ const CONFIG_KEYS: &[&str] = &[
     "durability",
     "retention_days",
     "release_ttl",
+    "approvals",
+    "max_pending_per_tenant",
+    "events",
+    "max_lag",
 ];
 
 /// `, did you mean "listen"?` for serde's ``unknown field `lisen` `` message.
@@ -599,6 +684,69 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.audit_retention_days, Some(1));
+    }
+
+    #[test]
+    fn approval_cap_and_event_lag_are_bounded() {
+        let c = Config::resolve_with(&Flags::default(), &env_of(&[])).unwrap();
+        assert_eq!(c.approvals_max_pending, 1000);
+        assert_eq!(c.events_max_lag, 10_000);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("hall.toml");
+        let flags = Flags {
+            config: Some(cfg.clone()),
+            ..Default::default()
+        };
+        std::fs::write(
+            &cfg,
+            "[approvals]\nmax_pending_per_tenant = 2\n[events]\nmax_lag = 50\n",
+        )
+        .unwrap();
+        let c = Config::resolve_with(&flags, &env_of(&[])).unwrap();
+        assert_eq!((c.approvals_max_pending, c.events_max_lag), (2, 50));
+        let c = Config::resolve_with(
+            &flags,
+            &env_of(&[
+                ("HALL_APPROVALS_MAX_PENDING_PER_TENANT", "7"),
+                ("HALL_EVENTS_MAX_LAG", "9"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!((c.approvals_max_pending, c.events_max_lag), (7, 9));
+        for (text, key) in [
+            (
+                "[approvals]\nmax_pending_per_tenant = 0\n",
+                "approvals.max_pending_per_tenant",
+            ),
+            (
+                "[approvals]\nmax_pending_per_tenant = 5000000\n",
+                "approvals.max_pending_per_tenant",
+            ),
+            ("[events]\nmax_lag = 0\n", "events.max_lag"),
+        ] {
+            std::fs::write(&cfg, text).unwrap();
+            let e = Config::resolve_with(&flags, &env_of(&[])).unwrap_err();
+            assert!(
+                e.to_string().contains(key) && e.to_string().contains("from 1 to"),
+                "{e}"
+            );
+        }
+        let e = Config::resolve_with(
+            &Flags::default(),
+            &env_of(&[("HALL_APPROVALS_MAX_PENDING_PER_TENANT", "many")]),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("HALL_APPROVALS_MAX_PENDING_PER_TENANT"),
+            "{e}"
+        );
+        std::fs::write(&cfg, "[approvals]\nmax_pending = 3\n").unwrap();
+        let e = Config::resolve_with(&flags, &env_of(&[])).unwrap_err();
+        assert!(
+            e.to_string().contains("max_pending_per_tenant"),
+            "did you mean: {e}"
+        );
     }
 
     #[test]

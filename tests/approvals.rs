@@ -751,3 +751,595 @@ fn hall_events_prints_the_stream_as_json_lines_and_resumes() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A rule for the cap and watch tests: three distinct requests (staging/PUBLIC,
+/// staging/INTERNAL, prod/PUBLIC) for each of two tenants.
+const CAP_RULE: &str = r#"
+[[rule]]
+id = "t-cap"
+capabilities = ["cap.code.deploy"]
+envs = ["staging", "prod"]
+tenants = ["org.cap", "org.cap2"]
+effect = "require_approval"
+"#;
+
+fn cap_body(tenant: &str, env: &str, label: &str) -> String {
+    format!(
+        r#"{{"capability_id":"cap.code.deploy","env":"{env}","data_label":"{label}","tenant_id":"{tenant}"}}"#
+    )
+}
+
+#[test]
+fn the_pending_cap_comes_from_hall_toml_and_is_per_tenant() {
+    let d = Daemon::builder()
+        .setup(|p| {
+            std::fs::write(p.join("policies/05-approvals.toml"), CAP_RULE).unwrap();
+            // The per-user hall.toml (the harness points XDG_CONFIG_HOME here).
+            std::fs::create_dir_all(p.join("xdg-config/hall")).unwrap();
+            std::fs::write(
+                p.join("xdg-config/hall/hall.toml"),
+                "[approvals]\nmax_pending_per_tenant = 2\n",
+            )
+            .unwrap();
+        })
+        .start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let open_as = |tenant: &str, env: &str, label: &str| {
+        call(
+            &d,
+            &app,
+            "POST",
+            "/api/route",
+            Some(&cap_body(tenant, env, label)),
+        )
+    };
+    let first = open_as("org.cap", "staging", "PUBLIC");
+    assert_eq!(first.status, 200, "{}", first.body);
+    let first = first.json()["approval_id"].as_str().unwrap().to_string();
+    let r = open_as("org.cap", "staging", "INTERNAL");
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The third distinct request of the tenant is over the cap of 2.
+    let r = open_as("org.cap", "prod", "PUBLIC");
+    r.assert_error(429, "too_many_pending_approvals", None);
+    assert!(r.body.contains("2 pending"), "{}", r.body);
+    // A retry of a pending one is not a new approval: the same id, at the cap too.
+    let again = open_as("org.cap", "staging", "PUBLIC");
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.json()["approval_id"], first.as_str());
+    // Another tenant has its own cap.
+    for (env, label) in [("staging", "PUBLIC"), ("prod", "PUBLIC")] {
+        let r = open_as("org.cap2", env, label);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.json()["approval_id"].is_string(), "{}", r.body);
+    }
+    // Once one is decided, a new one can open.
+    assert_eq!(act(&d, &boss, &first, "deny", None).status, 200);
+    let r = open_as("org.cap", "prod", "PUBLIC");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["deny_reason"], "approval_required", "{}", r.body);
+}
+
+/// The value of one sample line of `/metrics` (`name{labels}`), 0 when absent.
+fn metric(d: &Daemon, sample: &str) -> f64 {
+    let r = d.get("/metrics");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+#[test]
+fn metrics_have_a_time_to_decision_histogram_by_outcome() {
+    let d = start();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let body = d.get("/metrics").body;
+    assert!(
+        body.contains("# TYPE hall_approval_decision_seconds histogram"),
+        "{body}"
+    );
+    for o in ["approved", "denied", "cancelled", "expired"] {
+        assert_eq!(
+            metric(
+                &d,
+                &format!("hall_approval_decision_seconds_count{{outcome=\"{o}\"}}")
+            ),
+            0.0
+        );
+    }
+    let a = open(&d, &app, "org.acme");
+    assert_eq!(act(&d, &boss, &a, "approve", None).status, 200);
+    let b = open(&d, &app, "org.beta");
+    assert_eq!(act(&d, &boss, &b, "deny", None).status, 200);
+    let c = open(&d, &app, "org.two");
+    assert_eq!(act(&d, &app, &c, "cancel", None).status, 200);
+    // Expires while pending after its 2 s ttl; the sweep writes it (and observes it).
+    let e = open(&d, &app, "org.ttl");
+    d.wait_until(Duration::from_secs(20), || {
+        metric(
+            &d,
+            "hall_approval_decision_seconds_count{outcome=\"expired\"}",
+        ) == 1.0
+    });
+    for o in ["approved", "denied", "cancelled", "expired"] {
+        let count = metric(
+            &d,
+            &format!("hall_approval_decision_seconds_count{{outcome=\"{o}\"}}"),
+        );
+        assert_eq!(count, 1.0, "{o}");
+        // Every decision here took at most a day: the last finite bucket and +Inf hold it.
+        for le in ["86400", "+Inf"] {
+            assert_eq!(
+                metric(
+                    &d,
+                    &format!(
+                        "hall_approval_decision_seconds_bucket{{outcome=\"{o}\",le=\"{le}\"}}"
+                    )
+                ),
+                1.0,
+                "{o} {le}"
+            );
+        }
+    }
+    // The expiry is exactly the ttl after opening: 2 s, so in le=5 and not in le=1.
+    let exp = |s: &str| metric(&d, &format!("hall_approval_decision_seconds_{s}"));
+    assert_eq!(exp("sum{outcome=\"expired\"}"), 2.0);
+    assert_eq!(exp("bucket{outcome=\"expired\",le=\"1\"}"), 0.0);
+    assert_eq!(exp("bucket{outcome=\"expired\",le=\"5\"}"), 1.0);
+    assert_eq!(state_of(&d, &e), "expired");
+    // The transitions counter and the pending gauge are still there beside it.
+    assert_eq!(
+        metric(&d, "hall_approval_transitions_total{kind=\"approved\"}"),
+        1.0
+    );
+    assert_eq!(metric(&d, "hall_approvals_pending"), 0.0);
+}
+
+/// A TCP connection to `addr` whose receive buffer is set small before connecting (so the
+/// window it advertises stays small), for a client that stops reading.
+fn connect_small_rcvbuf(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let std::net::SocketAddr::V4(v4) = addr else {
+        panic!("the test daemon listens on IPv4 loopback")
+    };
+    // SAFETY: plain socket calls on a fd this function owns until it hands it to TcpStream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let size: libc::c_int = 4096;
+        assert_eq!(
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ),
+            0
+        );
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let r = libc::connect(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
+        std::net::TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// Every `(id, event, data)` frame in SSE text.
+fn frames(text: &str) -> Vec<(Option<u64>, String, String)> {
+    let body = text.split_once("\r\n\r\n").map_or(text, |(_, b)| b);
+    let mut out = Vec::new();
+    for block in body.split("\n\n") {
+        let (mut id, mut ev, mut data) = (None, None, String::new());
+        for l in block.lines() {
+            if let Some(v) = l.strip_prefix("id: ") {
+                id = v.trim().parse().ok();
+            } else if let Some(v) = l.strip_prefix("event: ") {
+                ev = Some(v.trim().to_string());
+            } else if let Some(v) = l.strip_prefix("data: ") {
+                data.push_str(v);
+            }
+        }
+        if let Some(ev) = ev {
+            out.push((id, ev, data));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_slow_event_consumer_is_dropped_with_a_final_event_and_can_resume() {
+    use std::io::{Read, Write};
+    let d = Daemon::builder()
+        .setup(|p| {
+            std::fs::create_dir_all(p.join("xdg-config/hall")).unwrap();
+            std::fs::write(
+                p.join("xdg-config/hall/hall.toml"),
+                "[events]\nmax_lag = 20\n[audit]\ndurability = \"batched\"\n",
+            )
+            .unwrap();
+        })
+        .start();
+    let admin = d.admin_token().unwrap();
+    let mut s = connect_small_rcvbuf(d.addr);
+    write!(
+        s,
+        "GET /api/events?types=decision HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {admin}\r\n\r\n",
+        d.addr
+    )
+    .unwrap();
+    let seen = read_until(&mut s, "", ": from seq", Duration::from_secs(10));
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    // The client stops reading. Decisions go on, each record ~4 KB with its context, far
+    // more than the socket buffers hold: none of them waits for the stream.
+    const N: usize = 300;
+    let context = format!(r#"{{"pad":"{}"}}"#, "x".repeat(4000));
+    let body = format!(
+        r#"{{"capability_id":"cap.doc.summarize","env":"dev","data_label":"PUBLIC","tenant_id":"org.acme","context":{context}}}"#
+    );
+    std::thread::scope(|sc| {
+        for _ in 0..4 {
+            sc.spawn(|| {
+                for _ in 0..N / 4 {
+                    let r = d.post_json("/api/route", &body);
+                    assert_eq!(r.status, 200, "{}", r.body);
+                }
+            });
+        }
+    });
+    // Now it reads on: what was buffered, one final `dropped` event, then the end.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = seen.into_bytes();
+    let mut chunk = [0u8; 65536];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                // The chunked body's last chunk: the server ended the stream.
+                if buf.ends_with(b"\r\n0\r\n\r\n") {
+                    break;
+                }
+            }
+            Err(e) => panic!(
+                "the stream did not end: {e}; read {} bytes:\n{}",
+                buf.len(),
+                String::from_utf8_lossy(&buf[buf.len().saturating_sub(2000)..])
+            ),
+        }
+    }
+    // Drop the chunk-size lines so the SSE text reads as sent.
+    let text: String = String::from_utf8_lossy(&buf)
+        .split("\r\n")
+        .filter(|l| !(l.len() <= 8 && !l.is_empty() && l.chars().all(|c| c.is_ascii_hexdigit())))
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    let got = frames(&text.replace("\r\n", ""));
+    let (last, rest) = got.split_last().expect("events");
+    assert_eq!(last.1, "dropped", "the final event: {last:?}");
+    assert!(
+        rest.iter().all(|f| f.1 == "decision"),
+        "nothing after the final event"
+    );
+    assert!(rest.len() < N, "dropped before all {N} were sent");
+    let info: Value = serde_json::from_str(&last.2).unwrap();
+    assert_eq!(info["reason"], "slow_consumer", "{info}");
+    assert!(info["unsent"].as_u64().unwrap() > 20, "{info}");
+    assert!(
+        info["error"].as_str().unwrap().contains("Last-Event-ID"),
+        "{info}"
+    );
+    let ids: Vec<u64> = rest.iter().map(|f| f.0.unwrap()).collect();
+    let resume = info["last_event_id"].as_u64().unwrap();
+    if let Some(l) = ids.last() {
+        assert_eq!(resume, *l, "resume from the last id sent");
+    }
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+
+    // Resuming from there gives every remaining decision, in order, without a gap or a
+    // repeat (a replay of what was in the log is not lag: this stream is not dropped).
+    let (mut s, seen) = sse(&d, &admin, "?types=decision", Some(resume));
+    let want = N - ids.len();
+    let mut text = seen;
+    let start = Instant::now();
+    while frames(&text).len() < want && start.elapsed() < Duration::from_secs(30) {
+        let more = read_until(&mut s, "", "\n\n", Duration::from_secs(5));
+        text.push_str(&more);
+    }
+    let more = frames(&text);
+    assert_eq!(more.len(), want, "{:?}", more.last());
+    assert!(more.iter().all(|f| f.1 == "decision"), "not dropped again");
+    let more_ids: Vec<u64> = more.iter().map(|f| f.0.unwrap()).collect();
+    assert_eq!(more_ids[0], resume + 1);
+    assert!(more_ids.windows(2).all(|w| w[1] == w[0] + 1));
+    assert!(d.logs().contains("event stream dropped"), "logged");
+}
+
+/// `hall approvals watch …` as `tok`, its stdout lines coming through a channel.
+fn spawn_watch(
+    d: &Daemon,
+    tok: &str,
+    args: &[&str],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(common::HALL)
+        .args(["approvals", "watch"])
+        .args(args)
+        .env("HALL_URL", format!("http://{}", d.addr))
+        .env("HALL_TOKEN", tok)
+        .env_remove("HALL_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// The next line of a watch, within 20 s.
+fn next_line(rx: &std::sync::mpsc::Receiver<String>) -> String {
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("a line from hall approvals watch")
+}
+
+#[test]
+fn hall_approvals_watch_prints_the_queue_live_with_the_approvers_command() {
+    let d = start();
+    let admin = d.admin_token().unwrap();
+    let app = issue(&d, "app", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let already = open(&d, &app, "org.acme");
+
+    // Human lines: what is pending at start, then what opens and how it is decided.
+    let (mut child, rx) = spawn_watch(&d, &admin, &["--count", "3"]);
+    let l = next_line(&rx);
+    assert!(l.contains(&already) && l.contains("pending"), "{l}");
+    assert!(
+        l.contains("tenant org.acme: cap.code.deploy in prod (INTERNAL)"),
+        "{l}"
+    );
+    assert_eq!(
+        next_line(&rx).trim(),
+        format!("approve: hall approvals approve {already} --note \"…\"")
+    );
+    assert_eq!(
+        next_line(&rx).trim(),
+        format!("deny:    hall approvals deny {already} --note \"…\"")
+    );
+    // The watch is following now (it lists after its stream opened).
+    let id = open(&d, &app, "org.beta");
+    let l = next_line(&rx);
+    assert!(l.contains(&id) && l.contains("opened"), "{l}");
+    assert!(l.contains("worker worker.deploy.canary"), "{l}");
+    let cmd = next_line(&rx);
+    assert_eq!(
+        cmd.trim(),
+        format!("approve: hall approvals approve {id} --note \"…\"")
+    );
+    next_line(&rx);
+    // The printed command works as printed (run by an approver).
+    let out = std::process::Command::new(common::HALL)
+        .args(["approvals", "approve", &id, "--note", "looks fine"])
+        .env("HALL_URL", format!("http://{}", d.addr))
+        .env("HALL_TOKEN", &boss)
+        .env_remove("HALL_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = next_line(&rx);
+    assert!(l.contains(&id) && l.contains("approved"), "{l}");
+    assert!(
+        l.contains("note: looks fine") && l.contains(", by tok_"),
+        "{l}"
+    );
+    // --count 3 reached: it exits 0.
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // --json: one object a line, with the commands; a tenant filter. Opened before or after
+    // the watch's stream starts, an approval is printed once: as pending (from the list it
+    // takes once its stream is open) or as opened (from the stream).
+    let (mut child, rx) = spawn_watch(
+        &d,
+        &admin,
+        &["--json", "--count", "2", "--tenant", "org.two"],
+    );
+    let two = open(&d, &app, "org.two");
+    let _ = open(&d, &app, "org.beta"); // another tenant: not shown
+    let v: Value = serde_json::from_str(&next_line(&rx)).unwrap();
+    assert!(
+        v["event"] == "approval.opened" || v["event"] == "approval.pending",
+        "{v}"
+    );
+    assert_eq!(v["approval_id"], two.as_str(), "{v}");
+    assert_eq!(v["tenant_id"], "org.two", "{v}");
+    assert_eq!(
+        v["approve_command"],
+        format!("hall approvals approve {two} --note \"…\""),
+        "{v}"
+    );
+    assert_eq!(act(&d, &boss, &two, "deny", Some("not today")).status, 200);
+    let v: Value = serde_json::from_str(&next_line(&rx)).unwrap();
+    assert_eq!(v["event"], "approval.decided", "{v}");
+    assert_eq!(v["state"], "denied", "{v}");
+    assert_eq!(v["approval_id"], two.as_str(), "{v}");
+    assert_eq!(v["note"], "not today", "{v}");
+    assert!(v["id"].as_u64().is_some(), "the event's audit seq: {v}");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn a_second_app_whose_request_joined_an_approval_can_read_it() {
+    let d = start();
+    let app1 = issue(&d, "app1", &["route"], None);
+    let app2 = issue(&d, "app2", &["route"], None);
+    let app3 = issue(&d, "app3", &["route"], None);
+    let boss = issue(&d, "boss", &["approve"], None);
+    let id = open(&d, &app1, "org.acme");
+    // The same request from another app: the same approval, which it may now read...
+    assert_eq!(open(&d, &app2, "org.acme"), id);
+    let get = |tok: &str| call(&d, tok, "GET", &format!("/api/approvals/{id}"), None);
+    let r = get(&app2);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["state"], "pending");
+    assert_eq!(get(&app1).status, 200);
+    // ...and wait on, like its opener.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let r = call(
+                &d,
+                &app2,
+                "GET",
+                &format!("/api/approvals/{id}?wait=30"),
+                None,
+            );
+            tx.send(r).unwrap();
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(act(&d, &boss, &id, "approve", None).status, 200);
+        let r = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(r.json()["state"], "approved", "{}", r.body);
+    });
+    // A route token that never asked for it still cannot see it; nor can a joiner cancel it.
+    get(&app3).assert_error(404, "not_found", None);
+    let id2 = open(&d, &app1, "org.beta");
+    assert_eq!(open(&d, &app2, "org.beta"), id2);
+    act(&d, &app2, &id2, "cancel", None).assert_error(403, "not_opener", None);
+    // Redeemed by the joiner: allowed once.
+    let r = route(&d, &app2, "org.acme", Some(&id));
+    assert_eq!(r.json()["allowed"], true, "{}", r.body);
+}
+
+#[test]
+fn hall_events_resumes_without_a_gap_after_the_daemon_drops_it() {
+    use std::io::BufRead;
+    let d = Daemon::builder()
+        .setup(|p| {
+            std::fs::create_dir_all(p.join("xdg-config/hall")).unwrap();
+            std::fs::write(
+                p.join("xdg-config/hall/hall.toml"),
+                "[events]\nmax_lag = 20\n[audit]\ndurability = \"batched\"\n",
+            )
+            .unwrap();
+        })
+        .start();
+    let admin = d.admin_token().unwrap();
+    // Nobody reads its stdout for now: once the pipe is full, it stops reading the stream.
+    let mut child = std::process::Command::new(common::HALL)
+        .args(["events", "--types", "decision"])
+        .env("HALL_URL", format!("http://{}", d.addr))
+        .env("HALL_TOKEN", &admin)
+        .env_remove("HALL_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Decide until one reaches its stdout: its stream is open. Then nobody reads its
+    // stdout for a while.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        tx.send((first, out)).unwrap();
+    });
+    let (first, out) = loop {
+        assert_eq!(
+            d.route("cap.doc.summarize", "dev", "PUBLIC", "org.acme")
+                .status,
+            200
+        );
+        if let Ok(got) = rx.recv_timeout(Duration::from_millis(200)) {
+            break got;
+        }
+    };
+    let first: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["event"], "decision", "{first}");
+    const N: usize = 300;
+    let body = format!(
+        r#"{{"capability_id":"cap.doc.summarize","env":"dev","data_label":"PUBLIC","tenant_id":"org.acme","context":{{"pad":"{}"}}}}"#,
+        "x".repeat(4000)
+    );
+    std::thread::scope(|sc| {
+        for _ in 0..4 {
+            sc.spawn(|| {
+                for _ in 0..N / 4 {
+                    assert_eq!(d.post_json("/api/route", &body).status, 200);
+                }
+            });
+        }
+    });
+    // Now read: every decision exactly once, in order, with the daemon's `dropped` among them.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in out.lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let head = d.get("/api/status").json()["audit"]["seq"]
+        .as_u64()
+        .unwrap();
+    let (mut ids, mut dropped) = (vec![first["id"].as_u64().unwrap()], None);
+    while ids.last() != Some(&head) {
+        let l = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                panic!("{} decisions up to {head}, dropped: {dropped:?}", ids.len())
+            });
+        let v: Value = serde_json::from_str(&l).unwrap();
+        match v["event"].as_str() {
+            Some("decision") => ids.push(v["id"].as_u64().unwrap()),
+            Some("dropped") => dropped = Some((ids.len(), v["data"].clone())),
+            other => panic!("{other:?}: {l}"),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let stderr = {
+        use std::io::Read;
+        let mut s = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+        s
+    };
+    let (at, info) = dropped.expect("the daemon dropped the slow reader");
+    assert!(at < ids.len(), "dropped before the end");
+    assert_eq!(info["reason"], "slow_consumer", "{info}");
+    // It names the last event it sent, which is where the CLI resumed.
+    assert_eq!(info["last_event_id"].as_u64(), Some(ids[at - 1]), "{info}");
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "no gap, no repeat: {ids:?}"
+    );
+    assert!(stderr.contains("dropped this stream"), "{stderr}");
+}

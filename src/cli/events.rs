@@ -30,10 +30,16 @@ pub struct EventsArgs {
 
 /// One event as the stream framed it.
 #[derive(Default)]
-struct Frame {
-    id: Option<u64>,
-    event: Option<String>,
-    data: String,
+pub(super) struct Frame {
+    pub id: Option<u64>,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// What to do after an event.
+pub(super) enum Next {
+    Continue,
+    Stop,
 }
 
 pub(super) fn run(a: &EventsArgs) -> CliResult {
@@ -42,15 +48,51 @@ pub(super) fn run(a: &EventsArgs) -> CliResult {
         Some(t) => format!("/api/events?types={t}"),
         None => "/api/events".to_string(),
     };
-    let mut last = a.last_event_id;
     let mut printed = 0u64;
     let stdout = std::io::stdout();
+    follow(
+        &client,
+        &path,
+        a.last_event_id,
+        |_| Ok(Next::Continue),
+        |f| {
+            let data: Value = serde_json::from_str(&f.data).unwrap_or(Value::String(f.data));
+            let out = json!({"id": f.id, "event": f.event, "data": data});
+            let mut w = stdout.lock();
+            if writeln!(w, "{out}").and_then(|_| w.flush()).is_err() {
+                return Next::Stop; // reader went away
+            }
+            printed += 1;
+            if a.count.is_some_and(|n| printed >= n) {
+                return Next::Stop;
+            }
+            Next::Continue
+        },
+    )
+}
+
+/// Follow `path` (an `/api/events` URL): call `on_open` once each connection is open (with the
+/// resume point, `None` on the first connection without one; `Next::Stop` ends it there), then
+/// `on_event` for each event.
+/// When the stream ends — the daemon dropped a slow reader, restarted, or the connection
+/// broke — reconnect after the last id seen, so no event is missed or repeated.
+pub(super) fn follow(
+    client: &Client,
+    path: &str,
+    mut last: Option<u64>,
+    mut on_open: impl FnMut(Option<u64>) -> Result<Next, super::CliError>,
+    mut on_event: impl FnMut(Frame) -> Next,
+) -> CliResult {
     loop {
         let headers: Vec<(&str, String)> = last
             .map(|id| vec![("Last-Event-ID", id.to_string())])
             .unwrap_or_default();
-        let reader = client.stream(&path, &headers)?;
+        let reader = client.stream(path, &headers)?;
+        if let Next::Stop = on_open(last)? {
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
         let mut frame = Frame::default();
+        let mut dropped = false;
         for line in BufReader::new(reader).lines() {
             let Ok(line) = line else { break };
             if line.is_empty() {
@@ -58,23 +100,22 @@ pub(super) fn run(a: &EventsArgs) -> CliResult {
                 if f.data.is_empty() && f.event.is_none() {
                     continue;
                 }
-                let data: Value = serde_json::from_str(&f.data).unwrap_or(Value::String(f.data));
-                let out = json!({"id": f.id, "event": f.event, "data": data});
-                let mut w = stdout.lock();
-                if writeln!(w, "{out}").and_then(|_| w.flush()).is_err() {
-                    return Ok(std::process::ExitCode::SUCCESS); // reader went away
-                }
                 if f.id.is_some() {
                     last = f.id;
                 }
-                printed += 1;
-                if a.count.is_some_and(|n| printed >= n) {
+                dropped |= f.event.as_deref() == Some("dropped");
+                if let Next::Stop = on_event(f) {
                     return Ok(std::process::ExitCode::SUCCESS);
                 }
                 continue;
             }
-            if line.starts_with(':') {
-                continue; // a comment / keep-alive
+            if let Some(c) = line.strip_prefix(':') {
+                // A comment or keep-alive. The first names where the stream starts: resume
+                // from there if it ends before any event came.
+                if let Some(n) = c.trim().strip_prefix("from seq ") {
+                    last = last.or_else(|| n.trim().parse().ok());
+                }
+                continue;
             }
             let (field, value) = line.split_once(':').unwrap_or((line.as_str(), ""));
             let value = value.strip_prefix(' ').unwrap_or(value);
@@ -90,7 +131,15 @@ pub(super) fn run(a: &EventsArgs) -> CliResult {
                 _ => {}
             }
         }
-        eprintln!("hall events: the stream ended; reconnecting after {last:?}");
-        std::thread::sleep(Duration::from_secs(1));
+        let after = last.map_or_else(|| "now".to_string(), |n| n.to_string());
+        if dropped {
+            // Behind by more than the daemon keeps for a reader: catch up from the log at once.
+            eprintln!(
+                "hall: the daemon dropped this stream (reading too slowly); resuming after {after}"
+            );
+        } else {
+            eprintln!("hall: the event stream ended; reconnecting after {after}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
 }

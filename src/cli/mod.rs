@@ -457,7 +457,7 @@ pub fn main() -> ExitCode {
         Command::Mcp(c) => mcp::run(&c),
         Command::Replay(a) => replay::run(&a),
         Command::Import(c) => import::run(c),
-        Command::Approvals(a) => approvals::run(a),
+        Command::Approvals(a) => approvals::run(a, cli.json),
         Command::Events(a) => events::run(&a),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -234,8 +234,12 @@ fn visible(
     if !caller.may_act_for(&a.tenant_id) {
         return Err(super::auth::tenant_mismatch());
     }
-    // A route-only token sees the approvals it opened; approvers see the queue.
-    if !caller.allows(Scope::Approve) && a.opened_by != caller.id() {
+    // A route-only token sees the approvals it opened or joined (its identical request was
+    // answered with this one); approvers see the queue.
+    if !caller.allows(Scope::Approve)
+        && a.opened_by != caller.id()
+        && !a.joined_by.iter().any(|t| t == caller.id())
+    {
         return Err(ApiError::not_found("no such approval"));
     }
     Ok(a)
@@ -492,6 +496,31 @@ pub fn metrics_text(state: &AppState) -> String {
             s,
             "hall_approval_transitions_total{{kind=\"{}\"}} {n}",
             k.as_str()
+        );
+    }
+    s.push_str("# HELP hall_approval_decision_seconds Time from opening an approval to its decision (approved, denied, cancelled, or expired while pending), by outcome.\n# TYPE hall_approval_decision_seconds histogram\n");
+    for h in store.decision_histograms() {
+        let o = h.outcome;
+        for (le, n) in crate::store::approvals::DECISION_BUCKETS
+            .iter()
+            .map(|b| b.to_string())
+            .chain(["+Inf".to_string()])
+            .zip(&h.cumulative)
+        {
+            let _ = writeln!(
+                s,
+                "hall_approval_decision_seconds_bucket{{outcome=\"{o}\",le=\"{le}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "hall_approval_decision_seconds_sum{{outcome=\"{o}\"}} {}",
+            h.sum_secs
+        );
+        let _ = writeln!(
+            s,
+            "hall_approval_decision_seconds_count{{outcome=\"{o}\"}} {}",
+            h.count
         );
     }
     s

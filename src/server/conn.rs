@@ -71,6 +71,28 @@ impl Drop for ConnGuard {
     }
 }
 
+impl ConnGuard {
+    /// Cap this connection's kernel send buffer (`SO_SNDBUF`, which also turns off its
+    /// autotuning), for a long-lived stream: a client that stops reading then holds at most
+    /// about twice `bytes` in the kernel. Best effort.
+    pub fn limit_send_buffer(&self, bytes: i32) {
+        let open = self.conns.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = open.get(&self.id) {
+            // SAFETY: setsockopt on a socket fd we own (our duplicate of the connection's),
+            // with a pointer to an int that lives across the call.
+            unsafe {
+                libc::setsockopt(
+                    t.socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&bytes as *const i32).cast(),
+                    std::mem::size_of::<i32>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+}
+
 impl Conns {
     fn now_ms(&self) -> i64 {
         self.epoch.get_or_init(Instant::now).elapsed().as_millis() as i64

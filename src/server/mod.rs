@@ -179,11 +179,8 @@ fn open_stores(config: &Config) -> Result<state::Stores, ServeError> {
     let (secrets, key_source) = secrets::SecretStore::open_from(&db, &key_sources)
         .map_err(|e| store("the secret store")(e.into()))?;
     tracing::info!(source = %key_source, key_id = %secrets.key_id(), "master key loaded");
-    let approvals = crate::store::approvals::ApprovalStore::open(
-        &db,
-        crate::store::approvals::DEFAULT_MAX_PENDING,
-    )
-    .map_err(|e| store("the approval store")(e.into()))?;
+    let approvals = crate::store::approvals::ApprovalStore::open(&db, config.approvals_max_pending)
+        .map_err(|e| store("the approval store")(e.into()))?;
     Ok(state::Stores {
         audit,
         tokens,

@@ -29,10 +29,22 @@ const TREE: &str = "approvals";
 const BY_DIGEST: &str = "approvals_by_digest";
 /// sled tree `tenant \0 id → ()` of approvals opened pending, per tenant (for the cap).
 const PENDING: &str = "approvals_pending";
+/// sled tree `when_ms (8 bytes, big-endian) ‖ kind ‖ id → ()`: when each approval's next
+/// time-driven transition is due ([`DUE`]), or, once it has ended, when it is deleted
+/// ([`PURGE`]). The sweep reads only the timers that are due, never the whole store.
+const TIMERS: &str = "approvals_timers";
+const DUE: u8 = 0;
+const PURGE: u8 = 1;
+/// How long an approval that ended (denied, cancelled, expired, used) is kept before the sweep
+/// deletes it; its audit records stay.
+pub const KEEP_ENDED_MS: i64 = 7 * 86_400_000;
 /// The stored format's version.
 const FORMAT: u8 = 1;
 /// Default per-tenant cap on pending approvals.
 pub const DEFAULT_MAX_PENDING: usize = 1000;
+/// Most tokens recorded as having joined one approval (beyond it, later joiners can still
+/// redeem it but not read it).
+pub const MAX_JOINED: usize = 16;
 /// Longest note accepted with approve/deny/cancel, in characters.
 pub const MAX_NOTE: usize = 512;
 
@@ -123,6 +135,10 @@ pub struct Approval {
     pub note: Option<String>,
     /// How many redemptions were allowed.
     pub uses: u32,
+    /// Other tokens whose identical request, while it was pending, was answered with this
+    /// approval (they may read it like its opener; at most [`MAX_JOINED`]).
+    #[serde(default)]
+    pub joined_by: Vec<String>,
 }
 
 /// What the stored bytes hold.
@@ -236,6 +252,26 @@ pub struct NewApproval<'a> {
     pub settings: crate::engine::ApprovalSettings,
 }
 
+fn timer_key(at_ms: i64, kind: u8, id: &str) -> Vec<u8> {
+    let mut k = (at_ms.max(0) as u64).to_be_bytes().to_vec();
+    k.push(kind);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// The timer an approval written at `now` holds: its next deadline, or once it has ended,
+/// its deletion [`KEEP_ENDED_MS`] later.
+fn timer_of(a: &Approval, now: i64) -> Vec<u8> {
+    match a.next_deadline() {
+        Some(t) => timer_key(t, DUE, &a.id),
+        None => timer_key(now.saturating_add(KEEP_ENDED_MS), PURGE, &a.id),
+    }
+}
+
+fn pending_key(a: &Approval) -> Vec<u8> {
+    [a.tenant_id.as_bytes(), b"\0", a.id.as_bytes()].concat()
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -286,6 +322,7 @@ pub struct ApprovalStore {
     tree: sled::Tree,
     by_digest: sled::Tree,
     pending: sled::Tree,
+    timers: sled::Tree,
     /// Serialises opening, so the same request cannot open two approvals and the per-tenant
     /// cap is exact. Opening is rare; every other write is a lock-free CAS.
     open_lock: Mutex<()>,
@@ -294,19 +331,151 @@ pub struct ApprovalStore {
     changed: tokio::sync::watch::Sender<u64>,
     /// Transitions written since start, by [`TransitionKind::ALL`] index (for /metrics).
     counts: [std::sync::atomic::AtomicU64; 8],
+    /// Time from opening to the decision, by outcome (for /metrics).
+    decision_times: DecisionTimes,
+}
+
+/// Upper bounds (seconds) of the time-to-decision histogram's buckets: 1 s to a day.
+pub const DECISION_BUCKETS: [u64; 14] = [
+    1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400,
+];
+/// The outcomes the histogram is labelled by.
+pub const DECISION_OUTCOMES: [&str; 4] = ["approved", "denied", "cancelled", "expired"];
+
+/// A Prometheus histogram per outcome of how long approvals waited for their decision.
+/// Observed once per decision transition (an atomic add or three).
+#[derive(Default)]
+struct DecisionTimes {
+    /// `[outcome][bucket]`, not cumulative; the last slot is `+Inf`.
+    buckets: [[std::sync::atomic::AtomicU64; DECISION_BUCKETS.len() + 1]; 4],
+    count: [std::sync::atomic::AtomicU64; 4],
+    sum_ms: [std::sync::atomic::AtomicU64; 4],
+}
+
+/// One outcome's histogram: cumulative counts per bucket of [`DECISION_BUCKETS`] (then
+/// `+Inf`), the count and the sum in seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecisionHistogram {
+    pub outcome: &'static str,
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum_secs: f64,
+}
+
+impl DecisionTimes {
+    /// The outcome index and milliseconds from opening to the decision, if `t` decided it.
+    /// An approved approval that later expires unused was decided when it was approved.
+    fn of(t: &Transition) -> Option<(usize, i64)> {
+        let a = &t.approval;
+        let (i, at) = match t.kind {
+            TransitionKind::Approved => (0, a.approved_at_ms?),
+            TransitionKind::Denied => (1, a.decided_at_ms?),
+            TransitionKind::Cancelled => (2, a.decided_at_ms?),
+            TransitionKind::Expired if a.approved_at_ms.is_none() => (3, a.expires_at_ms),
+            _ => return None,
+        };
+        Some((i, at.saturating_sub(a.opened_at_ms).max(0)))
+    }
+
+    fn observe(&self, t: &Transition) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some((i, ms)) = Self::of(t) else { return };
+        let b = DECISION_BUCKETS
+            .iter()
+            .position(|&le| ms as u64 <= le * 1000)
+            .unwrap_or(DECISION_BUCKETS.len());
+        self.buckets[i][b].fetch_add(1, Relaxed);
+        self.count[i].fetch_add(1, Relaxed);
+        self.sum_ms[i].fetch_add(ms as u64, Relaxed);
+    }
+
+    fn snapshot(&self) -> Vec<DecisionHistogram> {
+        use std::sync::atomic::Ordering::Relaxed;
+        DECISION_OUTCOMES
+            .iter()
+            .enumerate()
+            .map(|(i, outcome)| {
+                let mut cum = 0;
+                let cumulative = self.buckets[i]
+                    .iter()
+                    .map(|c| {
+                        cum += c.load(Relaxed);
+                        cum
+                    })
+                    .collect();
+                DecisionHistogram {
+                    outcome,
+                    cumulative,
+                    count: self.count[i].load(Relaxed),
+                    sum_secs: self.sum_ms[i].load(Relaxed) as f64 / 1000.0,
+                }
+            })
+            .collect()
+    }
 }
 
 impl ApprovalStore {
     pub fn open(db: &sled::Db, max_pending: usize) -> Result<ApprovalStore, ApprovalError> {
-        Ok(ApprovalStore {
+        let store = ApprovalStore {
             tree: db.open_tree(TREE)?,
             by_digest: db.open_tree(BY_DIGEST)?,
             pending: db.open_tree(PENDING)?,
+            timers: db.open_tree(TIMERS)?,
             open_lock: Mutex::new(()),
             max_pending,
             changed: tokio::sync::watch::channel(0).0,
             counts: Default::default(),
-        })
+            decision_times: DecisionTimes::default(),
+        };
+        store.build_timers(crate::clock::now_ms())?;
+        Ok(store)
+    }
+
+    /// Approvals written before the timers tree existed get their timers once (an ended one
+    /// is kept [`KEEP_ENDED_MS`] from now).
+    fn build_timers(&self, now: i64) -> Result<(), ApprovalError> {
+        if !self.timers.is_empty() || self.tree.is_empty() {
+            return Ok(());
+        }
+        for kv in self.tree.iter() {
+            let (k, _) = kv?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            if let Some((_, a)) = self.load_raw(&id)? {
+                self.timers.insert(timer_of(&a, now), &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After `before` was replaced by `after` at `now`: move its timer and leave the pending
+    /// index when it stops being pending. (Not atomic with the write: a race can leave a stale
+    /// `DUE` timer, which the sweep drops; the timer of the newest state is always written.)
+    fn retime(&self, before: &Approval, after: &Approval, now: i64) -> Result<(), ApprovalError> {
+        let new = timer_of(after, now);
+        if let Some(t) = before.next_deadline() {
+            let old = timer_key(t, DUE, &before.id);
+            if old != new {
+                self.timers.remove(old)?;
+            }
+        }
+        self.timers.insert(new, &[])?;
+        if before.state == State::Pending && after.state != State::Pending {
+            self.pending.remove(pending_key(after))?;
+        }
+        Ok(())
+    }
+
+    /// Delete an ended approval and what points to it.
+    fn purge(&self, a: &Approval) -> Result<(), ApprovalError> {
+        self.tree.remove(a.id.as_bytes())?;
+        self.pending.remove(pending_key(a))?;
+        if let Ok(d) = ::hex::decode(&a.digest) {
+            // Only if it still names this approval (a newer one may have taken the digest).
+            let _ = self
+                .by_digest
+                .compare_and_swap(d, Some(a.id.as_bytes()), None::<&[u8]>)?;
+        }
+        Ok(())
     }
 
     /// A receiver that sees a new value after every write.
@@ -323,7 +492,14 @@ impl ApprovalStore {
             if let Some(i) = TransitionKind::ALL.iter().position(|k| *k == t.kind) {
                 self.counts[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+            self.decision_times.observe(t);
         }
+    }
+
+    /// Time from opening to decision since start, per outcome (approved, denied, cancelled,
+    /// expired while pending).
+    pub fn decision_histograms(&self) -> Vec<DecisionHistogram> {
+        self.decision_times.snapshot()
     }
 
     /// Transitions written since start, by kind.
@@ -391,9 +567,29 @@ impl ApprovalStore {
         limit: usize,
     ) -> Result<Vec<Approval>, ApprovalError> {
         let mut out = Vec::new();
-        for kv in self.tree.iter() {
-            let (k, _) = kv?;
-            let id = String::from_utf8_lossy(&k).into_owned();
+        // The pending queue comes from the pending index, not a walk of every approval.
+        let ids: Box<dyn Iterator<Item = Result<String, ApprovalError>>> =
+            if state == Some(State::Pending) {
+                let prefix = tenant.map(|t| [t.as_bytes(), b"\0"].concat());
+                let it = match &prefix {
+                    Some(p) => self.pending.scan_prefix(p),
+                    None => self.pending.iter(),
+                };
+                Box::new(it.keys().map(|k| {
+                    let k = k?;
+                    let i = k.iter().position(|b| *b == 0).unwrap_or(k.len());
+                    Ok(String::from_utf8_lossy(k.get(i + 1..).unwrap_or_default()).into_owned())
+                }))
+            } else {
+                Box::new(
+                    self.tree
+                        .iter()
+                        .keys()
+                        .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned())),
+                )
+            };
+        for id in ids {
+            let id = id?;
             let Some(a) = self.get(&id, now)? else {
                 continue;
             };
@@ -425,8 +621,21 @@ impl ApprovalStore {
         let _guard = self.open_lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(id) = self.by_digest.get(new.digest)? {
             let id = String::from_utf8_lossy(&id).into_owned();
-            // Materialise its time-driven transitions (and audit them) before deciding.
-            match self.update(&id, now, transitions, |_| Ok(None)) {
+            // Materialise its time-driven transitions (and audit them) before deciding; a
+            // token other than the opener that asks the same joins it (so it may read it).
+            let joiner = new.opened_by;
+            let join = |a: &mut Approval| {
+                if a.state == State::Pending
+                    && a.tenant_id == new.tenant_id
+                    && a.opened_by != joiner
+                    && a.joined_by.len() < MAX_JOINED
+                    && !a.joined_by.iter().any(|t| t == joiner)
+                {
+                    a.joined_by.push(joiner.to_string());
+                }
+                Ok(None)
+            };
+            match self.update(&id, now, transitions, join) {
                 Ok(a) if a.state == State::Pending && a.tenant_id == new.tenant_id => return Ok(a),
                 Ok(_) | Err(ApprovalError::NotFound) => {}
                 Err(e) => return Err(e),
@@ -477,12 +686,14 @@ impl ApprovalStore {
             decided_at_ms: None,
             note: None,
             uses: 0,
+            joined_by: Vec::new(),
         };
         let bytes = Self::encode(&a)?;
         self.tree.insert(a.id.as_bytes(), bytes)?;
         self.by_digest.insert(new.digest, a.id.as_bytes())?;
         self.pending
             .insert([prefix.as_slice(), a.id.as_bytes()].concat(), &[])?;
+        self.timers.insert(timer_of(&a, now), &[])?;
         self.bump();
         transitions.push(Transition {
             kind: TransitionKind::Opened,
@@ -529,6 +740,7 @@ impl ApprovalStore {
                 .compare_and_swap(id.as_bytes(), Some(&raw), Some(bytes))?
             {
                 Ok(()) => {
+                    self.retime(&stored, &a, now)?;
                     self.bump();
                     self.count(&timed);
                     out.extend(timed);
@@ -695,29 +907,56 @@ impl ApprovalStore {
     }
 
     /// Write the time-driven transitions that are due (expiry, veto windows), so they are
-    /// audited even if nobody reads the approval again. Returns them.
-    pub fn sweep(&self, now: i64) -> Outcome<()> {
+    /// audited even if nobody reads the approval again, and delete approvals that ended more
+    /// than [`KEEP_ENDED_MS`] ago. Reads only the timers that are due. Returns how many timers
+    /// it handled, and the transitions.
+    pub fn sweep(&self, now: i64) -> Outcome<usize> {
         let mut out = Vec::new();
         let r = self.sweep_inner(now, &mut out);
         (r, out)
     }
 
-    fn sweep_inner(&self, now: i64, out: &mut Vec<Transition>) -> Result<(), ApprovalError> {
-        for kv in self.tree.iter() {
-            let (k, v) = kv?;
-            let Ok(stored) = rmp_serde::from_slice::<Stored>(&v) else {
+    fn sweep_inner(&self, now: i64, out: &mut Vec<Transition>) -> Result<usize, ApprovalError> {
+        let end = ((now.max(0) as u64).saturating_add(1)).to_be_bytes();
+        let due: Vec<sled::IVec> = self
+            .timers
+            .range(..end.as_slice())
+            .keys()
+            .collect::<Result<_, _>>()?;
+        for k in &due {
+            if k.len() < 9 {
+                self.timers.remove(k)?;
+                continue;
+            }
+            let kind = k[8];
+            let id = String::from_utf8_lossy(&k[9..]).into_owned();
+            let Some((_, stored)) = self.load_raw(&id)? else {
+                self.timers.remove(k)?;
                 continue;
             };
-            if stored.approval.at(now).1.is_empty() {
+            if kind == PURGE {
+                if stored.next_deadline().is_none() {
+                    self.purge(&stored)?;
+                }
+                self.timers.remove(k)?;
                 continue;
             }
-            let id = String::from_utf8_lossy(&k).into_owned();
-            match self.update(&id, now, out, |_| Ok(None)) {
-                Ok(_) | Err(ApprovalError::NotFound) => {}
+            let now_a = match self.update(&id, now, out, |_| Ok(None)) {
+                Ok(a) => a,
+                Err(ApprovalError::NotFound) => continue,
                 Err(e) => return Err(e),
+            };
+            // The update moved the timer if it wrote; one it did not move is stale.
+            if now_a
+                .next_deadline()
+                .map(|t| timer_key(t, DUE, &id))
+                .as_deref()
+                != Some(k.as_ref())
+            {
+                self.timers.remove(k)?;
             }
         }
-        Ok(())
+        Ok(due.len())
     }
 }
 

@@ -109,6 +109,134 @@ fn expiry_holds_on_read_and_the_sweep_records_it_once() {
 }
 
 #[test]
+fn time_to_decision_is_observed_once_per_decision_by_outcome() {
+    let s = store();
+    let h = |s: &ApprovalStore, o: &str| {
+        s.decision_histograms()
+            .into_iter()
+            .find(|h| h.outcome == o)
+            .unwrap()
+    };
+    let ttl = ApprovalSettings {
+        ttl_secs: 10,
+        ..Default::default()
+    };
+    // Approved after 3 s (then redeemed, then a later expiry of nothing: not a decision).
+    let a = open(&s, ttl, 0);
+    s.approve(&a.id, "tok_boss", None, 3_000).0.unwrap();
+    s.redeem(&a.id, &D, "tok_opener", 4_000).0.unwrap();
+    // Expired while pending: after its ttl, 10 s. An approved one that expires unused was
+    // decided when it was approved (counted as approved, not again as expired).
+    let b = s.open_for(new(OTHER, "t", ttl), 0).0.unwrap();
+    s.sweep(60_000).0.unwrap();
+    assert_eq!(s.get(&b.id, 60_000).unwrap().unwrap().state, State::Expired);
+    let c = s.open_for(new([9; 32], "t", ttl), 100_000).0.unwrap();
+    s.approve(&c.id, "tok_boss", None, 100_500).0.unwrap();
+    s.sweep(200_000).0.unwrap();
+    // Denied after 2 h.
+    let day = ApprovalSettings {
+        ttl_secs: 86_400,
+        ..Default::default()
+    };
+    let d = s.open_for(new([10; 32], "t", day), 0).0.unwrap();
+    s.deny(&d.id, "tok_boss", None, 7_200_000).0.unwrap();
+
+    let approved = h(&s, "approved");
+    assert_eq!(approved.count, 2);
+    assert_eq!(approved.sum_secs, 3.5);
+    // Buckets 1, 5, ...: 0.5 s is in le=1, 3 s in le=5; cumulative; +Inf last.
+    assert_eq!(approved.cumulative[0], 1);
+    assert_eq!(approved.cumulative[1], 2);
+    assert_eq!(approved.cumulative.len(), DECISION_BUCKETS.len() + 1);
+    assert_eq!(*approved.cumulative.last().unwrap(), 2);
+    let expired = h(&s, "expired");
+    assert_eq!((expired.count, expired.sum_secs), (1, 10.0));
+    assert_eq!((expired.cumulative[1], expired.cumulative[2]), (0, 1));
+    let denied = h(&s, "denied");
+    assert_eq!((denied.count, denied.sum_secs), (1, 7200.0));
+    let le_7200 = DECISION_BUCKETS.iter().position(|b| *b == 7200).unwrap();
+    assert_eq!(
+        (denied.cumulative[le_7200 - 1], denied.cumulative[le_7200]),
+        (0, 1)
+    );
+    assert_eq!(h(&s, "cancelled").count, 0);
+}
+
+#[test]
+fn the_sweep_reads_only_due_timers_and_deletes_ended_approvals_later() {
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let s = ApprovalStore::open(&db, 1000).unwrap();
+    let ttl = ApprovalSettings {
+        ttl_secs: 10,
+        ..Default::default()
+    };
+    // 40 approvals denied at 1 s, one left pending (expires at 10 s).
+    let mut denied = Vec::new();
+    for i in 0..40u8 {
+        let a = s.open_for(new([i; 32], "t", ttl), 0).0.unwrap();
+        s.deny(&a.id, "tok_boss", None, 1_000).0.unwrap();
+        denied.push(a.id);
+    }
+    let live = s.open_for(new([200; 32], "t", ttl), 0).0.unwrap();
+    // Nothing is due: the sweep reads no approval at all.
+    let (r, t) = s.sweep(5_000);
+    assert_eq!((r.unwrap(), t.len()), (0, 0));
+    // The pending one's expiry is the only timer due at 10 s.
+    let (r, t) = s.sweep(10_000);
+    assert_eq!(r.unwrap(), 1);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].kind, TransitionKind::Expired);
+    assert_eq!(t[0].approval.id, live.id);
+    // The pending queue comes from the pending index (which the expiry left).
+    assert!(s
+        .list(10_000, Some(State::Pending), None, 100)
+        .unwrap()
+        .is_empty());
+    assert_eq!(s.pending_now(10_000).unwrap(), 0);
+    // Ended approvals stay for KEEP_ENDED_MS after they ended, then go.
+    let (r, _) = s.sweep(1_000 + KEEP_ENDED_MS - 1);
+    assert_eq!(r.unwrap(), 0);
+    assert!(s.get(&denied[0], 1_000 + KEEP_ENDED_MS).unwrap().is_some());
+    let (r, t) = s.sweep(1_000 + KEEP_ENDED_MS);
+    assert_eq!(r.unwrap(), 40);
+    assert!(t.is_empty(), "a deletion is not a transition");
+    for id in &denied {
+        assert!(s.get(id, 0).unwrap().is_none(), "{id} deleted");
+    }
+    assert_eq!(s.list(0, None, None, 1000).unwrap().len(), 1);
+    // The expired one goes KEEP_ENDED_MS after its expiry was written.
+    s.sweep(10_000 + KEEP_ENDED_MS).0.unwrap();
+    assert!(s.get(&live.id, 0).unwrap().is_none());
+    assert!(s.timers.is_empty() && s.pending.is_empty() && s.by_digest.is_empty());
+    // The same request again opens a new approval.
+    let again = s
+        .open_for(new([0; 32], "t", ttl), 2 * KEEP_ENDED_MS)
+        .0
+        .unwrap();
+    assert!(!denied.contains(&again.id));
+}
+
+#[test]
+fn approvals_stored_before_timers_existed_get_them_at_open() {
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let s = ApprovalStore::open(&db, 1000).unwrap();
+    let ttl = ApprovalSettings {
+        ttl_secs: 10,
+        ..Default::default()
+    };
+    let now = crate::clock::now_ms();
+    let a = s.open_for(new(D, "t", ttl), now).0.unwrap();
+    drop(s);
+    // As an older release left it: approvals, no timers.
+    db.open_tree(TIMERS).unwrap().clear().unwrap();
+    let s = ApprovalStore::open(&db, 1000).unwrap();
+    let (r, t) = s.sweep(now + 10_000);
+    assert_eq!(r.unwrap(), 1);
+    assert_eq!(t[0].kind, TransitionKind::Expired);
+    assert_eq!(t[0].approval.id, a.id);
+}
+
+#[test]
 fn veto_window_and_distinct_approvers_and_cancel() {
     let s = store();
     let veto = ApprovalSettings {

@@ -313,11 +313,18 @@ pub(crate) struct Shared {
     /// Serializes pruning (the writer's tick and explicit `prune` calls) so checkpoints only
     /// move forward.
     prune_lock: Mutex<()>,
+    /// The published head's seq, for readers that follow the log ([`AuditLog::subscribe_head`]).
+    head_seq: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
     fn publish_head(&self, head: Head) {
         self.head.store(Arc::new(head));
+        // An O(1) signal that wakes the event streams; skipped while none is open (a stream
+        // that subscribes later reads `head` above, stored first).
+        if self.head_seq.receiver_count() > 0 {
+            self.head_seq.send_replace(head.seq);
+        }
     }
 
     pub(crate) fn publish_durable(&self, head: Head) {
@@ -441,6 +448,7 @@ impl AuditLog {
             stats: Counters::default(),
             id_key: id_key(&trees)?,
             prune_lock: Mutex::new(()),
+            head_seq: tokio::sync::watch::channel(head.seq).0,
         });
         let retention_days = config.retention_days;
         let checkpoint_status = Arc::new(Mutex::new(checkpoint::Status {
@@ -519,6 +527,12 @@ impl AuditLog {
     /// chain continues from them, and a restart falls back to what was flushed.
     pub fn head(&self) -> Head {
         **self.inner.shared.head.load()
+    }
+
+    /// A receiver that sees the head's seq each time a batch is published (after its
+    /// records can be read), so a follower waits for new records instead of polling.
+    pub fn subscribe_head(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.shared.head_seq.subscribe()
     }
 
     /// Why the last batch could not be written, while that lasts (a later batch that
