@@ -503,9 +503,12 @@ impl AuditLog {
         entry: AuditEntry,
     ) -> impl std::future::Future<Output = Result<Appended, AuditError>> + Send + 'static {
         let writer = self.inner.writer.clone();
-        let inserted = writer.insert(entry);
+        let inserted = writer.submit(entry);
         async move {
-            let a = inserted?;
+            let a = match inserted {
+                writer::Submitted::Done(r) => r?,
+                writer::Submitted::Queued(rx) => rx.await.unwrap_or(Err(AuditError::Closed))?,
+            };
             if writer.needs_flush() {
                 let _waiting = Waiting::new(&writer.shared.stats);
                 if let Err(e) = writer.wait_durable(a.seq).await {

@@ -356,6 +356,55 @@ fn a_batched_append_never_waits_for_a_flush() {
 }
 
 #[test]
+fn an_append_that_finds_the_chain_held_is_inserted_by_the_holder() {
+    let (_dir, db) = temp_db();
+    let config = AuditConfig {
+        durability: Durability::Batched,
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config, None).unwrap();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let holder = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            log.inner.writer.with_chain(|_| {
+                held_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            })
+        })
+    };
+    held_rx.recv().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let appender = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            done_tx
+                .send(log.append_blocking(decision(1, 1, "t", "c", true, false)))
+                .unwrap()
+        })
+    };
+    // The appender queues its record instead of blocking on the lock...
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !log.inner.writer.has_queued_for_test() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(log.inner.writer.has_queued_for_test());
+    assert!(done_rx.try_recv().is_err());
+    // ...and the holder inserts it when it lets go.
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    let a = done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap()
+        .unwrap();
+    appender.join().unwrap();
+    assert_eq!(a.seq, 1);
+    assert_eq!(log.head().seq, 1);
+    assert!(log.verify().unwrap().is_ok());
+}
+
+#[test]
 fn a_durable_append_is_answered_only_after_its_flush() {
     let (_dir, db) = temp_db();
     let log = AuditLog::open_with(&db, AuditConfig::default(), None).unwrap();

@@ -30,7 +30,6 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-
 use super::index::{self, Pending};
 use super::record::{decision_uuid, encode_value, AuditEntry, Durability, RecordKind, MAX_SEQ};
 use super::{seq_key, Appended, AuditConfig, AuditError, Head, Shared, Trees, PRUNE_EVERY};
@@ -52,6 +51,15 @@ pub(crate) struct Chain {
     pub(crate) buf: Vec<u8>,
     /// After `shutdown`: appends get `Closed`.
     pub(crate) closed: bool,
+}
+
+/// Where a queued append gets its answer.
+type Reply = tokio::sync::oneshot::Sender<Result<Appended, AuditError>>;
+
+/// An append's insert: done, or queued for the thread that held the chain.
+pub(crate) enum Submitted {
+    Done(Result<Appended, AuditError>),
+    Queued(tokio::sync::oneshot::Receiver<Result<Appended, AuditError>>),
 }
 
 pub(crate) struct Writer {
@@ -81,6 +89,10 @@ pub(crate) struct Writer {
     /// The maintenance thread, to wake it (set once it runs).
     pub(crate) maintainer: OnceLock<Thread>,
     stopping: AtomicBool,
+    /// Appends that found the chain lock held, for the holder to insert (flat combining).
+    queue: Mutex<Vec<(AuditEntry, Reply)>>,
+    /// `queue` is not empty (checked without its lock).
+    has_queued: AtomicBool,
     /// Tests: hold the flush lock so that appends queue behind it.
     #[cfg(test)]
     pub(crate) test_hold: Mutex<()>,
@@ -110,6 +122,8 @@ impl Writer {
             }),
             flush_lock: Mutex::new(()),
             waiters: Mutex::new(Vec::new()),
+            queue: Mutex::new(Vec::new()),
+            has_queued: AtomicBool::new(false),
             durable_seq: AtomicU64::new(head.seq),
             flush_failure: Mutex::new(None),
             flush_failed: AtomicBool::new(false),
@@ -128,64 +142,103 @@ impl Writer {
         }
     }
 
-    /// Chain and insert one record. Batched mode publishes the head here; durable mode when
-    /// a flush covers it.
-    pub(crate) fn insert(&self, mut entry: AuditEntry) -> Result<Appended, AuditError> {
-        let stats = &self.shared.stats;
-        let mut chain = lock(&self.chain);
-        if chain.closed {
-            return Err(AuditError::Closed);
-        }
-        #[cfg(debug_assertions)]
-        if let Some(path) = &self.fault_file {
-            if path.exists() {
-                drop(chain);
-                return Err(self.failed(AuditError::Injected(path.display().to_string())));
+    /// Chain and insert a record now if the chain is free; if another thread holds it,
+    /// queue the record for that thread to insert before it lets go (flat combining), so a
+    /// contended append never blocks its thread on the lock.
+    pub(crate) fn submit(&self, entry: AuditEntry) -> Submitted {
+        match self.chain.try_lock() {
+            Ok(chain) => {
+                let r = self.insert_batch(chain, std::iter::once(entry)).pop();
+                self.combine();
+                Submitted::Done(r.expect("one entry in, one result out"))
+            }
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                let r = self
+                    .insert_batch(p.into_inner(), std::iter::once(entry))
+                    .pop();
+                self.combine();
+                Submitted::Done(r.expect("one entry in, one result out"))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                {
+                    let mut q = lock(&self.queue);
+                    q.push((entry, tx));
+                    self.has_queued.store(true, Ordering::Release);
+                }
+                // The holder looks at the queue after it lets go; so does this thread, in
+                // case it let go in between.
+                self.combine();
+                Submitted::Queued(rx)
             }
         }
-        let seq = chain.head.seq + 1;
-        if seq > MAX_SEQ {
-            drop(chain);
-            return Err(self.failed(AuditError::Full));
-        }
-        entry.ts_ms = entry.ts_ms.max(chain.last_ts);
-        let mut decision_id = None;
-        if entry.kind == RecordKind::Decision && entry.decision_id.is_none() {
-            let id = decision_uuid(&self.shared.id_key, entry.ts_ms, seq, rand::random());
-            entry.decision_id = Some(id.to_string());
-            decision_id = Some(id);
-        }
-        let Chain { head, buf, .. } = &mut *chain;
-        let hash = match encode_value(buf, &head.hash, seq, &entry) {
-            Ok(h) => h,
-            Err(e) => {
-                drop(chain);
-                return Err(self.failed(AuditError::Encode(e.to_string())));
+    }
+
+    /// Run `f` under the chain lock, then insert what was queued meanwhile. Every holder of
+    /// the lock must look at the queue after it lets go: an append that found the lock
+    /// held is waiting for exactly that.
+    pub(crate) fn with_chain<R>(&self, f: impl FnOnce(&mut Chain) -> R) -> R {
+        let r = f(&mut lock(&self.chain));
+        self.combine();
+        r
+    }
+
+    #[cfg(test)]
+    pub(crate) fn has_queued_for_test(&self) -> bool {
+        self.has_queued.load(Ordering::Acquire)
+    }
+
+    /// Insert what others queued, while the chain is free and the queue is not empty.
+    fn combine(&self) {
+        while self.has_queued.load(Ordering::Acquire) {
+            let chain = match self.chain.try_lock() {
+                Ok(c) => c,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                // The holder will look after it lets go.
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
+            let queued = {
+                let mut q = lock(&self.queue);
+                self.has_queued.store(false, Ordering::Release);
+                std::mem::take(&mut *q)
+            };
+            let (entries, replies): (Vec<_>, Vec<_>) = queued.into_iter().unzip();
+            let results = self.insert_batch(chain, entries);
+            for (reply, r) in replies.into_iter().zip(results) {
+                let _ = reply.send(r);
             }
-        };
-        if let Err(e) = self.trees.records.insert(seq_key(seq), buf.as_slice()) {
-            drop(chain);
-            return Err(self.failed(AuditError::Write {
-                op: "insert",
-                source: e,
-            }));
         }
-        let new = Head { seq, hash };
-        *head = new;
-        chain.last_ts = entry.ts_ms;
-        chain.index.add(seq, &entry);
-        let index_full = chain.index.records >= index::INDEX_MAX_PENDING;
-        let first_pending = chain.index.records == 1;
+    }
+
+    /// Chain and insert `entries` in order under the held lock, then let go of it and do
+    /// what needs no lock. Batched mode publishes the head here; durable mode when a flush
+    /// covers it.
+    fn insert_batch(
+        &self,
+        mut chain: MutexGuard<'_, Chain>,
+        entries: impl IntoIterator<Item = AuditEntry>,
+    ) -> Vec<Result<Appended, AuditError>> {
         let batched = self.config.durability == Durability::Batched;
-        if batched {
-            self.shared.publish_head(new);
+        let was_empty = chain.index.records == 0;
+        let results: Vec<_> = entries
+            .into_iter()
+            .map(|e| self.insert_one(&mut chain, e))
+            .collect();
+        let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
+        if ok == 0 {
+            return results;
         }
+        if batched {
+            self.shared.publish_head(chain.head);
+        }
+        let index_full = chain.index.records >= index::INDEX_MAX_PENDING;
+        let first_pending = was_empty && chain.index.records > 0;
         drop(chain);
-        stats.appended.fetch_add(1, Ordering::Relaxed);
-        // The first record since a flush (or index write) starts the maintainer's timer.
+        self.shared.stats.appended.fetch_add(ok, Ordering::Relaxed);
         // In batched mode the first record since a flush starts the maintainer's flush timer;
         // a durable append flushes for itself (the maintainer only catches records whose
-        // waiter went away, on its next wake).
+        // waiter went away, on its next wake). The first pending posting starts its index
+        // timer.
         let wake_for_flush = if batched {
             !self.dirty.swap(true, Ordering::AcqRel)
         } else {
@@ -198,6 +251,44 @@ impl Writer {
         if batched && !self.flush_failed.load(Ordering::Acquire) {
             self.shared.clear_write_error_if_set();
         }
+        results
+    }
+
+    fn insert_one(&self, chain: &mut Chain, mut entry: AuditEntry) -> Result<Appended, AuditError> {
+        if chain.closed {
+            return Err(AuditError::Closed);
+        }
+        #[cfg(debug_assertions)]
+        if let Some(path) = &self.fault_file {
+            if path.exists() {
+                return Err(self.failed(AuditError::Injected(path.display().to_string())));
+            }
+        }
+        let seq = chain.head.seq + 1;
+        if seq > MAX_SEQ {
+            return Err(self.failed(AuditError::Full));
+        }
+        entry.ts_ms = entry.ts_ms.max(chain.last_ts);
+        let mut decision_id = None;
+        if entry.kind == RecordKind::Decision && entry.decision_id.is_none() {
+            let id = decision_uuid(&self.shared.id_key, entry.ts_ms, seq, rand::random());
+            entry.decision_id = Some(id.to_string());
+            decision_id = Some(id);
+        }
+        let hash = encode_value(&mut chain.buf, &chain.head.hash, seq, &entry)
+            .map_err(|e| self.failed(AuditError::Encode(e.to_string())))?;
+        self.trees
+            .records
+            .insert(seq_key(seq), chain.buf.as_slice())
+            .map_err(|e| {
+                self.failed(AuditError::Write {
+                    op: "insert",
+                    source: e,
+                })
+            })?;
+        chain.head = Head { seq, hash };
+        chain.last_ts = entry.ts_ms;
+        chain.index.add(seq, &entry);
         Ok(Appended {
             seq,
             hash,
@@ -275,7 +366,7 @@ impl Writer {
         // Clear before reading the tip: a record inserted after the clear marks the log dirty
         // again, one inserted before it is at or below the tip.
         self.dirty.store(false, Ordering::Release);
-        let tip = lock(&self.chain).head;
+        let tip = self.with_chain(|c| c.head);
         let stats = &self.shared.stats;
         stats.flushes.fetch_add(1, Ordering::Relaxed);
         let r = match self.trees.db.flush() {
@@ -346,12 +437,10 @@ impl Writer {
     /// Write the pending index chunks. The postings are swapped out under the chain lock
     /// and written without it; on failure they are put back in front of the newer ones.
     pub(crate) fn write_index(&self) {
-        let (mut taken, through) = {
-            let mut chain = lock(&self.chain);
-            if chain.index.records == 0 {
-                return;
-            }
-            (std::mem::take(&mut chain.index), chain.head.seq)
+        let Some((mut taken, through)) = self.with_chain(|c| {
+            (c.index.records > 0).then(|| (std::mem::take(&mut c.index), c.head.seq))
+        }) else {
+            return;
         };
         match taken.write(&self.trees, through) {
             // Reaches the disk with the next flush.
@@ -360,10 +449,10 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "could not write the audit index; queries scan instead");
-                let mut chain = lock(&self.chain);
-                let newer = std::mem::take(&mut chain.index);
-                taken.extend(newer);
-                chain.index = taken;
+                self.with_chain(|c| {
+                    taken.extend(std::mem::take(&mut c.index));
+                    c.index = taken;
+                });
             }
         }
     }
@@ -397,7 +486,7 @@ impl Writer {
             }
             let stopping = self.stopping.load(Ordering::Acquire);
             let now = Instant::now();
-            let pending = lock(&self.chain).index.records;
+            let pending = self.with_chain(|c| c.index.records);
             if pending > 0
                 && (stopping
                     || pending >= index::INDEX_MAX_PENDING
@@ -427,7 +516,7 @@ impl Writer {
             if stopping {
                 return;
             }
-            let pending = lock(&self.chain).index.records;
+            let pending = self.with_chain(|c| c.index.records);
             let index_due = (pending > 0).then_some(last_index + index::INDEX_INTERVAL);
             let prune_due = self.config.retention_days.map(|_| next_prune);
             let deadline = [flush_due, index_due, prune_due]
@@ -451,7 +540,8 @@ impl Writer {
 
     /// Refuse new appends, then have the maintenance thread write the index and flush.
     pub(crate) fn stop(&self) {
-        lock(&self.chain).closed = true;
+        // Anything still queued is answered (`Closed`).
+        self.with_chain(|c| c.closed = true);
         self.stopping.store(true, Ordering::Release);
         self.wake_maintainer();
     }
