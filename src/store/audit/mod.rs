@@ -336,12 +336,6 @@ impl Shared {
         self.has_write_error.store(e.is_some(), Ordering::Release);
         *w = e;
     }
-
-    pub(crate) fn clear_write_error_if_set(&self) {
-        if self.has_write_error.load(Ordering::Acquire) {
-            self.set_write_error(None);
-        }
-    }
 }
 
 /// The sled trees the log uses.
@@ -495,9 +489,12 @@ impl AuditLog {
         })
     }
 
-    /// Append a record: it is chained and inserted before this returns; the future resolves
-    /// when it is committed (durable: flushed to disk, by this caller or a concurrent one;
-    /// batched: at once). Dropping the future does not cancel the write.
+    /// Append a record: it is chained and inserted before this returns, or, when another
+    /// thread holds the chain at that moment, queued for that thread to insert as it lets go
+    /// (so two appends started before either is awaited may be chained in either order). The
+    /// future resolves when the record is committed (durable: flushed to disk, by this caller
+    /// or a concurrent one; batched: inserted). Dropping the future does not cancel the write,
+    /// except that a record still queued when the log shuts down is refused (`Closed`).
     pub fn append(
         &self,
         entry: AuditEntry,

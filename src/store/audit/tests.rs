@@ -405,6 +405,69 @@ fn an_append_that_finds_the_chain_held_is_inserted_by_the_holder() {
 }
 
 #[test]
+fn a_failed_flush_fails_the_durable_appends_it_covered_and_a_working_one_recovers() {
+    let (_dir, db) = temp_db();
+    let log = AuditLog::open_with(&db, AuditConfig::default(), None).unwrap();
+    let w = &log.inner.writer;
+    w.test_fail_flush
+        .store(true, std::sync::atomic::Ordering::Release);
+    let err = log
+        .append_blocking(decision(1, 1, "t", "c", true, false))
+        .unwrap_err();
+    assert!(
+        matches!(err, AuditError::Write { op: "flush", .. }),
+        "{err:?}"
+    );
+    assert!(log.write_error().is_some());
+    assert_eq!(log.head().seq, 0, "nothing durable is published");
+    w.test_fail_flush
+        .store(false, std::sync::atomic::Ordering::Release);
+    let a = log
+        .append_blocking(decision(2, 2, "t", "c", true, false))
+        .unwrap();
+    assert_eq!(a.seq, 2, "the chain continues from the unflushed record");
+    assert_eq!(log.write_error(), None);
+    assert_eq!(log.head().seq, 2);
+    assert!(log.verify().unwrap().is_ok());
+}
+
+#[test]
+fn batched_appends_fail_closed_after_a_failed_periodic_flush_until_one_works() {
+    let (_dir, db) = temp_db();
+    let config = AuditConfig {
+        durability: Durability::Batched,
+        batch_interval: Duration::from_millis(1),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config, None).unwrap();
+    let w = &log.inner.writer;
+    w.test_fail_flush
+        .store(true, std::sync::atomic::Ordering::Release);
+    // Answered at once: a batched append does not wait for the flush...
+    log.append_blocking(decision(1, 1, "t", "c", true, false))
+        .unwrap();
+    // ...which then fails on the maintenance thread.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while log.write_error().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(log.write_error().unwrap().contains("flush"));
+    // From then on an append waits for a flush of its own, and fails with it.
+    let err = log
+        .append_blocking(decision(2, 2, "t", "c", true, false))
+        .unwrap_err();
+    assert!(matches!(err, AuditError::Write { op: "flush", .. }));
+    assert!(log.write_error().is_some());
+    w.test_fail_flush
+        .store(false, std::sync::atomic::Ordering::Release);
+    log.append_blocking(decision(3, 3, "t", "c", true, false))
+        .unwrap();
+    assert_eq!(log.write_error(), None);
+    assert_eq!(log.inner.shared.durable.load().seq, 3);
+    assert!(log.verify().unwrap().is_ok());
+}
+
+#[test]
 fn a_durable_append_is_answered_only_after_its_flush() {
     let (_dir, db) = temp_db();
     let log = AuditLog::open_with(&db, AuditConfig::default(), None).unwrap();

@@ -53,6 +53,12 @@ pub(crate) struct Chain {
     pub(crate) closed: bool,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ErrorFrom {
+    Insert,
+    Flush,
+}
+
 /// Where a queued append gets its answer.
 type Reply = tokio::sync::oneshot::Sender<Result<Appended, AuditError>>;
 
@@ -82,6 +88,16 @@ pub(crate) struct Writer {
     flush_failure: Mutex<Option<(u64, AuditError)>>,
     /// The last flush failed: batched appends flush before answering until one works.
     flush_failed: AtomicBool,
+    /// The stored write error came from a flush (else from an insert).
+    error_from_flush: AtomicBool,
+    /// The chain's tip as of the last insert, readable without the chain lock.
+    tip: Mutex<Head>,
+    /// One index write at a time (the marker only moves forward).
+    index_lock: Mutex<()>,
+    /// The maintenance thread runs; when it does not (shutdown, a panic), waiters flush.
+    pub(crate) maintainer_alive: AtomicBool,
+    #[cfg(test)]
+    pub(crate) test_fail_flush: AtomicBool,
     /// Records (or index chunks) inserted and not yet flushed.
     dirty: AtomicBool,
     /// Durable appends are waiting: the maintenance thread flushes at once.
@@ -127,6 +143,12 @@ impl Writer {
             durable_seq: AtomicU64::new(head.seq),
             flush_failure: Mutex::new(None),
             flush_failed: AtomicBool::new(false),
+            error_from_flush: AtomicBool::new(false),
+            tip: Mutex::new(head),
+            index_lock: Mutex::new(()),
+            maintainer_alive: AtomicBool::new(true),
+            #[cfg(test)]
+            test_fail_flush: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             flush_requested: AtomicBool::new(false),
             maintainer: OnceLock::new(),
@@ -167,7 +189,9 @@ impl Writer {
                     self.has_queued.store(true, Ordering::Release);
                 }
                 // The holder looks at the queue after it lets go; so does this thread, in
-                // case it let go in between.
+                // case it let go in between. The fences order this thread's flag store before
+                // its lock attempt, against the holder's unlock before its flag load.
+                std::sync::atomic::fence(Ordering::SeqCst);
                 self.combine();
                 Submitted::Queued(rx)
             }
@@ -190,6 +214,7 @@ impl Writer {
 
     /// Insert what others queued, while the chain is free and the queue is not empty.
     fn combine(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
         while self.has_queued.load(Ordering::Acquire) {
             let chain = match self.chain.try_lock() {
                 Ok(c) => c,
@@ -231,25 +256,27 @@ impl Writer {
         if batched {
             self.shared.publish_head(chain.head);
         }
+        *lock(&self.tip) = chain.head;
         let index_full = chain.index.records >= index::INDEX_MAX_PENDING;
         let first_pending = was_empty && chain.index.records > 0;
-        drop(chain);
-        self.shared.stats.appended.fetch_add(ok, Ordering::Relaxed);
-        // In batched mode the first record since a flush starts the maintainer's flush timer;
-        // a durable append flushes for itself (the maintainer only catches records whose
-        // waiter went away, on its next wake). The first pending posting starts its index
-        // timer.
+        // Still under the chain lock, so that "not dirty" always means "every inserted record
+        // is covered by a flush". In batched mode the first record since a flush starts the
+        // maintainer's flush timer; a durable append flushes for itself (the maintainer only
+        // catches records whose waiter went away, on its next wake).
         let wake_for_flush = if batched {
             !self.dirty.swap(true, Ordering::AcqRel)
         } else {
             self.dirty.store(true, Ordering::Release);
             false
         };
+        // Inserts work again: forget an insert error (under the chain lock, ordered with the
+        // insert that set it). A flush error stays until a flush works.
+        self.clear_error(ErrorFrom::Insert);
+        drop(chain);
+        self.shared.stats.appended.fetch_add(ok, Ordering::Relaxed);
+        // The first pending posting starts the index timer.
         if wake_for_flush || index_full || first_pending {
             self.wake_maintainer();
-        }
-        if batched && !self.flush_failed.load(Ordering::Acquire) {
-            self.shared.clear_write_error_if_set();
         }
         results
     }
@@ -299,8 +326,39 @@ impl Writer {
     fn failed(&self, e: AuditError) -> AuditError {
         tracing::error!(error = %e, "audit append failed; appends refused");
         self.shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-        self.shared.set_write_error(Some(e.to_string()));
+        self.note_error(ErrorFrom::Insert, &e);
         e
+    }
+
+    /// Record why writing failed (for readiness and status), under the error's own lock so
+    /// that a concurrent clear cannot undo it.
+    fn note_error(&self, from: ErrorFrom, e: &AuditError) {
+        let mut w = lock(&self.shared.write_error);
+        if from == ErrorFrom::Flush {
+            self.flush_failed.store(true, Ordering::Release);
+        }
+        self.error_from_flush
+            .store(from == ErrorFrom::Flush, Ordering::Release);
+        self.shared.has_write_error.store(true, Ordering::Release);
+        *w = Some(e.to_string());
+    }
+
+    /// Forget the error if this kind of success answers it: an insert error by a working
+    /// insert (unless flushes are failing), a flush error by a working flush.
+    fn clear_error(&self, from: ErrorFrom) {
+        if !self.shared.has_write_error.load(Ordering::Acquire) {
+            return;
+        }
+        let mut w = lock(&self.shared.write_error);
+        let flush_error = self.error_from_flush.load(Ordering::Acquire);
+        let answers = match from {
+            ErrorFrom::Insert => !flush_error && !self.flush_failed.load(Ordering::Acquire),
+            ErrorFrom::Flush => true,
+        };
+        if answers {
+            self.shared.has_write_error.store(false, Ordering::Release);
+            *w = None;
+        }
     }
 
     /// Must this append wait for a flush before it is answered?
@@ -332,8 +390,18 @@ impl Writer {
             // Alone: flush on this thread, with no hop to another one. Others waiting too:
             // the maintenance thread flushes for all of them, so that no worker thread sits
             // in a flush while requests queue behind it.
-            if self.shared.stats.waiting.load(Ordering::Relaxed) <= 1 {
-                if let Ok(guard) = self.flush_lock.try_lock() {
+            let no_maintainer = !self.maintainer_alive.load(Ordering::Acquire);
+            if no_maintainer || self.shared.stats.waiting.load(Ordering::Relaxed) <= 1 {
+                let guard = match self.flush_lock.try_lock() {
+                    Ok(g) => Some(g),
+                    Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                    // Nobody else will flush: wait for the lock (shutdown, or after a panic).
+                    Err(std::sync::TryLockError::WouldBlock) if no_maintainer => {
+                        Some(lock(&self.flush_lock))
+                    }
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                };
+                if let Some(guard) = guard {
                     let r = self.flush_locked(guard);
                     if let Some(r) = self.outcome(seq) {
                         return Poll::Ready(r);
@@ -366,11 +434,27 @@ impl Writer {
         // Clear before reading the tip: a record inserted after the clear marks the log dirty
         // again, one inserted before it is at or below the tip.
         self.dirty.store(false, Ordering::Release);
-        let tip = self.with_chain(|c| c.head);
+        // Read without the chain lock: a flusher must not be drafted into inserting queued
+        // records (they would not be covered by this flush anyway).
+        let tip = *lock(&self.tip);
+        #[cfg(test)]
+        if self.test_fail_flush.load(Ordering::Acquire) {
+            return self.flush_done(guard, tip, Err(sled::Error::Unsupported("test".into())));
+        }
+        let flushed = self.trees.db.flush().map(|_| ());
+        self.flush_done(guard, tip, flushed)
+    }
+
+    fn flush_done(
+        &self,
+        guard: MutexGuard<'_, ()>,
+        tip: Head,
+        flushed: Result<(), sled::Error>,
+    ) -> Result<(), AuditError> {
         let stats = &self.shared.stats;
         stats.flushes.fetch_add(1, Ordering::Relaxed);
-        let r = match self.trees.db.flush() {
-            Ok(_) => {
+        let r = match flushed {
+            Ok(()) => {
                 let before = self.durable_seq.load(Ordering::Acquire);
                 if tip.seq > before {
                     stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -383,7 +467,7 @@ impl Writer {
                 if self.flush_failed.swap(false, Ordering::AcqRel) {
                     *lock(&self.flush_failure) = None;
                 }
-                self.shared.clear_write_error_if_set();
+                self.clear_error(ErrorFrom::Flush);
                 Ok(())
             }
             Err(e) => {
@@ -393,9 +477,8 @@ impl Writer {
                 };
                 tracing::error!(error = %e, "audit flush failed; appends refused");
                 self.dirty.store(true, Ordering::Release);
-                self.flush_failed.store(true, Ordering::Release);
                 *lock(&self.flush_failure) = Some((tip.seq, e.clone()));
-                self.shared.set_write_error(Some(e.to_string()));
+                self.note_error(ErrorFrom::Flush, &e);
                 Err(e)
             }
         };
@@ -437,6 +520,7 @@ impl Writer {
     /// Write the pending index chunks. The postings are swapped out under the chain lock
     /// and written without it; on failure they are put back in front of the newer ones.
     pub(crate) fn write_index(&self) {
+        let _one_writer = lock(&self.index_lock);
         let Some((mut taken, through)) = self.with_chain(|c| {
             (c.index.records > 0).then(|| (std::mem::take(&mut c.index), c.head.seq))
         }) else {
@@ -477,6 +561,19 @@ impl Writer {
 
     /// The maintenance thread: index chunks, batched mode's periodic flush, retention.
     pub(crate) fn maintain(self: Arc<Self>) {
+        // However this thread ends (stop, or a panic), waiters stop counting on it.
+        struct Gone<'a>(&'a Writer);
+        impl Drop for Gone<'_> {
+            fn drop(&mut self) {
+                self.0.maintainer_alive.store(false, Ordering::Release);
+                // Waiters that asked it to flush flush for themselves now.
+                let woken: Vec<Waker> = lock(&self.0.waiters).drain(..).map(|(_, w)| w).collect();
+                for w in woken {
+                    w.wake();
+                }
+            }
+        }
+        let _gone = Gone(&self);
         let mut last_index = Instant::now();
         let mut flush_due: Option<Instant> = None;
         let mut next_prune = Instant::now();
