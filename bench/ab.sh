@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# bench/ab.sh — A/B two `hall` binaries on the same work, interleaved (docs/performance.md).
+#
+# Each binary serves a fresh temp state dir on the given registry/policies (per durability
+# mode); wrk sends ONE allowed request (bench/peer.lua) at each connection count. Prints one
+# line per row: label, mode, conns, req/s, p50/p99/p99.9 µs, non-2xx, socket errors, and CPU
+# µs/request (the daemon's utime+stime from /proc ÷ requests). Rounds alternate A and B so that
+# drift on a shared machine hits both.
+#
+# Usage: bench/ab.sh BIN_A BIN_B [--repo-a DIR] [--repo-b DIR] [--rounds K] [--duration SECS]
+#                    [--conns "1 64"] [--modes "durable batched"]
+#   --repo-a/--repo-b: where each binary's registry/ and policies/ come from (default: this
+#   checkout; give an older checkout when the older binary cannot read today's policy keys).
+# Needs: wrk, curl. Only loopback.
+set -euo pipefail
+ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
+[ $# -ge 2 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
+A=$1 B=$2; shift 2
+REPO_A=$ROOT REPO_B=$ROOT ROUNDS=2 DURATION=4 CONNS="1 64" MODES="durable batched"
+while [ $# -gt 0 ]; do
+	case $1 in
+	--repo-a) REPO_A=$2 && shift 2 ;;
+	--repo-b) REPO_B=$2 && shift 2 ;;
+	--rounds) ROUNDS=$2 && shift 2 ;;
+	--duration) DURATION=$2 && shift 2 ;;
+	--conns) CONNS=$2 && shift 2 ;;
+	--modes) MODES=$2 && shift 2 ;;
+	*) echo "unknown argument: $1" >&2 && exit 2 ;;
+	esac
+done
+HZ=$(getconf CLK_TCK)
+BODY=$(mktemp)
+trap 'rm -f "$BODY"' EXIT
+printf '%s' '{"capability_id":"cap.doc.summarize","env":"dev","data_label":"PUBLIC","tenant_id":"org.acme"}' >"$BODY"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+run() { # label bin repo mode
+	local label=$1 bin=$2 repo=$3 mode=$4 d port pid
+	d=$(mktemp -d)
+	cp -r "$repo/registry" "$repo/policies" "$d/"
+	port=$(free_port)
+	HALL_KEYRING=off "$bin" serve --listen "127.0.0.1:$port" --state-dir "$d/state" \
+		--registry "$d/registry" --policies "$d/policies" --audit-durability "$mode" >"$d/log" 2>&1 &
+	pid=$!
+	for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.1; done
+	for c in $CONNS; do
+		local t=$((c < 2 ? 1 : 2)) c1 c2 out
+		c1=$(cpu_ticks "$pid")
+		out=$(BENCH_PATH=/api/route BENCH_BODY_FILE=$BODY BENCH_TOKEN=$(cat "$d/state/admin.token") \
+			wrk -t"$t" -c"$c" -d"${DURATION}s" -s "$ROOT/bench/peer.lua" "http://127.0.0.1:$port/api/route" | grep '^RESULT')
+		c2=$(cpu_ticks "$pid")
+		# RESULT req/s p50_us p99_us p999_us non2xx socket_errors requests
+		read -r _ rps p50 p99 p999 non2xx errs reqs <<<"$out"
+		echo "$label $mode c=$c req/s=$rps p50=${p50}us p99=${p99}us p99.9=${p999}us non2xx=$non2xx err=$errs" \
+			"cpu_us/req=$(awk -v t=$((c2 - c1)) -v hz="$HZ" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')"
+	done
+	kill "$pid"
+	wait "$pid" 2>/dev/null || true
+	rm -rf "$d"
+}
+
+for r in $(seq "$ROUNDS"); do
+	for mode in $MODES; do
+		run "A(r$r)" "$A" "$REPO_A" "$mode"
+		run "B(r$r)" "$B" "$REPO_B" "$mode"
+	done
+done
