@@ -237,6 +237,34 @@ fn approvals_stored_before_timers_existed_get_them_at_open() {
 }
 
 #[test]
+fn an_approval_stored_by_the_previous_release_without_joined_by_still_reads() {
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let s = ApprovalStore::open(&db, 1000).unwrap();
+    let now = crate::clock::now_ms();
+    let a = s
+        .open_for(new(D, "t", ApprovalSettings::default()), now)
+        .0
+        .unwrap();
+    drop(s);
+    // Rewrite the record as the previous release wrote it: the same named map, no `joined_by`.
+    let tree = db.open_tree(TREE).unwrap();
+    let raw = tree.get(a.id.as_bytes()).unwrap().unwrap();
+    let mut v: serde_json::Value = rmp_serde::from_slice(&raw).unwrap();
+    assert!(v["approval"]
+        .as_object_mut()
+        .unwrap()
+        .remove("joined_by")
+        .is_some());
+    let old = rmp_serde::to_vec_named(&v).unwrap();
+    assert_ne!(old, raw.to_vec());
+    tree.insert(a.id.as_bytes(), old).unwrap();
+    let s = ApprovalStore::open(&db, 1000).unwrap();
+    let got = s.get(&a.id, now).unwrap().expect("the old record opens");
+    assert_eq!(got, a);
+    assert!(got.joined_by.is_empty());
+}
+
+#[test]
 fn veto_window_and_distinct_approvers_and_cancel() {
     let s = store();
     let veto = ApprovalSettings {

@@ -17,7 +17,9 @@
 //!
 //! The maintenance thread writes index chunks, runs batched mode's periodic flush and
 //! retention. It takes the chain lock only to swap the pending postings out, never while it
-//! does I/O, so no append waits for an index write, a retention step or (batched) a flush.
+//! does I/O, so no batched append waits for an index write, a retention step or a flush.
+//! (Durable appends grouped behind the maintenance thread can wait for an index write or a
+//! retention step it is in the middle of, before their flush.)
 //! After a periodic flush fails, batched appends wait for a flush of their own (fail closed)
 //! until one succeeds.
 
