@@ -20,6 +20,7 @@
 //!   syntax (`15m`).
 //! - [`text`]: the character policy for free text that is recorded or shown.
 //! - [`suggest`]: "did you mean" for mistyped names (loader, config and CLI).
+//! - [`memory`]: the binary's allocator tuning and handing freed heap back to the OS.
 //!
 //! Dependencies point down: `cli` -> `server` -> `store`, `load` -> `engine`; `config` is
 //! read by `cli` and `server`.
@@ -29,6 +30,7 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod load;
+pub mod memory;
 pub mod origin;
 pub mod server;
 pub mod store;

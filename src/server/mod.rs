@@ -475,7 +475,7 @@ fn spawn_memory_trim(state: &Arc<AppState>) {
             let now = st.stores.audit.stats().appended;
             if now != seen {
                 seen = now;
-                tokio::task::spawn_blocking(state::trim_heap);
+                tokio::task::spawn_blocking(crate::memory::trim);
             }
         }
     });

@@ -193,20 +193,8 @@ impl AppState {
 fn retire(old: Option<Arc<Snapshot>>) {
     tokio::task::spawn_blocking(move || {
         drop(old);
-        trim_heap();
+        crate::memory::trim();
     });
-}
-
-/// Hand free heap pages back to the OS. glibc keeps freed pages in its per-thread arenas:
-/// parsing a policy set (many MB of short-lived TOML trees, on several threads) left the idle
-/// daemon at ~35 MB of RSS, ~24 MB once trimmed (docs/performance.md). Takes a few ms: call
-/// it off the runtime threads.
-pub(crate) fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 pub use crate::clock::now_ms;
