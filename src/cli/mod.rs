@@ -3,6 +3,7 @@
 
 mod approvals;
 pub mod client;
+mod error;
 mod events;
 pub mod fixtures;
 mod human;
@@ -12,6 +13,7 @@ mod offline;
 pub mod replay;
 pub mod schema;
 pub use crate::suggest;
+pub use error::CliError;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -58,39 +60,6 @@ pub mod exit {
     /// The daemon could not be reached, or refused the call (401, 403, 429, 5xx).
     pub const DAEMON: u8 = 3;
 }
-
-/// An error with the exit code it stands for.
-#[derive(Debug)]
-pub struct CliError {
-    pub code: u8,
-    pub message: String,
-}
-
-impl CliError {
-    pub fn new(code: u8, message: impl Into<String>) -> CliError {
-        CliError {
-            code,
-            message: message.into(),
-        }
-    }
-    pub fn usage(message: impl Into<String>) -> CliError {
-        CliError::new(exit::USAGE, message)
-    }
-    pub fn daemon(message: impl Into<String>) -> CliError {
-        CliError::new(exit::DAEMON, message)
-    }
-    pub fn failure(message: impl Into<String>) -> CliError {
-        CliError::new(exit::FAILURE, message)
-    }
-}
-
-impl std::fmt::Display for CliError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for CliError {}
 
 /// A duration for a flag: plain seconds (`3600`) or a number with `s`, `m`, `h` or `d`.
 pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
@@ -478,8 +447,8 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("hall: {e}");
-            ExitCode::from(error_code(e.as_ref()))
+            eprintln!("hall: {}", e.report());
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -507,18 +476,24 @@ fn serve(a: ServeArgs) -> CliResult {
 /// as `token create`) in its own section with its synopsis, options and notes.
 fn man() -> CliResult {
     let cmd = <Cli as clap::CommandFactory>::command();
-    let mut out = Vec::new();
-    let page = clap_mangen::Man::new(cmd.clone());
-    page.render_title(&mut out)?;
-    page.render_name_section(&mut out)?;
-    page.render_synopsis_section(&mut out)?;
-    page.render_description_section(&mut out)?;
-    page.render_options_section(&mut out)?;
-    page.render_extra_section(&mut out)?;
-    man_commands(&cmd, "hall", &mut out)?;
-    page.render_version_section(&mut out)?;
+    let render = || -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let page = clap_mangen::Man::new(cmd.clone());
+        page.render_title(&mut out)?;
+        page.render_name_section(&mut out)?;
+        page.render_synopsis_section(&mut out)?;
+        page.render_description_section(&mut out)?;
+        page.render_options_section(&mut out)?;
+        page.render_extra_section(&mut out)?;
+        man_commands(&cmd, "hall", &mut out)?;
+        page.render_version_section(&mut out)?;
+        Ok(out)
+    };
+    let out = render().map_err(|e| CliError::io("rendering the man page", e))?;
     use std::io::Write;
-    std::io::stdout().write_all(&out)?;
+    std::io::stdout()
+        .write_all(&out)
+        .map_err(|e| CliError::io("writing the man page to stdout", e))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -547,19 +522,9 @@ fn man_commands(cmd: &clap::Command, prefix: &str, out: &mut Vec<u8>) -> std::io
     Ok(())
 }
 
-/// The exit code an error stands for: a [`CliError`] says; a config error is a usage error.
-pub fn error_code(e: &(dyn std::error::Error + 'static)) -> u8 {
-    if let Some(c) = e.downcast_ref::<CliError>() {
-        c.code
-    } else if e.is::<crate::config::ConfigError>() {
-        exit::USAGE
-    } else {
-        exit::FAILURE
-    }
-}
-
-/// An error for the person at the terminal.
-pub type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+/// What a command returns: the exit code it chose, or the error (whose code
+/// [`CliError::exit_code`] chooses).
+pub type CliResult = Result<ExitCode, CliError>;
 
 #[cfg(test)]
 mod tests {
