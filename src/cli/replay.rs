@@ -682,7 +682,8 @@ fn print_text(r: &Report, elapsed: Duration) {
 
 /// `--since`/`--until`: a duration back from `now_ms` (`90s`, `30m`, `24h`, `7d`) or an
 /// RFC 3339 time. The duration is [`crate::clock::parse_duration`], the syntax of the rule
-/// keys.
+/// keys, with any number of digits as before that syntax was shared
+/// ([`super::flag_duration`], [`super::Spelling::Strict`]).
 pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
     let s = s.trim();
     if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
@@ -694,7 +695,7 @@ pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
              (e.g. 2026-11-23T09:30:00Z)"
         )
     };
-    let secs = crate::clock::parse_duration(s).ok_or_else(bad)?;
+    let secs = super::flag_duration(s, super::Spelling::Strict).ok_or_else(bad)?;
     let back = i64::try_from(secs)
         .ok()
         .and_then(|n| n.checked_mul(1_000))
@@ -798,6 +799,42 @@ mod tests {
             "99999999999999999999d",
         ] {
             assert!(parse_time(bad, now).is_err(), "{bad:?} should be refused");
+        }
+        // More than 9 digits, as before the duration syntax was shared with the rule keys.
+        assert_eq!(parse_time("1234567890s", now), Ok(now - 1_234_567_890_000));
+        assert_eq!(parse_time("0000000001d", now), Ok(now - 86_400_000));
+        // Still not the spellings only --expires-in takes.
+        for bad in ["30 m", "+5m", "3600"] {
+            let e = parse_time(bad, now).expect_err(bad);
+            assert!(e.contains("is neither a duration"), "{e}");
+        }
+    }
+
+    /// `--since`'s duration parser as the release before the shared syntax had it
+    /// (`git show 759a2f0:src/cli/replay.rs`): the oracle of what must still parse, to the
+    /// same time.
+    fn previous_since(s: &str, now_ms: i64) -> Option<i64> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit())?;
+        let (n, unit) = s.split_at(split);
+        let n: i64 = n.parse().ok()?;
+        let unit_ms: i64 = match unit {
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return None,
+        };
+        Some(now_ms.saturating_sub(n.checked_mul(unit_ms)?))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn since_agrees_with_the_previous_release(
+            s in "[ +\\-0-9smhdw.]{0,24}|\\s{0,2}[0-9]{1,21}[smhdw]{1,2}\\s{0,2}"
+        ) {
+            let now = 1_800_000_000_000;
+            proptest::prop_assert_eq!(parse_time(&s, now).ok(), previous_since(&s, now), "{:?}", s);
         }
     }
 }
