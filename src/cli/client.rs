@@ -264,7 +264,9 @@ impl Client {
         }
     }
 
-    /// The error for a non-2xx answer, with the exit code it stands for.
+    /// The error for a non-2xx answer: the daemon's message and code, and for 401 and 403
+    /// which token was sent and what to do. Its exit code follows from the status
+    /// ([`CliError::exit_code`]).
     pub fn error_for(&self, status: u16, v: &Value) -> CliError {
         let message = v
             .get("error")
