@@ -22,8 +22,9 @@ pub fn rfc3339_ms(ts_ms: i64) -> Option<String> {
 }
 
 /// `<n><unit>` with unit `s`, `m`, `h` or `d` (e.g. `"15m"`), in seconds; at most 9 digits,
-/// one unit, no spaces. The one duration syntax of Hall: rule keys (`approval_ttl`), the
-/// CLI's `--expires-in` (which also takes bare seconds) and `hall replay --since`.
+/// one unit, no spaces. The one duration syntax of Hall: rule keys (`approval_ttl`) take
+/// exactly this; the CLI's `--expires-in` and `hall replay --since/--until` rewrite the
+/// spellings they have always taken into it first (`crate::cli::flag_duration`).
 pub fn parse_duration(s: &str) -> Option<u64> {
     let unit = match s.as_bytes().last()? {
         b's' => 1,

@@ -10,7 +10,8 @@
 //!   record (`route` builds its audit entry, `record` only appends); every HTTP error goes
 //!   through `server::errors` (`Code` -> status and code, in one place).
 //! - [`cli`]: the `hall` command line (offline commands and thin HTTP clients); it builds
-//!   the [`config::Config`] that `hall serve` runs with.
+//!   the [`config::Config`] that `hall serve` runs with. Every command fails with a
+//!   `cli::CliError`, which keeps its causes and alone chooses the exit code.
 //! - [`config`]: `hall.toml`, `HALL_*` variables and flags, merged. Depends on no `server`,
 //!   `store` or `cli` code (only the leaves below).
 //!

@@ -113,17 +113,13 @@ pub(super) fn run(cmd: ApprovalsCmd, json: bool) -> CliResult {
         };
         serde_json::to_vec(&v).unwrap_or_default()
     });
-    let (status, v) = Client::from_args(&client)?.send(method, &path, body.as_deref())?;
+    let c = Client::from_args(&client)?;
+    let (status, v) = c.send(method, &path, body.as_deref())?;
     if (200..300).contains(&status) {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(ExitCode::SUCCESS);
     }
-    let msg = v
-        .get("error")
-        .and_then(Value::as_str)
-        .unwrap_or("request failed");
-    let code = v.get("code").and_then(Value::as_str).unwrap_or("");
-    Err(format!("{msg} (HTTP {status} {code})").into())
+    Err(c.error_for(status, &v))
 }
 
 /// What `hall approvals watch` prints, and how many it has printed.
@@ -368,11 +364,7 @@ pub(super) fn wait_and_redeem(c: &Client, id: &str, mut body: Value) -> CliResul
         // Under the client's 30 s request timeout; the daemon answers earlier on any change.
         let (s, v) = c.send("GET", &format!("/api/approvals/{}?wait=25", enc(id)), None)?;
         if s != 200 {
-            let msg = v
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("request failed");
-            return Err(format!("{msg} (HTTP {s})").into());
+            return Err(c.error_for(s, &v));
         }
         match v.get("state").and_then(Value::as_str) {
             Some("pending") => continue,
@@ -384,7 +376,9 @@ pub(super) fn wait_and_redeem(c: &Client, id: &str, mut body: Value) -> CliResul
         }
     }
     body["approval_id"] = json!(id);
-    let (s, v) = c.send("POST", "/api/route", Some(&serde_json::to_vec(&body)?))?;
+    let body = serde_json::to_vec(&body)
+        .map_err(|e| super::CliError::json("encoding the route request", e))?;
+    let (s, v) = c.send("POST", "/api/route", Some(&body))?;
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     Ok(
         if s == 200 && v.get("allowed").and_then(Value::as_bool) == Some(true) {

@@ -81,8 +81,7 @@ impl Client {
                 ..Default::default()
             },
             env,
-        )
-        .map_err(|e| CliError::usage(e.to_string()))?;
+        )?;
         let config_note = match (&cfg.config_file, cfg.config_origin) {
             (Some(f), o) => format!("config {} (from {})", f.display(), o.describe()),
             (None, _) => "no config file".to_string(),
@@ -215,22 +214,13 @@ impl Client {
         let resp = match res {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => {
-                return Err(CliError::daemon(format!(
-                    "cannot reach the daemon at {} (from {}; {}): {}\n  \
-                     is `hall serve` running there? Point elsewhere with --url or HALL_URL, or \
-                     name the daemon's hall.toml with --config or HALL_CONFIG.",
-                    self.base,
-                    self.url_origin,
-                    self.config_note,
-                    transport_reason(&e)
-                )))
-            }
+            Err(ureq::Error::Transport(t)) => return Err(self.unreachable(t)),
         };
         let status = resp.status();
-        let text = resp
-            .into_string()
-            .map_err(|e| CliError::daemon(format!("reading the daemon's answer: {e}")))?;
+        let text = resp.into_string().map_err(|source| CliError::Answer {
+            url: self.base.clone(),
+            source,
+        })?;
         let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, v))
     }
@@ -261,34 +251,43 @@ impl Client {
                 let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
                 Err(self.error_for(status, &v))
             }
-            Err(e) => Err(CliError::daemon(format!(
-                "cannot reach the daemon at {} (from {}): {}",
-                self.base,
-                self.url_origin,
-                transport_reason(&e)
-            ))),
+            Err(ureq::Error::Transport(t)) => Err(self.unreachable(t)),
         }
     }
 
-    /// The error for a non-2xx answer, with the exit code it stands for.
+    fn unreachable(&self, t: ureq::Transport) -> CliError {
+        CliError::Unreachable {
+            url: self.base.clone(),
+            origin: self.url_origin.clone(),
+            config_note: self.config_note.clone(),
+            source: Box::new(t),
+        }
+    }
+
+    /// The error for a non-2xx answer: the daemon's message and code, and for 401 and 403
+    /// which token was sent and what to do. Its exit code follows from the status
+    /// ([`CliError::exit_code`]).
     pub fn error_for(&self, status: u16, v: &Value) -> CliError {
-        let msg = v
+        let message = v
             .get("error")
             .and_then(Value::as_str)
             .or_else(|| v.as_str())
             .unwrap_or("request failed");
         let code = v.get("code").and_then(Value::as_str).unwrap_or("");
-        let line = format!("{msg} (HTTP {status} {code})");
-        match status {
-            401 => CliError::daemon(format!("{line}\n{}", self.unauthorized_help())),
-            403 => CliError::daemon(format!(
-                "{line}\n  token: {}\n  fix: use a token with the scope this command needs (admin \
+        let help = match status {
+            401 => Some(self.unauthorized_help()),
+            403 => Some(format!(
+                "  token: {}\n  fix: use a token with the scope this command needs (admin \
                  has them all), or one bound to the right tenant",
                 self.describe_token()
             )),
-            400 | 413 | 415 => CliError::usage(line),
-            429 | 500..=599 => CliError::daemon(line),
-            _ => CliError::failure(line),
+            _ => None,
+        };
+        CliError::Http {
+            status,
+            message: message.to_owned(),
+            code: code.to_owned(),
+            help,
         }
     }
 
@@ -348,7 +347,7 @@ impl Client {
             }
             Ok(ExitCode::SUCCESS)
         } else {
-            Err(self.error_for(status, v).into())
+            Err(self.error_for(status, v))
         }
     }
 }
@@ -387,15 +386,6 @@ fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn transport_reason(e: &ureq::Error) -> String {
-    let s = e.to_string();
-    // ureq prefixes the URL; the message already names it.
-    match s.rsplit_once(": ") {
-        Some((_, tail)) if !tail.is_empty() => tail.to_string(),
-        _ => s,
-    }
-}
-
 fn print(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -410,13 +400,11 @@ pub(super) fn route(a: &RouteArgs, json: bool) -> CliResult {
         body["correlation_id"] = json!(cid);
     }
     if let Some(ctx) = &a.context {
-        let v: Value = serde_json::from_str(ctx)
-            .map_err(|e| CliError::usage(format!("--context is not JSON: {e}")))?;
+        let v: Value = serde_json::from_str(ctx).map_err(CliError::ContextJson)?;
         if !v.is_object() {
             return Err(CliError::usage(
                 "--context must be a JSON object, e.g. '{\"ticket\":\"T-1\"}'",
-            )
-            .into());
+            ));
         }
         body["context"] = v;
     }
@@ -436,7 +424,7 @@ pub(super) fn route(a: &RouteArgs, json: bool) -> CliResult {
     };
     let (status, mut v) = c.call("POST", path, Some(&body))?;
     if status != 200 {
-        return Err(c.error_for(status, &v).into());
+        return Err(c.error_for(status, &v));
     }
     if let Some(x) = v.get_mut("explain") {
         // The daemon's trace names what failed; the loaded workers give the values. (Its
@@ -519,8 +507,7 @@ pub(super) fn token(cmd: TokenCmd, json: bool) -> CliResult {
                         "unknown scope {sc:?}{} (scopes: {})",
                         super::suggest::hint(sc, known),
                         known.join(", ")
-                    ))
-                    .into());
+                    )));
                 }
             }
             let body = json!({
@@ -552,8 +539,10 @@ pub(super) fn secret(cmd: SecretCmd, json: bool) -> CliResult {
         SecretCmd::Set { name, client } => {
             let value = read_secret_value(&name)?;
             // Serialized into a buffer that is wiped on drop, like the value itself.
-            let body =
-                zeroize::Zeroizing::new(serde_json::to_vec(&json!({ "value": value.as_str() }))?);
+            let body = zeroize::Zeroizing::new(
+                serde_json::to_vec(&json!({ "value": value.as_str() }))
+                    .map_err(|e| CliError::json("encoding the secret for the request", e))?,
+            );
             let c = Client::from_args(&client)?;
             let (s, v) = c.send("PUT", &format!("/api/secrets/{}", enc(&name)), Some(&body))?;
             c.finish(s, &v, json, human::object)
@@ -579,36 +568,49 @@ pub(super) fn secret(cmd: SecretCmd, json: bool) -> CliResult {
 /// The value comes from stdin when it is not a terminal, else from a prompt without echo.
 /// Read into one buffer reserved up front and wiped on drop: growing a `String` while
 /// reading (as before) freed unwiped copies of the value along the way.
-fn read_secret_value(name: &str) -> Result<zeroize::Zeroizing<String>, Box<dyn std::error::Error>> {
+fn read_secret_value(name: &str) -> Result<zeroize::Zeroizing<String>, CliError> {
     use std::io::BufRead;
     let max = crate::store::secrets::MAX_VALUE_LEN;
     // The limit, a CRLF, and one byte to notice a longer value.
     let cap = max + 3;
     let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(cap));
     let stdin = std::io::stdin();
+    let reading = |e| CliError::io(format!("reading the value of {name} from stdin"), e);
     if stdin.is_terminal() {
         eprint!("Value for {name} (input hidden): ");
-        std::io::stderr().flush()?;
+        std::io::stderr()
+            .flush()
+            .map_err(|e| CliError::io("writing the prompt to stderr", e))?;
         let _echo = EchoOff::new();
-        stdin.lock().take(cap as u64).read_until(b'\n', &mut buf)?;
+        stdin
+            .lock()
+            .take(cap as u64)
+            .read_until(b'\n', &mut buf)
+            .map_err(reading)?;
         eprintln!();
     } else {
-        stdin.lock().take(cap as u64).read_to_end(&mut buf)?;
+        stdin
+            .lock()
+            .take(cap as u64)
+            .read_to_end(&mut buf)
+            .map_err(reading)?;
     }
     while matches!(buf.last(), Some(b'\n' | b'\r')) {
         buf.pop();
     }
     if buf.len() > max {
-        return Err(format!("the value is longer than {max} bytes: nothing stored").into());
+        return Err(CliError::SecretValue(format!(
+            "the value is longer than {max} bytes"
+        )));
     }
     if buf.is_empty() {
-        return Err("empty value: nothing stored".into());
+        return Err(CliError::SecretValue("empty value".into()));
     }
     match String::from_utf8(std::mem::take(&mut *buf)) {
         Ok(s) => Ok(zeroize::Zeroizing::new(s)),
         Err(e) => {
             zeroize::Zeroize::zeroize(&mut e.into_bytes());
-            Err("the value must be UTF-8 text: nothing stored".into())
+            Err(CliError::SecretValue("the value must be UTF-8 text".into()))
         }
     }
 }
@@ -653,7 +655,7 @@ pub(super) fn audit(cmd: AuditCmd, json: bool) -> CliResult {
             let c = Client::from_args(&client)?;
             let (s, v) = c.call("GET", &format!("/api/audit?tail={lines}"), None)?;
             if !(200..300).contains(&s) {
-                return Err(c.error_for(s, &v).into());
+                return Err(c.error_for(s, &v));
             }
             let records = records_of(&v);
             if json && !follow {
@@ -685,12 +687,13 @@ pub(super) fn audit(cmd: AuditCmd, json: bool) -> CliResult {
         }
         AuditCmd::Verify { state_dir, client } => {
             let v = match state_dir {
-                Some(dir) => serde_json::to_value(super::offline::verify_audit(&dir)?)?,
+                Some(dir) => serde_json::to_value(super::offline::verify_audit(&dir)?)
+                    .map_err(|e| CliError::json("encoding the verify report", e))?,
                 None => {
                     let c = Client::from_args(&client)?;
                     let (s, v) = c.call("GET", "/api/audit/verify", None)?;
                     if !(200..300).contains(&s) {
-                        return Err(c.error_for(s, &v).into());
+                        return Err(c.error_for(s, &v));
                     }
                     v
                 }
@@ -714,7 +717,10 @@ pub(super) fn audit(cmd: AuditCmd, json: bool) -> CliResult {
             client,
         } => {
             let mut out: Box<dyn Write> = match &output {
-                Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p)?)),
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .map_err(|e| CliError::io(format!("cannot create {}", p.display()), e))?,
+                )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
             if let Some(dir) = state_dir {
@@ -735,14 +741,16 @@ pub(super) fn audit(cmd: AuditCmd, json: bool) -> CliResult {
                 }
                 let (s, v) = c.call("GET", &q, None)?;
                 if s != 200 {
-                    return Err(c.error_for(s, &v).into());
+                    return Err(c.error_for(s, &v));
                 }
                 let records = records_of(&v);
                 if records.is_empty() {
                     break;
                 }
                 for r in &records {
-                    writeln!(out, "{}", serde_json::to_string(r)?)?;
+                    let line = serde_json::to_string(r)
+                        .map_err(|e| CliError::json("encoding an audit record", e))?;
+                    writeln!(out, "{line}").map_err(|e| CliError::io("writing the export", e))?;
                     n += 1;
                 }
                 after = records
@@ -753,7 +761,8 @@ pub(super) fn audit(cmd: AuditCmd, json: bool) -> CliResult {
                     break;
                 }
             }
-            out.flush()?;
+            out.flush()
+                .map_err(|e| CliError::io("writing the export", e))?;
             eprintln!("exported {n} records");
             Ok(ExitCode::SUCCESS)
         }

@@ -59,17 +59,53 @@ pub struct Report {
     pub failures: Vec<String>,
 }
 
+/// Why a fixture file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FixtureError {
+    #[error("cannot read fixture file {}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not TOML, or not the shape of a fixture file (`line` 0: unknown).
+    #[error("{}:{line}: {message}", path.display())]
+    Parse {
+        path: std::path::PathBuf,
+        line: usize,
+        message: String,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("{}: no [[case]] tables", path.display())]
+    NoCases { path: std::path::PathBuf },
+    /// A case that checks nothing would pass whatever the policy does.
+    #[error("{}:{line}: case {name:?}: `expect` checks nothing; name at least one of allowed, worker_id, deny_reason, rule_id", path.display())]
+    ExpectsNothing {
+        path: std::path::PathBuf,
+        line: usize,
+        name: String,
+    },
+}
+
 /// Read and parse a fixture file.
-pub fn read(path: &Path) -> Result<Vec<Case>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let f: FixtureFile = toml::from_str(&text).map_err(|e| {
-        let line = e.span().map_or(0, |s| {
+pub fn read(path: &Path) -> Result<Vec<Case>, FixtureError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FixtureError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let f: FixtureFile = toml::from_str(&text).map_err(|e| FixtureError::Parse {
+        path: path.to_path_buf(),
+        line: e.span().map_or(0, |s| {
             text[..s.start].bytes().filter(|&b| b == b'\n').count() + 1
-        });
-        format!("{}:{line}: {}", path.display(), e.message().trim())
+        }),
+        message: e.message().trim().to_owned(),
+        source: Box::new(e),
     })?;
     if f.case.is_empty() {
-        return Err(format!("{}: no [[case]] tables", path.display()));
+        return Err(FixtureError::NoCases {
+            path: path.to_path_buf(),
+        });
     }
     // A case that checks nothing passes whatever the policy does: refuse it.
     for c in &f.case {
@@ -84,11 +120,11 @@ pub fn read(path: &Path) -> Result<Vec<Case>, String> {
                 .filter(|&b| b == b'\n')
                 .count()
                 + 1;
-            return Err(format!(
-                "{}:{line}: case {:?}: `expect` checks nothing; name at least one of allowed, worker_id, deny_reason, rule_id",
-                path.display(),
-                c.name
-            ));
+            return Err(FixtureError::ExpectsNothing {
+                path: path.to_path_buf(),
+                line,
+                name: c.name.clone(),
+            });
         }
     }
     Ok(f.case)

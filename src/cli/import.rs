@@ -136,23 +136,29 @@ pub(super) fn run(cmd: ImportCmd) -> CliResult {
     if write {
         for p in [&reg_path, &pol_path] {
             if p.exists() {
-                return Err(format!("{} exists; not overwriting it", p.display()).into());
+                return Err(ImportError::Exists { path: p.clone() }.into());
             }
         }
         for (p, text) in [(&reg_path, &t.registry_toml), (&pol_path, &t.policies_toml)] {
             let dir = p.parent().expect("a parent dir");
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            std::fs::write(p, text).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+            std::fs::create_dir_all(dir).map_err(|source| ImportError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            std::fs::write(p, text).map_err(|source| ImportError::Write {
+                path: p.clone(),
+                source,
+            })?;
         }
     }
     match a.format {
         ReportFormat::Json => {
-            let mut v = serde_json::to_value(&t)?;
+            let encode = |e| super::CliError::json("encoding the import report", e);
+            let mut v = serde_json::to_value(&t).map_err(encode)?;
             v["written"] = Value::Bool(write);
             v["registry_file"] = Value::String(reg_path.display().to_string());
             v["policies_file"] = Value::String(pol_path.display().to_string());
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            println!("{}", serde_json::to_string_pretty(&v).map_err(encode)?);
         }
         ReportFormat::Text => {
             println!(
@@ -199,16 +205,82 @@ pub(super) fn run(cmd: ImportCmd) -> CliResult {
     })
 }
 
-fn read_json(p: &Path) -> Result<Value, String> {
-    let text =
-        std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: not valid JSON: {e}", p.display()))
+/// Why `hall import` cannot read its input or write its output.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not valid JSON", path.display())]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{}[{index}]: a registry record must be an object", path.display())]
+    RecordNotObject { path: PathBuf, index: usize },
+    #[error("{}: expected a registry record (object) or an array of them", path.display())]
+    NotARecord { path: PathBuf },
+    #[error("the rules file has no \"rules\" array")]
+    NoRules,
+    #[error("rule #{0}: no rule_id (PyHall refuses to load it too)")]
+    NoRuleId(usize),
+    #[error("cannot encode the translated {what} as TOML")]
+    Toml {
+        what: &'static str,
+        #[source]
+        source: toml::ser::Error,
+    },
+    #[error("{} exists; not overwriting it", path.display())]
+    Exists { path: PathBuf },
+    #[error("cannot create {}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-fn read_records(p: &Path, out: &mut Vec<Value>) -> Result<(), String> {
+impl ImportError {
+    /// What to do next, when the error can say (see [`super::CliError::help`]).
+    pub fn help(&self) -> Option<String> {
+        match self {
+            ImportError::Exists { .. } => Some(
+                "  fix: give another --out directory, or move the earlier import away first"
+                    .to_string(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+fn read_json(p: &Path) -> Result<Value, ImportError> {
+    let text = std::fs::read_to_string(p).map_err(|source| ImportError::Read {
+        path: p.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| ImportError::Json {
+        path: p.to_path_buf(),
+        source,
+    })
+}
+
+fn read_records(p: &Path, out: &mut Vec<Value>) -> Result<(), ImportError> {
     if p.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(p)
-            .map_err(|e| format!("cannot read {}: {e}", p.display()))?
+            .map_err(|source| ImportError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|f| f.extension().is_some_and(|x| x == "json"))
             .collect();
@@ -220,22 +292,21 @@ fn read_records(p: &Path, out: &mut Vec<Value>) -> Result<(), String> {
     }
     match read_json(p)? {
         Value::Array(items) => {
-            for (i, v) in items.into_iter().enumerate() {
+            for (index, v) in items.into_iter().enumerate() {
                 if !v.is_object() {
-                    return Err(format!(
-                        "{}[{i}]: a registry record must be an object",
-                        p.display()
-                    ));
+                    return Err(ImportError::RecordNotObject {
+                        path: p.to_path_buf(),
+                        index,
+                    });
                 }
                 out.push(v);
             }
         }
         v @ Value::Object(_) => out.push(v),
         _ => {
-            return Err(format!(
-                "{}: expected a registry record (object) or an array of them",
-                p.display()
-            ))
+            return Err(ImportError::NotARecord {
+                path: p.to_path_buf(),
+            })
         }
     }
     Ok(())
@@ -379,10 +450,10 @@ struct RuleOut {
 }
 
 /// Translate a parsed rules document and registry records.
-pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, String> {
+pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, ImportError> {
     let rules = match rules_doc.get("rules") {
         Some(Value::Array(r)) => r,
-        _ => return Err("the rules file has no \"rules\" array".into()),
+        _ => return Err(ImportError::NoRules),
     };
     let mut lossy = Vec::new();
     let mut notes = Vec::new();
@@ -522,12 +593,7 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
         let pid = match r.get("rule_id") {
             Some(Value::String(s)) => s.clone(),
             Some(other) => other.to_string(),
-            None => {
-                return Err(format!(
-                    "rule #{}: no rule_id (PyHall refuses to load it too)",
-                    i + 1
-                ))
-            }
+            None => return Err(ImportError::NoRuleId(i + 1)),
         };
         let p = Some(pid.as_str());
         let m = match r.get("match") {
@@ -915,11 +981,17 @@ pub fn translate(rules_doc: &Value, records: &[Value]) -> Result<Translation, St
         "# Generated by `hall import pyhall` from PyHall (WCP) files. Review the import report.\n";
     let registry_toml = format!(
         "{header}\n{}",
-        toml::to_string(&registry).map_err(|e| e.to_string())?
+        toml::to_string(&registry).map_err(|source| ImportError::Toml {
+            what: "registry",
+            source,
+        })?
     );
     let policies_toml = format!(
         "{header}# PyHall's environments and data labels (ascending sensitivity).\n\n{}",
-        toml::to_string(&policy).map_err(|e| e.to_string())?
+        toml::to_string(&policy).map_err(|source| ImportError::Toml {
+            what: "policies",
+            source,
+        })?
     );
     Ok(Translation {
         registry_toml,

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use serde_json::{json, Value};
 
 use super::client::Client;
-use super::{CliResult, ClientArgs};
+use super::{CliError, CliResult, ClientArgs};
 
 /// The JSON-RPC code for a request the daemon refused before it reached the MCP server
 /// (implementation-defined server error range).
@@ -31,7 +31,10 @@ pub(super) fn run(args: &ClientArgs) -> CliResult {
     let mut line = Vec::new();
     loop {
         line.clear();
-        if input.read_until(b'\n', &mut line)? == 0 {
+        let n = input
+            .read_until(b'\n', &mut line)
+            .map_err(|e| CliError::io("reading a message from stdin", e))?;
+        if n == 0 {
             break;
         }
         let text = String::from_utf8_lossy(&line);
@@ -40,9 +43,12 @@ pub(super) fn run(args: &ClientArgs) -> CliResult {
             continue;
         }
         if let Some(reply) = forward(&client, text) {
-            serde_json::to_writer(&mut out, &reply)?;
-            out.write_all(b"\n")?;
-            out.flush()?;
+            let mut text =
+                serde_json::to_vec(&reply).map_err(|e| CliError::json("encoding a reply", e))?;
+            text.push(b'\n');
+            out.write_all(&text)
+                .and_then(|()| out.flush())
+                .map_err(|e| CliError::io("writing a reply to stdout", e))?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -60,9 +66,9 @@ fn forward(client: &Client, text: &str) -> Option<Value> {
     let (status, body) = match client.send("POST", "/mcp", Some(text.as_bytes())) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("hall mcp: {e}");
-            return request_id
-                .map(|id| error(id, REFUSED, e.to_string(), json!({"code": "unreachable"})));
+            let report = e.report();
+            eprintln!("hall mcp: {report}");
+            return request_id.map(|id| error(id, REFUSED, report, json!({"code": "unreachable"})));
         }
     };
     if status == 202 {

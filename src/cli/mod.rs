@@ -3,6 +3,7 @@
 
 mod approvals;
 pub mod client;
+mod error;
 mod events;
 pub mod fixtures;
 mod human;
@@ -12,6 +13,7 @@ mod offline;
 pub mod replay;
 pub mod schema;
 pub use crate::suggest;
+pub use error::CliError;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -59,47 +61,62 @@ pub mod exit {
     pub const DAEMON: u8 = 3;
 }
 
-/// An error with the exit code it stands for.
-#[derive(Debug)]
-pub struct CliError {
-    pub code: u8,
-    pub message: String,
-}
-
-impl CliError {
-    pub fn new(code: u8, message: impl Into<String>) -> CliError {
-        CliError {
-            code,
-            message: message.into(),
-        }
-    }
-    pub fn usage(message: impl Into<String>) -> CliError {
-        CliError::new(exit::USAGE, message)
-    }
-    pub fn daemon(message: impl Into<String>) -> CliError {
-        CliError::new(exit::DAEMON, message)
-    }
-    pub fn failure(message: impl Into<String>) -> CliError {
-        CliError::new(exit::FAILURE, message)
-    }
-}
-
-impl std::fmt::Display for CliError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for CliError {}
-
-/// A duration for a flag: plain seconds (`3600`) or a number with `s`, `m`, `h` or `d`.
+/// A duration for a flag, in seconds, more than zero: what `--expires-in` has always taken.
+/// See [`flag_duration`].
 pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    t.parse::<u64>()
-        .ok()
-        .or_else(|| crate::clock::parse_duration(t))
+    flag_duration(s, Spelling::Lenient)
         .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{s:?} is not a duration: write seconds (3600) or 30m, 1h, 7d"))
+        .ok_or_else(|| {
+            format!(
+                "{s:?} is not a duration: write seconds (3600) or a number and one unit, s, m, h \
+                 or d (30m, 12h, 7d)"
+            )
+        })
+}
+
+/// How much of the previous release's spelling a duration flag takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spelling {
+    /// `--expires-in`: also a bare number of seconds (`3600`), blanks around and between
+    /// number and unit (`" 30 m "`), a leading `+` (`+5m`).
+    Lenient,
+    /// `hall replay --since/--until`: `<digits><unit>` only, as the rule keys.
+    Strict,
+}
+
+/// A duration given on the command line, in seconds: the spelling is rewritten in front of
+/// [`crate::clock::parse_duration`], the one duration syntax, which policy files keep strict
+/// (`<1 to 9 digits><s|m|h|d>`). The CLI took more before that syntax was shared, and still
+/// does: any number of digits (leading zeros dropped; a number longer than 9 digits counts
+/// units of what `parse_duration` says one unit is, overflow refused), and for
+/// [`Spelling::Lenient`] what is listed there. The units and their meaning are
+/// `parse_duration`'s alone.
+pub fn flag_duration(s: &str, spelling: Spelling) -> Option<u64> {
+    let lenient = spelling == Spelling::Lenient;
+    let s = if lenient { s.trim() } else { s };
+    let (number, unit) = match s.char_indices().next_back()? {
+        // A bare number: seconds.
+        (_, c) if lenient && c.is_ascii_digit() => (s, "s"),
+        (i, _) => (&s[..i], &s[i..]),
+    };
+    let digits = if lenient {
+        let n = number.trim();
+        n.strip_prefix('+').unwrap_or(n)
+    } else {
+        number
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = match digits.trim_start_matches('0') {
+        "" => "0",
+        d => d,
+    };
+    if digits.len() <= 9 {
+        return crate::clock::parse_duration(&format!("{digits}{unit}"));
+    }
+    let per_unit = crate::clock::parse_duration(&format!("1{unit}"))?;
+    digits.parse::<u64>().ok()?.checked_mul(per_unit)
 }
 
 #[derive(Debug, Subcommand)]
@@ -478,8 +495,8 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("hall: {e}");
-            ExitCode::from(error_code(e.as_ref()))
+            eprintln!("hall: {}", e.report());
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -507,18 +524,24 @@ fn serve(a: ServeArgs) -> CliResult {
 /// as `token create`) in its own section with its synopsis, options and notes.
 fn man() -> CliResult {
     let cmd = <Cli as clap::CommandFactory>::command();
-    let mut out = Vec::new();
-    let page = clap_mangen::Man::new(cmd.clone());
-    page.render_title(&mut out)?;
-    page.render_name_section(&mut out)?;
-    page.render_synopsis_section(&mut out)?;
-    page.render_description_section(&mut out)?;
-    page.render_options_section(&mut out)?;
-    page.render_extra_section(&mut out)?;
-    man_commands(&cmd, "hall", &mut out)?;
-    page.render_version_section(&mut out)?;
+    let render = || -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let page = clap_mangen::Man::new(cmd.clone());
+        page.render_title(&mut out)?;
+        page.render_name_section(&mut out)?;
+        page.render_synopsis_section(&mut out)?;
+        page.render_description_section(&mut out)?;
+        page.render_options_section(&mut out)?;
+        page.render_extra_section(&mut out)?;
+        man_commands(&cmd, "hall", &mut out)?;
+        page.render_version_section(&mut out)?;
+        Ok(out)
+    };
+    let out = render().map_err(|e| CliError::io("rendering the man page", e))?;
     use std::io::Write;
-    std::io::stdout().write_all(&out)?;
+    std::io::stdout()
+        .write_all(&out)
+        .map_err(|e| CliError::io("writing the man page to stdout", e))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -547,25 +570,16 @@ fn man_commands(cmd: &clap::Command, prefix: &str, out: &mut Vec<u8>) -> std::io
     Ok(())
 }
 
-/// The exit code an error stands for: a [`CliError`] says; a config error is a usage error.
-pub fn error_code(e: &(dyn std::error::Error + 'static)) -> u8 {
-    if let Some(c) = e.downcast_ref::<CliError>() {
-        c.code
-    } else if e.is::<crate::config::ConfigError>() {
-        exit::USAGE
-    } else {
-        exit::FAILURE
-    }
-}
-
-/// An error for the person at the terminal.
-pub type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+/// What a command returns: the exit code it chose, or the error (whose code
+/// [`CliError::exit_code`] chooses).
+pub type CliResult = Result<ExitCode, CliError>;
 
 #[cfg(test)]
 mod tests {
+    use super::{flag_duration, parse_duration_secs as p, Spelling};
+
     #[test]
     fn durations_take_units() {
-        use super::parse_duration_secs as p;
         assert_eq!(p("3600"), Ok(3600));
         assert_eq!(p("30m"), Ok(1800));
         assert_eq!(p("1h"), Ok(3600));
@@ -575,6 +589,102 @@ mod tests {
         assert!(p("h").is_err());
         // The syntax of the rule keys, plus bare seconds: one parser underneath.
         assert_eq!(p(" 15m "), Ok(900));
-        assert!(p("9999999999s").is_err());
+        // More than 9 digits, as the previous release took them (the rule keys do not).
+        assert_eq!(p("9999999999s"), Ok(9_999_999_999));
+        assert_eq!(crate::clock::parse_duration("9999999999s"), None);
+    }
+
+    /// What `--expires-in` took before its parser was replaced by the shared syntax, and
+    /// takes again.
+    #[test]
+    fn expires_in_takes_the_previous_releases_spellings() {
+        assert_eq!(p("30 m"), Ok(1800));
+        assert_eq!(p("30\tm"), Ok(1800));
+        assert_eq!(p("  12 h  "), Ok(43_200));
+        assert_eq!(p("+5m"), Ok(300));
+        assert_eq!(p("+5 m"), Ok(300));
+        assert_eq!(p("+3600"), Ok(3600));
+        assert_eq!(p("0005m"), Ok(300));
+        assert_eq!(p("00000000005m"), Ok(300));
+        assert_eq!(p("12345678901"), Ok(12_345_678_901));
+        assert_eq!(p("1234567890m"), Ok(74_074_073_400));
+        assert_eq!(p("18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(p("18446744073709551615s"), Ok(u64::MAX));
+    }
+
+    #[test]
+    fn expires_in_still_refuses_what_it_always_refused() {
+        for bad in [
+            "",
+            " ",
+            "m",
+            "+",
+            "+m",
+            "-5m",
+            "5 mm",
+            "5mm",
+            "1w",
+            "1.5h",
+            "5 5m",
+            "+ 5m",
+            "++5m",
+            "0",
+            "0m",
+            "00000000000h",
+            "5µ",
+            // Overflow: u64 seconds, and more than u64 digits.
+            "18446744073709551616",
+            "307445734561825861m",
+            "99999999999999999999999d",
+        ] {
+            let e = p(bad).expect_err(bad);
+            assert_eq!(
+                e,
+                format!(
+                    "{bad:?} is not a duration: write seconds (3600) or a number and one unit, \
+                     s, m, h or d (30m, 12h, 7d)"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn strict_flags_take_any_number_of_digits_and_nothing_else_new() {
+        let s = |t| flag_duration(t, Spelling::Strict);
+        assert_eq!(s("90s"), Some(90));
+        assert_eq!(s("0s"), Some(0));
+        assert_eq!(s("1234567890s"), Some(1_234_567_890));
+        assert_eq!(s("0000000001h"), Some(3600));
+        for bad in ["30 m", "+5m", "3600", "m", "5mm", "1w", " 5m"] {
+            assert_eq!(s(bad), None, "{bad:?}");
+        }
+    }
+
+    /// `--expires-in`'s parser as the release before the shared duration syntax had it
+    /// (`git show 759a2f0:src/cli/mod.rs`), kept here as the oracle of what must still be
+    /// accepted, with the same value, and what must still be refused.
+    fn previous_expires_in(s: &str) -> Option<u64> {
+        let t = s.trim();
+        let (num, mult) = match t.char_indices().last() {
+            Some((i, 's')) => (&t[..i], 1),
+            Some((i, 'm')) => (&t[..i], 60),
+            Some((i, 'h')) => (&t[..i], 3600),
+            Some((i, 'd')) => (&t[..i], 86_400),
+            _ => (t, 1),
+        };
+        num.trim()
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .filter(|n| *n > 0)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn expires_in_agrees_with_the_previous_release(
+            s in "[ \t+\\-0-9smhdw.µ]{0,24}|\\s{0,2}\\+?[0-9]{1,22}\\s{0,2}[smhdw]?\\s{0,2}"
+        ) {
+            proptest::prop_assert_eq!(p(&s).ok(), previous_expires_in(&s), "{:?}", s);
+        }
     }
 }

@@ -23,16 +23,11 @@ pub(super) fn resolve_files(f: &FilesArgs) -> Result<Config, crate::config::Conf
     })
 }
 
-fn load(f: &FilesArgs) -> Result<Loaded, Box<dyn std::error::Error>> {
+fn load(f: &FilesArgs) -> Result<Loaded, CliError> {
     let cfg = resolve_files(f)?;
-    load_dirs(&cfg.registry_dir, &cfg.policies_dir).map_err(|e| {
-        let n = e.errors().count();
-        format!(
-            "the policy set does not load ({n} error{}; read {}):\n{e}",
-            if n == 1 { "" } else { "s" },
-            cfg.describe_sources()
-        )
-        .into()
+    load_dirs(&cfg.registry_dir, &cfg.policies_dir).map_err(|source| CliError::PolicyLoad {
+        sources: cfg.describe_sources(),
+        source,
     })
 }
 
@@ -59,7 +54,9 @@ pub(super) fn check(a: &CheckArgs, json: bool) -> CliResult {
             "policy_version": loaded.as_ref().map(|l| l.snapshot.version.clone()),
             "diagnostics": diags,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let text = serde_json::to_string_pretty(&v)
+            .map_err(|e| CliError::json("encoding the check report", e))?;
+        println!("{text}");
         return Ok(ExitCode::from(if fail { exit::FAILURE } else { exit::OK }));
     }
     eprintln!("checking {}", cfg.describe_sources());
@@ -159,7 +156,7 @@ pub(super) fn route(a: &RouteArgs, json: bool) -> CliResult {
             ),
             _ => String::new(),
         };
-        CliError::usage(format!("invalid request: {e}{hint}"))
+        CliError::InvalidRequest { source: e, hint }
     })?;
     let mut out = serde_json::json!({
         "decision_id": null,
@@ -172,22 +169,27 @@ pub(super) fn route(a: &RouteArgs, json: bool) -> CliResult {
         "dry_run": a.dry_run,
     });
     if let Some(x) = &d.explain {
-        let mut x = serde_json::to_value(x)?;
+        let encode = |e| CliError::json("encoding the explain trace", e);
+        let mut x = serde_json::to_value(x).map_err(encode)?;
         let rules: Vec<serde_json::Value> = snap
             .rules
             .iter()
             .map(serde_json::to_value)
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(encode)?;
         let workers: Vec<serde_json::Value> = snap
             .workers
             .iter()
             .map(serde_json::to_value)
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(encode)?;
         human::explain_why(&mut x, &asked(a), &rules, &workers);
         out["explain"] = x;
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        let text = serde_json::to_string_pretty(&out)
+            .map_err(|e| CliError::json("encoding the decision", e))?;
+        println!("{text}");
     } else {
         human::decision(&out);
     }
@@ -230,42 +232,35 @@ pub(super) fn hint_capability(asked: &str, known: Vec<String>) {
 fn open_audit_offline(dir: &Path) -> Result<(sled::Db, AuditLog), CliError> {
     let db_path = dir.join("db");
     if !db_path.is_dir() {
-        return Err(CliError::usage(format!(
-            "{} holds no audit log ({} does not exist): give the state dir of a Hall daemon",
-            dir.display(),
-            db_path.display()
-        )));
+        return Err(CliError::NoAuditLog {
+            dir: dir.to_path_buf(),
+        });
     }
     let db = crate::store::open_db_waiting(&db_path, std::time::Duration::from_millis(500))
-        .map_err(|e| {
-            let s = e.to_string();
+        .map_err(|source| {
+            let s = source.to_string();
+            let dir = dir.to_path_buf();
             if s.contains("lock") || s.contains("Resource temporarily unavailable") {
-                CliError::failure(format!(
-                    "{} is in use by a running daemon (its database is locked): ask the daemon \
-                     with `hall audit verify` (no --state-dir), or stop it first, or work on a copy: \
-                     cp -a {} /tmp/hall-copy && hall audit verify --state-dir /tmp/hall-copy",
-                    dir.display(),
-                    dir.display()
-                ))
+                CliError::StateDirInUse { dir, source }
             } else {
-                CliError::failure(format!("cannot open the database in {}: {e}", dir.display()))
+                CliError::OpenDatabase { dir, source }
             }
         })?;
-    let log = AuditLog::open(&db, AuditConfig::default()).map_err(|e| {
-        CliError::failure(format!(
-            "cannot open the audit log in {}: {e}",
-            dir.display()
-        ))
-    })?;
+    let log =
+        AuditLog::open(&db, AuditConfig::default()).map_err(|source| CliError::OpenAuditLog {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
     Ok((db, log))
 }
 
 /// `hall audit verify --state-dir DIR`: walk the hash chain offline.
 pub(super) fn verify_audit(dir: &Path) -> Result<VerifyReport, CliError> {
     let (_db, log) = open_audit_offline(dir)?;
-    let r = log
-        .verify()
-        .map_err(|e| CliError::failure(format!("reading the audit log: {e}")));
+    let r = log.verify().map_err(|source| CliError::Audit {
+        what: "reading",
+        source,
+    });
     log.shutdown();
     r
 }
@@ -281,17 +276,20 @@ pub(super) fn export_audit(
         .map(|s| {
             time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
                 .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
-                .map_err(|_| {
-                    CliError::usage(format!(
-                        "--since {s:?} is not an RFC 3339 time (for example 2026-11-29T08:00:00Z)"
-                    ))
+                .map_err(|source| CliError::BadTime {
+                    flag: "since",
+                    value: s.to_owned(),
+                    source,
                 })
         })
         .transpose()?;
     let (_db, log) = open_audit_offline(dir)?;
     let r = log
         .export(after_seq.map(|a| a + 1), since_ms, out)
-        .map_err(|e| CliError::failure(format!("exporting the audit log: {e}")));
+        .map_err(|source| CliError::Audit {
+            what: "exporting",
+            source,
+        });
     log.shutdown();
     r
 }

@@ -181,14 +181,18 @@ pub(super) fn run(a: &ReplayArgs) -> CliResult {
         ..Default::default()
     })?;
     let now = crate::store::audit::now_ms();
+    let time = |flag: &'static str, v: &Option<String>| {
+        v.as_deref()
+            .map(|s| parse_time(s, now).map_err(|message| ReplayError::Time { flag, message }))
+            .transpose()
+    };
     let window = Window {
-        since_ms: a.since.as_deref().map(|s| parse_time(s, now)).transpose()?,
-        until_ms: a.until.as_deref().map(|s| parse_time(s, now)).transpose()?,
+        since_ms: time("since", &a.since)?,
+        until_ms: time("until", &a.until)?,
         tenant_id: a.tenant.clone(),
         capability_id: a.capability.clone(),
     };
-    let loaded = load_dirs(&cfg.registry_dir, &cfg.policies_dir)
-        .map_err(|e| format!("the candidate policy set does not load (run `hall check`):\n{e}"))?;
+    let loaded = load_dirs(&cfg.registry_dir, &cfg.policies_dir).map_err(ReplayError::Load)?;
     let started = Instant::now();
     let report = match a.source {
         Source::StateDir => replay_state_dir(&cfg.state_dir, &loaded.snapshot, &window, a.limit)?,
@@ -208,13 +212,16 @@ pub(super) fn run(a: &ReplayArgs) -> CliResult {
                     let pages = api_pages(a, &window)?;
                     replay_pages(pages, &loaded.snapshot, a.limit)?
                 }
-                Err(e) => return Err(e.to_string().into()),
+                Err(e) => return Err(ReplayError::Open(e).into()),
             }
         }
     };
     let elapsed = started.elapsed();
     match a.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(ReplayError::Report)?
+        ),
         Format::Text => print_text(&report, elapsed),
     }
     Ok(if a.fail_on_change && report.changed > 0 {
@@ -224,6 +231,80 @@ pub(super) fn run(a: &ReplayArgs) -> CliResult {
     })
 }
 
+/// Why `hall replay` could not replay (each exits 1, see docs/replay.md; a bad `hall.toml`
+/// is a usage error before any of these).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// `--since`/`--until` is neither a duration nor a time.
+    #[error("--{flag}: {message}")]
+    Time { flag: &'static str, message: String },
+    /// The candidate files do not load.
+    #[error("the candidate policy set does not load (run `hall check`)")]
+    Load(#[source] crate::load::LoadError),
+    /// The audit log in the state dir cannot be opened.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The daemon or its token cannot be found for `--source api`.
+    #[error(transparent)]
+    Client(Box<super::CliError>),
+    /// No token to send to the API.
+    #[error("no token for the API: set HALL_TOKEN to a token with the audit scope")]
+    NoToken,
+    /// The API refused (a token without the audit scope, a tenant-bound token, ...).
+    #[error(
+        "{url}/api/audit answered {status}: {message} (replay needs a token with the audit scope)"
+    )]
+    Refused {
+        url: String,
+        status: u16,
+        message: String,
+    },
+    /// The API could not be reached.
+    #[error(
+        "cannot reach the daemon at {url}: {}",
+        super::error::transport_reason(source)
+    )]
+    Unreachable {
+        url: String,
+        #[source]
+        source: Box<ureq::Transport>,
+    },
+    /// The API answered something that is not a page of records.
+    #[error("unexpected answer from {url}/api/audit")]
+    Answer {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading the audit log in the state dir failed.
+    #[error("cannot read the audit log")]
+    Read(#[source] crate::store::audit::AuditError),
+    /// The reader thread could not start.
+    #[error("cannot start the audit reader thread")]
+    Thread(#[source] std::io::Error),
+    /// The reader thread panicked.
+    #[error("the audit reader thread panicked")]
+    Panicked,
+    /// The JSON report could not be encoded.
+    #[error("cannot encode the report as JSON")]
+    Report(#[source] serde_json::Error),
+}
+
+impl ReplayError {
+    /// What to do next, when the error can say (see [`super::CliError::help`]).
+    pub fn help(&self) -> Option<String> {
+        match self {
+            ReplayError::Client(e) => e.help(),
+            ReplayError::Unreachable { .. } => Some(
+                "  fix: is `hall serve` running there? Name it with --url or HALL_URL, or stop \
+                 it and replay from the state dir (--source state-dir)"
+                    .to_string(),
+            ),
+            _ => None,
+        }
+    }
+}
+
 /// Why the audit log in a state dir cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -231,8 +312,18 @@ pub enum OpenError {
     Missing(String),
     #[error("the audit log in {0} is locked: a running daemon holds it. Stop the daemon (e.g. `systemctl --user stop hall`) and replay again, or use --source api")]
     Locked(String),
-    #[error("cannot open the audit log in {0}: {1}")]
-    Other(String, String),
+    #[error("cannot open the database in {dir}")]
+    Database {
+        dir: String,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("cannot open the audit log in {dir}")]
+    Log {
+        dir: String,
+        #[source]
+        source: crate::store::audit::AuditError,
+    },
 }
 
 /// Open the audit log in `state_dir` for reading, without creating anything and without
@@ -248,10 +339,14 @@ pub fn open_log(state_dir: &Path) -> Result<AuditLog, OpenError> {
         if text.contains("could not acquire lock") || text.contains("WouldBlock") {
             OpenError::Locked(shown.clone())
         } else {
-            OpenError::Other(shown.clone(), text)
+            OpenError::Database {
+                dir: shown.clone(),
+                source: e,
+            }
         }
     })?;
-    AuditLog::open(&db, AuditConfig::default()).map_err(|e| OpenError::Other(shown, e.to_string()))
+    AuditLog::open(&db, AuditConfig::default())
+        .map_err(|source| OpenError::Log { dir: shown, source })
 }
 
 fn replay_state_dir(
@@ -259,32 +354,32 @@ fn replay_state_dir(
     snap: &Snapshot,
     window: &Window,
     examples: usize,
-) -> Result<Report, Box<dyn std::error::Error>> {
+) -> Result<Report, ReplayError> {
     let log = open_log(state_dir)?;
     let r = replay(&log, snap, window, examples);
     log.shutdown();
     r
 }
 
-type Pages = Box<dyn Iterator<Item = Result<Vec<AuditRecord>, String>> + Send>;
+type Pages = Box<dyn Iterator<Item = Result<Vec<AuditRecord>, ReplayError>> + Send>;
 
 /// Pages of decision records from the running daemon's `GET /api/audit`. The daemon and
 /// its token are found as by every client command ([`Client`](super::client::Client)):
 /// `--url`, `HALL_URL`, else `listen` in hall.toml; `HALL_TOKEN`, else the admin token file in
 /// the state dir.
-fn api_pages(a: &ReplayArgs, window: &Window) -> Result<Pages, String> {
+fn api_pages(a: &ReplayArgs, window: &Window) -> Result<Pages, ReplayError> {
     let args = super::ClientArgs {
         url: a.url.clone(),
         token: None,
         config: a.files.config.clone(),
     };
     let client = super::client::Client::from_args_in(&args, a.state_dir.clone())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ReplayError::Client(Box::new(e)))?;
     let base = client.base_url().to_owned();
     let token = client
         .token()
         .map(str::to_owned)
-        .ok_or("no token for the API: set HALL_TOKEN to a token with the audit scope")?;
+        .ok_or(ReplayError::NoToken)?;
     let mut query = format!("kind=decision&limit={MAX_QUERY_LIMIT}");
     for (k, v) in [
         ("tenant_id", window.tenant_id.as_ref().map(|s| s.to_owned())),
@@ -316,15 +411,22 @@ fn api_pages(a: &ReplayArgs, window: &Window) -> Result<Pages, String> {
         let page = match resp {
             Ok(r) => r
                 .into_json::<ApiPage>()
-                .map_err(|e| format!("unexpected answer from {base}/api/audit: {e}")),
-            Err(ureq::Error::Status(code, r)) => {
+                .map_err(|source| ReplayError::Answer {
+                    url: base.clone(),
+                    source,
+                }),
+            Err(ureq::Error::Status(status, r)) => {
                 let body: serde_json::Value = r.into_json().unwrap_or_default();
-                Err(format!(
-                    "{base}/api/audit answered {code}: {} (replay needs a token with the audit scope)",
-                    body["error"].as_str().unwrap_or("no details")
-                ))
+                Err(ReplayError::Refused {
+                    url: base.clone(),
+                    status,
+                    message: body["error"].as_str().unwrap_or("no details").to_owned(),
+                })
             }
-            Err(e) => Err(format!("cannot reach the daemon at {base}: {e}")),
+            Err(ureq::Error::Transport(t)) => Err(ReplayError::Unreachable {
+                url: base.clone(),
+                source: Box::new(t),
+            }),
         };
         match page {
             Ok(p) if p.records.is_empty() => None,
@@ -352,7 +454,7 @@ pub fn replay(
     snap: &Snapshot,
     window: &Window,
     examples: usize,
-) -> Result<Report, Box<dyn std::error::Error>> {
+) -> Result<Report, ReplayError> {
     let reader_log = log.clone();
     let mut q = AuditQuery {
         tenant_id: window.tenant_id.clone(),
@@ -376,7 +478,7 @@ pub fn replay(
             }
             Err(e) => {
                 failed = true;
-                Some(Err(format!("cannot read the audit log: {e}")))
+                Some(Err(ReplayError::Read(e)))
             }
         }
     });
@@ -385,22 +487,19 @@ pub fn replay(
 
 /// Replay pages of records (decision records; others are passed over) under `snap`.
 /// The pages are produced on their own thread, a few pages ahead of the decider.
-fn replay_pages(
-    pages: Pages,
-    snap: &Snapshot,
-    examples: usize,
-) -> Result<Report, Box<dyn std::error::Error>> {
+fn replay_pages(pages: Pages, snap: &Snapshot, examples: usize) -> Result<Report, ReplayError> {
     let (tx, rx) = mpsc::sync_channel::<Vec<AuditRecord>>(4);
     let reader = std::thread::Builder::new()
         .name("hall-replay-reader".into())
-        .spawn(move || -> Result<(), String> {
+        .spawn(move || -> Result<(), ReplayError> {
             for page in pages {
                 if tx.send(page?).is_err() {
                     break;
                 }
             }
             Ok(())
-        })?;
+        })
+        .map_err(ReplayError::Thread)?;
 
     let mut groups: HashMap<(Outcome, Outcome), Transition> = HashMap::new();
     let (mut replayed, mut changed, mut skipped) = (0u64, 0u64, 0u64);
@@ -489,9 +588,7 @@ fn replay_pages(
             }
         }
     }
-    reader
-        .join()
-        .map_err(|_| "the audit reader thread panicked")??;
+    reader.join().map_err(|_| ReplayError::Panicked)??;
 
     let mut transitions: Vec<Transition> = groups.into_values().collect();
     transitions.sort_by(|a, b| {
@@ -585,7 +682,8 @@ fn print_text(r: &Report, elapsed: Duration) {
 
 /// `--since`/`--until`: a duration back from `now_ms` (`90s`, `30m`, `24h`, `7d`) or an
 /// RFC 3339 time. The duration is [`crate::clock::parse_duration`], the syntax of the rule
-/// keys.
+/// keys, with any number of digits as before that syntax was shared
+/// ([`super::flag_duration`], [`super::Spelling::Strict`]).
 pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
     let s = s.trim();
     if let Ok(t) = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
@@ -597,7 +695,7 @@ pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
              (e.g. 2026-11-23T09:30:00Z)"
         )
     };
-    let secs = crate::clock::parse_duration(s).ok_or_else(bad)?;
+    let secs = super::flag_duration(s, super::Spelling::Strict).ok_or_else(bad)?;
     let back = i64::try_from(secs)
         .ok()
         .and_then(|n| n.checked_mul(1_000))
@@ -701,6 +799,42 @@ mod tests {
             "99999999999999999999d",
         ] {
             assert!(parse_time(bad, now).is_err(), "{bad:?} should be refused");
+        }
+        // More than 9 digits, as before the duration syntax was shared with the rule keys.
+        assert_eq!(parse_time("1234567890s", now), Ok(now - 1_234_567_890_000));
+        assert_eq!(parse_time("0000000001d", now), Ok(now - 86_400_000));
+        // Still not the spellings only --expires-in takes.
+        for bad in ["30 m", "+5m", "3600"] {
+            let e = parse_time(bad, now).expect_err(bad);
+            assert!(e.contains("is neither a duration"), "{e}");
+        }
+    }
+
+    /// `--since`'s duration parser as the release before the shared syntax had it
+    /// (`git show 759a2f0:src/cli/replay.rs`): the oracle of what must still parse, to the
+    /// same time.
+    fn previous_since(s: &str, now_ms: i64) -> Option<i64> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit())?;
+        let (n, unit) = s.split_at(split);
+        let n: i64 = n.parse().ok()?;
+        let unit_ms: i64 = match unit {
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return None,
+        };
+        Some(now_ms.saturating_sub(n.checked_mul(unit_ms)?))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn since_agrees_with_the_previous_release(
+            s in "[ +\\-0-9smhdw.]{0,24}|\\s{0,2}[0-9]{1,21}[smhdw]{1,2}\\s{0,2}"
+        ) {
+            let now = 1_800_000_000_000;
+            proptest::prop_assert_eq!(parse_time(&s, now).ok(), previous_since(&s, now), "{:?}", s);
         }
     }
 }
