@@ -214,6 +214,39 @@ fn expired_token_is_refused() {
     .assert_error(400, "invalid_request", Some("expires_in_secs"));
 }
 
+/// A lifetime too long for the expiry's milliseconds is the far future, not a number that
+/// wrapped around into the past (u64 seconds above i64::MAX were cast to negative ones).
+#[test]
+fn an_enormous_lifetime_means_no_practical_expiry() {
+    let d = Daemon::start();
+    for secs in ["9223372036854775808", "18446744073709551615"] {
+        let t = issue(
+            &d,
+            &format!(
+                r#"{{"name":"long{}","scopes":["route"],"expires_in_secs":{secs}}}"#,
+                secs.len()
+            ),
+        );
+        let info = d.get("/api/tokens").json()["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == t.id.as_str())
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            info["expires_at_ms"].as_i64(),
+            Some(i64::MAX),
+            "{secs}: {info}"
+        );
+        assert_eq!(
+            route_as(&d, Some(&t.token), "org.acme").status,
+            200,
+            "{secs}"
+        );
+    }
+}
+
 #[test]
 fn token_requests_are_validated() {
     let d = Daemon::start();

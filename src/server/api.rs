@@ -227,9 +227,11 @@ pub async fn token_create(
         name: b.name,
         scopes,
         tenant_id,
+        // Saturating: a lifetime beyond what an i64 of milliseconds holds is "never" in
+        // practice, not a wrapped negative number (which read as an expiry in the past).
         expires_at_ms: b
             .expires_in_secs
-            .map(|s| now.saturating_add((s as i64).saturating_mul(1000))),
+            .map(|s| now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000))),
         rate_limit: b.rate_limit_per_minute.map(|per_minute| RateLimit {
             per_minute,
             burst: b.rate_burst.unwrap_or(per_minute),
