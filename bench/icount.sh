@@ -71,7 +71,8 @@ for spec in "${BINS[@]}"; do
 		callgrind_control -d "$pid" >/dev/null 2>&1
 		kill "$pid"
 		wait "$pid" 2>/dev/null || true
-		dump=$(ls -t "$OUT/$label-$mode.$pid".* | grep -v "\.$pid$" | head -1)
+		dump="$OUT/$label-$mode.$pid.1" # the first (only) dump callgrind_control asked for
+		[ -s "$dump" ] || { echo "$label $mode: no callgrind dump at $dump" >&2; exit 1; }
 		ir=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
 		echo "$label $mode instructions/req=$((ir / N)) dump=$dump"
 		rm -rf "$d"
