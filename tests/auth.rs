@@ -35,6 +35,17 @@ fn issue(d: &Daemon, body: &str) -> Tok {
     Tok { token, id }
 }
 
+/// The token's entry in `GET /api/tokens`.
+fn token_info(d: &Daemon, id: &str) -> serde_json::Value {
+    d.get("/api/tokens").json()["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("{id} is not listed"))
+}
+
 fn issue_scopes(d: &Daemon, name: &str, scopes: &[&str]) -> Tok {
     let scopes: Vec<String> = scopes.iter().map(|s| format!("\"{s}\"")).collect();
     issue(
@@ -179,13 +190,7 @@ fn expired_token_is_refused() {
         &d,
         r#"{"name":"brief","scopes":["route"],"expires_in_secs":1}"#,
     );
-    let info = d.get("/api/tokens").json()["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["id"] == t.id.as_str())
-        .cloned()
-        .unwrap();
+    let info = token_info(&d, &t.id);
     assert_eq!(
         info["expires_at_ms"].as_i64().unwrap() - info["created_at_ms"].as_i64().unwrap(),
         1000
@@ -227,13 +232,7 @@ fn an_enormous_lifetime_means_no_practical_expiry() {
                 secs.len()
             ),
         );
-        let info = d.get("/api/tokens").json()["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["id"] == t.id.as_str())
-            .cloned()
-            .unwrap();
+        let info = token_info(&d, &t.id);
         assert_eq!(
             info["expires_at_ms"].as_i64(),
             Some(i64::MAX),

@@ -4,53 +4,8 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
-
-use common::{Daemon, HALL};
+use common::{free_port, hall, out, stderr, Daemon};
 use serde_json::Value;
-
-/// `hall ARGS` with a clean environment: no HALL_* of the caller, HOME and XDG dirs in
-/// `home` (no hall.toml of the machine is found), plus `env`.
-fn hall(home: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(HALL);
-    cmd.args(args)
-        .current_dir(home)
-        .env("HOME", home)
-        .env("XDG_CONFIG_HOME", home.join(".config"))
-        .env("XDG_DATA_HOME", home.join(".local/share"))
-        .stdin(Stdio::null());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("HALL_") {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run hall")
-}
-
-fn out(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[test]
 fn token_create_expires_in_takes_the_previous_releases_spellings() {
