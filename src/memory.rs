@@ -15,7 +15,9 @@ const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Tune the allocator before the program allocates much: do not commit whole arenas up front,
 /// and return freed pages to the OS at once instead of a second later (memory freed by a reload
-/// or by sled's node copies otherwise stayed in RSS). Call first thing in `main`.
+/// or by sled's node copies otherwise stayed in RSS). src/main.rs calls it from an
+/// `.init_array` entry, before mimalloc initializes: set in `main`, the arena option came too
+/// late (measured: idle RSS stayed at 71 MB).
 pub fn configure() {
     // SAFETY: mi_option_set only stores an option value; any thread, any time.
     unsafe {
