@@ -11,6 +11,16 @@ fn temp_db() -> (tempfile::TempDir, sled::Db) {
     (dir, db)
 }
 
+/// A batched log whose maintenance thread flushes within a millisecond of a record.
+fn batched_every_ms(db: &sled::Db) -> AuditLog {
+    let config = AuditConfig {
+        durability: Durability::Batched,
+        batch_interval: Duration::from_millis(1),
+        ..AuditConfig::default()
+    };
+    AuditLog::open_with(db, config, None).unwrap()
+}
+
 fn reopen(dir: &tempfile::TempDir) -> sled::Db {
     crate::store::open_db(dir.path()).unwrap()
 }
@@ -324,12 +334,7 @@ fn waiting_appends_share_one_flush() {
 #[test]
 fn a_batched_append_never_waits_for_a_flush() {
     let (_dir, db) = temp_db();
-    let config = AuditConfig {
-        durability: Durability::Batched,
-        batch_interval: Duration::from_millis(1),
-        ..AuditConfig::default()
-    };
-    let log = AuditLog::open_with(&db, config, None).unwrap();
+    let log = batched_every_ms(&db);
     let hold = log.hold_flushes();
     let (tx, rx) = std::sync::mpsc::channel();
     let l = log.clone();
@@ -434,12 +439,7 @@ fn a_failed_flush_fails_the_durable_appends_it_covered_and_a_working_one_recover
 #[test]
 fn batched_appends_fail_closed_after_a_failed_periodic_flush_until_one_works() {
     let (_dir, db) = temp_db();
-    let config = AuditConfig {
-        durability: Durability::Batched,
-        batch_interval: Duration::from_millis(1),
-        ..AuditConfig::default()
-    };
-    let log = AuditLog::open_with(&db, config, None).unwrap();
+    let log = batched_every_ms(&db);
     let w = &log.inner.writer;
     w.test_fail_flush
         .store(true, std::sync::atomic::Ordering::Release);
