@@ -5,29 +5,129 @@
 //! and doing nothing else: no auth, no parsing, no decision, no audit. The ratio
 //! daemon/floor then says what Hall's own work costs on this machine.
 //!
-//! `cargo run --release --example floor -- [ADDR]` (default 127.0.0.1:0); logs
-//! `listening on http://ADDR` on stderr like the daemon.
+//! With `--sync FILE` it is the floor of a *durable* answer: before answering, each request
+//! appends a 400-byte record to FILE and makes it stable with the same call sled uses for
+//! `flush` on Linux (`sync_file_range` with WAIT_BEFORE | WRITE | WAIT_AFTER), or with
+//! `fdatasync` when `--sync-call fdatasync` is given. Nothing else: no group commit, no
+//! thread hop. What that costs in latency and CPU is what no durable design on this disk
+//! can go below (docs/performance.md, "The durable floor").
+//!
+//! `cargo run --release --example floor -- [ADDR] [--sync FILE [--sync-call fdatasync]]`
+//! (default 127.0.0.1:0); logs `listening on http://ADDR` on stderr like the daemon.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 
 /// Shaped like a real decision answer, so response size matches too.
 const BODY: &str = r#"{"decision_id":"0190f0e4-7a3b-7c2d-8e9f-0a1b2c3d4e5f","allowed":true,"worker_id":"worker.000001","deny_reason":null,"dry_run":false}"#;
 
-async fn answer(_body: web::Bytes) -> HttpResponse {
+/// About the size of one encoded audit record of the shipped example request.
+const RECORD: [u8; 400] = [0x5a; 400];
+
+#[derive(Clone, Copy)]
+enum SyncCall {
+    SyncFileRange,
+    Fdatasync,
+}
+
+struct Log {
+    file: File,
+    offset: u64,
+    call: SyncCall,
+}
+
+impl Log {
+    fn append_stable(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        use std::os::unix::io::AsRawFd;
+        self.file.write_all_at(&RECORD, self.offset)?;
+        let fd = self.file.as_raw_fd();
+        let rc = match self.call {
+            #[cfg(target_os = "linux")]
+            SyncCall::SyncFileRange => unsafe {
+                // SAFETY: fd is open for the lifetime of `self.file`.
+                libc::sync_file_range(
+                    fd,
+                    self.offset as libc::off64_t,
+                    RECORD.len() as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                )
+            },
+            // SAFETY: as above.
+            _ => unsafe { libc::fdatasync(fd) },
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.offset += RECORD.len() as u64;
+        Ok(())
+    }
+}
+
+async fn answer(_body: web::Bytes, log: web::Data<Option<Arc<Mutex<Log>>>>) -> HttpResponse {
+    if let Some(log) = log.get_ref() {
+        // Inline on the worker, as the daemon's group-commit leader does when uncontended.
+        let stable = log
+            .lock()
+            .map_err(|_| ())
+            .and_then(|mut l| l.append_stable().map_err(|_| ()));
+        if stable.is_err() {
+            return HttpResponse::InternalServerError().finish();
+        }
+    }
     HttpResponse::Ok()
         .content_type("application/json")
         .body(BODY)
 }
 
 fn main() -> std::io::Result<()> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:0".to_string());
+    let mut addr = "127.0.0.1:0".to_string();
+    let mut sync_file = None;
+    let mut call = SyncCall::SyncFileRange;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--sync" => sync_file = args.next(),
+            "--sync-call" => match args.next().as_deref() {
+                Some("fdatasync") => call = SyncCall::Fdatasync,
+                Some("sync_file_range") => call = SyncCall::SyncFileRange,
+                other => {
+                    eprintln!("--sync-call: expected sync_file_range or fdatasync, got {other:?}");
+                    std::process::exit(2);
+                }
+            },
+            _ => addr = a,
+        }
+    }
+    let log = match sync_file {
+        Some(path) => {
+            let file = File::options()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(path)?;
+            Some(Arc::new(Mutex::new(Log {
+                file,
+                offset: 0,
+                call,
+            })))
+        }
+        None => None,
+    };
+    let log = web::Data::new(log);
     actix_web::rt::System::new().block_on(async move {
-        let server = HttpServer::new(|| App::new().default_service(web::to(answer)))
-            .backlog(2048)
-            .shutdown_timeout(30)
-            .bind(&addr)?;
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(log.clone())
+                .default_service(web::to(answer))
+        })
+        .backlog(2048)
+        .shutdown_timeout(30)
+        .bind(&addr)?;
         let bound = server.addrs().first().copied();
         let server = server.run();
         if let Some(a) = bound {
