@@ -372,12 +372,10 @@ struct Inner {
 
 impl Inner {
     fn shutdown(&self) {
-        let Some(handle) = self
-            .maintainer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
+        // Held until the end, so that a second caller returns only once the first is done
+        // (and then finds nothing to do): "returned" always means "flushed".
+        let mut maintainer = self.maintainer.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(handle) = maintainer.take() else {
             return;
         };
         self.writer.stop();

@@ -1207,3 +1207,43 @@ proptest! {
         prop_assert_eq!(log.query(&q).unwrap(), expected);
     }
 }
+
+#[test]
+fn a_second_shutdown_returns_only_after_the_first_has_flushed() {
+    let (_dir, db) = temp_db();
+    let log = batched_every_ms(&db);
+    let hold = log.hold_flushes();
+    log.append_blocking(decision(1, 1, "t", "c", true, false))
+        .unwrap();
+    let first = {
+        let l = log.clone();
+        std::thread::spawn(move || l.shutdown())
+    };
+    // The first shutdown has taken the maintenance thread and is stuck behind the held flush.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let taken = || match log.inner.maintainer.try_lock() {
+        Ok(handle) => handle.is_none(),
+        Err(_) => true,
+    };
+    while !taken() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(taken());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let second = {
+        let l = log.clone();
+        std::thread::spawn(move || {
+            l.shutdown();
+            // What a caller may rely on once shutdown returned.
+            tx.send(l.inner.shared.durable.load().seq).unwrap();
+        })
+    };
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "the second shutdown returned while the first was still flushing"
+    );
+    drop(hold);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(60)).unwrap(), 1);
+    first.join().unwrap();
+    second.join().unwrap();
+}
