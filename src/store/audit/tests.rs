@@ -1247,3 +1247,39 @@ fn a_second_shutdown_returns_only_after_the_first_has_flushed() {
     first.join().unwrap();
     second.join().unwrap();
 }
+
+#[test]
+fn a_durable_waiter_polled_twice_is_registered_once() {
+    use std::future::Future;
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    let writer = &log.inner.writer;
+    let seq = match writer.submit(decision(1, 1, "t", "c", true, false)) {
+        writer::Submitted::Done(r) => r.unwrap().seq,
+        writer::Submitted::Queued(_) => unreachable!("nobody else holds the chain"),
+    };
+    let hold = log.hold_flushes();
+    // Others wait too, so this waiter registers and leaves the flush to the maintenance
+    // thread (which then blocks on the held flush).
+    let _others = (
+        Waiting::new(&log.inner.shared.stats),
+        Waiting::new(&log.inner.shared.stats),
+    );
+    let mut wait = std::pin::pin!(writer.wait_durable(seq));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    for _ in 0..3 {
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+    }
+    assert_eq!(writer.waiters_for_test(), 1);
+    drop(hold);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let std::task::Poll::Ready(r) = wait.as_mut().poll(&mut cx) {
+            r.unwrap();
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never flushed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(writer.waiters_for_test(), 0);
+}

@@ -210,6 +210,11 @@ impl Writer {
     }
 
     #[cfg(test)]
+    pub(crate) fn waiters_for_test(&self) -> usize {
+        lock(&self.waiters).len()
+    }
+
+    #[cfg(test)]
     pub(crate) fn has_queued_for_test(&self) -> bool {
         self.has_queued.load(Ordering::Acquire)
     }
@@ -416,8 +421,16 @@ impl Writer {
                 }
             }
             // Register, then look again: a flush that finished in between published its
-            // result before it read the list.
-            lock(&self.waiters).push((seq, cx.waker().clone()));
+            // result before it read the list. Polled again before it was settled (a
+            // spurious unpark, a select), a waiter updates its one entry instead of adding
+            // another.
+            {
+                let mut waiters = lock(&self.waiters);
+                match waiters.iter_mut().find(|(s, _)| *s == seq) {
+                    Some((_, w)) => w.clone_from(cx.waker()),
+                    None => waiters.push((seq, cx.waker().clone())),
+                }
+            }
             if let Some(r) = self.outcome(seq) {
                 return Poll::Ready(r);
             }
