@@ -1283,3 +1283,50 @@ fn a_durable_waiter_polled_twice_is_registered_once() {
     }
     assert_eq!(writer.waiters_for_test(), 0);
 }
+
+#[test]
+fn durable_appends_are_answered_while_the_maintenance_thread_writes_the_index() {
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    let writer = log.inner.writer.clone();
+    // One record, so that there is an index posting to write.
+    log.append_blocking(decision(1, 0, "t", "c", true, false))
+        .unwrap();
+    // Hold the maintenance thread inside its index write.
+    let held = writer.test_busy.lock().unwrap();
+    writer.index_now_for_test();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !writer.busy_for_test() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(writer.busy_for_test());
+    // Others wait too, so none of these is alone: they would leave their flush to the
+    // maintenance thread, which is stuck.
+    let _others = (
+        Waiting::new(&log.inner.shared.stats),
+        Waiting::new(&log.inner.shared.stats),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let threads: Vec<_> = (1..=8u64)
+        .map(|n| {
+            let (l, tx) = (log.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let r = l.append_blocking(decision(1, n, "t", "c", true, false));
+                tx.send(r.map(|a| a.seq)).unwrap();
+            })
+        })
+        .collect();
+    for _ in 0..8 {
+        let seq = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a durable append waited for the index write")
+            .unwrap();
+        assert!(log.inner.shared.durable.load().seq >= seq);
+    }
+    drop(held);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(log.head().seq, 9);
+    assert!(log.verify().unwrap().is_ok());
+}

@@ -18,8 +18,8 @@
 //! The maintenance thread writes index chunks, runs batched mode's periodic flush and
 //! retention. It takes the chain lock only to swap the pending postings out, never while it
 //! does I/O, so no batched append waits for an index write, a retention step or a flush.
-//! (Durable appends grouped behind the maintenance thread can wait for an index write or a
-//! retention step it is in the middle of, before their flush.)
+//! While it writes index chunks or prunes, durable waiters do not wait for it: they lead
+//! their own flushes, each flusher waking the next waiter when it is done.
 //! After a periodic flush fails, batched appends wait for a flush of their own (fail closed)
 //! until one succeeds.
 
@@ -98,6 +98,15 @@ pub(crate) struct Writer {
     index_lock: Mutex<()>,
     /// The maintenance thread runs; when it does not (shutdown, a panic), waiters flush.
     pub(crate) maintainer_alive: AtomicBool,
+    /// The maintenance thread is writing index chunks or pruning: waiters flush for
+    /// themselves meanwhile instead of waiting for it.
+    maintainer_busy: AtomicBool,
+    /// Tests: hold the maintenance thread inside its busy step.
+    #[cfg(test)]
+    pub(crate) test_busy: Mutex<()>,
+    /// Tests: have the maintenance thread write the index on its next wake.
+    #[cfg(test)]
+    pub(crate) test_index_now: AtomicBool,
     #[cfg(test)]
     pub(crate) test_fail_flush: AtomicBool,
     /// Records (or index chunks) inserted and not yet flushed.
@@ -149,6 +158,11 @@ impl Writer {
             tip: Mutex::new(head),
             index_lock: Mutex::new(()),
             maintainer_alive: AtomicBool::new(true),
+            maintainer_busy: AtomicBool::new(false),
+            #[cfg(test)]
+            test_busy: Mutex::new(()),
+            #[cfg(test)]
+            test_index_now: AtomicBool::new(false),
             #[cfg(test)]
             test_fail_flush: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
@@ -207,6 +221,18 @@ impl Writer {
         let r = f(&mut lock(&self.chain));
         self.combine();
         r
+    }
+
+    /// Tests: make the maintenance thread write the index now (inside `busy`).
+    #[cfg(test)]
+    pub(crate) fn index_now_for_test(&self) {
+        self.test_index_now.store(true, Ordering::Release);
+        self.wake_maintainer();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn busy_for_test(&self) -> bool {
+        self.maintainer_busy.load(Ordering::SeqCst)
     }
 
     #[cfg(test)]
@@ -390,15 +416,19 @@ impl Writer {
     }
 
     fn poll_durable(&self, seq: u64, cx: &mut Context<'_>) -> Poll<Result<(), AuditError>> {
+        let mut looked_again = false;
         loop {
             if let Some(r) = self.outcome(seq) {
                 return Poll::Ready(r);
             }
             // Alone: flush on this thread, with no hop to another one. Others waiting too:
             // the maintenance thread flushes for all of them, so that no worker thread sits
-            // in a flush while requests queue behind it.
+            // in a flush while requests queue behind it, unless it is busy writing the index
+            // or pruning: then the waiters lead their own flushes, handing over to the next
+            // waiter after each (`flush_done`).
             let no_maintainer = !self.maintainer_alive.load(Ordering::Acquire);
-            if no_maintainer || self.shared.stats.waiting.load(Ordering::Relaxed) <= 1 {
+            let busy = self.maintainer_busy.load(Ordering::SeqCst);
+            if no_maintainer || busy || self.shared.stats.waiting.load(Ordering::Relaxed) <= 1 {
                 let guard = match self.flush_lock.try_lock() {
                     Ok(g) => Some(g),
                     Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
@@ -434,8 +464,15 @@ impl Writer {
             if let Some(r) = self.outcome(seq) {
                 return Poll::Ready(r);
             }
-            if !self.flush_requested.swap(true, Ordering::AcqRel) {
+            if !self.flush_requested.swap(true, Ordering::SeqCst) {
                 self.wake_maintainer();
+            }
+            // The maintenance thread looks at the request after it turns busy; if it turned
+            // busy after this waiter looked and before it asked, lead instead (once: when
+            // someone else is flushing, that flusher hands over).
+            if !busy && !looked_again && self.maintainer_busy.load(Ordering::SeqCst) {
+                looked_again = true;
+                continue;
             }
             return Poll::Pending;
         }
@@ -514,6 +551,14 @@ impl Writer {
                     true
                 }
             });
+            // Nobody will flush for the rest soon: wake one of them to lead the next flush.
+            let no_leader = self.maintainer_busy.load(Ordering::SeqCst)
+                || !self.maintainer_alive.load(Ordering::Acquire);
+            if no_leader {
+                if let Some((_, next)) = w.first() {
+                    woken.push(next.clone());
+                }
+            }
             woken
         };
         for w in woken {
@@ -574,6 +619,21 @@ impl Writer {
         }
     }
 
+    /// Run the maintenance thread's index or retention step with `maintainer_busy` set, so
+    /// that durable waiters do not wait for it to end (see `poll_durable`).
+    fn busy<R>(&self, step: impl FnOnce() -> R) -> R {
+        self.maintainer_busy.store(true, Ordering::SeqCst);
+        // Waiters that asked before they could see the flag are flushed first.
+        if self.flush_requested.swap(false, Ordering::SeqCst) {
+            let _ = self.flush_now();
+        }
+        #[cfg(test)]
+        let _held = lock(&self.test_busy);
+        let r = step();
+        self.maintainer_busy.store(false, Ordering::SeqCst);
+        r
+    }
+
     /// The maintenance thread: index chunks, batched mode's periodic flush, retention.
     pub(crate) fn maintain(self: Arc<Self>) {
         // However this thread ends (stop, or a panic), waiters stop counting on it.
@@ -599,12 +659,17 @@ impl Writer {
             let stopping = self.stopping.load(Ordering::Acquire);
             let now = Instant::now();
             let pending = self.with_chain(|c| c.index.records);
+            #[cfg(not(test))]
+            let forced = false;
+            #[cfg(test)]
+            let forced = self.test_index_now.swap(false, Ordering::AcqRel);
             if pending > 0
                 && (stopping
+                    || forced
                     || pending >= index::INDEX_MAX_PENDING
                     || now >= last_index + index::INDEX_INTERVAL)
             {
-                self.write_index();
+                self.busy(|| self.write_index());
                 last_index = Instant::now();
             }
             if self.dirty.load(Ordering::Acquire) {
@@ -619,7 +684,7 @@ impl Writer {
                 flush_due = None;
             }
             if self.config.retention_days.is_some() && now >= next_prune {
-                next_prune = if self.prune_tick() {
+                next_prune = if self.busy(|| self.prune_tick()) {
                     Instant::now()
                 } else {
                     Instant::now() + PRUNE_EVERY
