@@ -36,6 +36,9 @@ use super::index::{self, Pending};
 use super::record::{decision_uuid, encode_value, AuditEntry, Durability, RecordKind, MAX_SEQ};
 use super::{seq_key, Appended, AuditConfig, AuditError, Head, Shared, Trees, PRUNE_EVERY};
 
+/// At most this many yields before a group flush, while waiters keep arriving.
+const GATHER_ROUNDS: usize = 4;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -634,6 +637,21 @@ impl Writer {
         r
     }
 
+    /// Before a flush asked for by waiters: let the appends being answered right now join
+    /// it, yielding the CPU while the number of waiters still grows (a few times at most).
+    fn gather(&self) {
+        let waiting = || self.shared.stats.waiting.load(Ordering::Relaxed);
+        let mut seen = waiting();
+        for _ in 0..GATHER_ROUNDS {
+            std::thread::yield_now();
+            let now = waiting();
+            if now <= seen {
+                return;
+            }
+            seen = now;
+        }
+    }
+
     /// The maintenance thread: index chunks, batched mode's periodic flush, retention.
     pub(crate) fn maintain(self: Arc<Self>) {
         // However this thread ends (stop, or a panic), waiters stop counting on it.
@@ -654,6 +672,7 @@ impl Writer {
         let mut next_prune = Instant::now();
         loop {
             if self.flush_requested.swap(false, Ordering::AcqRel) {
+                self.gather();
                 let _ = self.flush_now();
             }
             let stopping = self.stopping.load(Ordering::Acquire);
