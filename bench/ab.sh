@@ -3,9 +3,10 @@
 #
 # Each binary serves a fresh temp state dir on the given registry/policies (per durability
 # mode); wrk sends ONE allowed request (bench/peer.lua) at each connection count. Prints one
-# line per row: label, mode, conns, req/s, p50/p99/p99.9 µs, non-2xx, socket errors, and CPU
-# µs/request (the daemon's utime+stime from /proc ÷ requests). Rounds alternate A and B so that
-# drift on a shared machine hits both.
+# line per row: label, mode, conns, req/s, p50/p99/p99.9 µs, non-2xx, socket errors, CPU
+# µs/request (the daemon's utime+stime from /proc ÷ requests) and audit records per flush (from
+# /metrics: the group-commit size; "?" for a build without those counters). Rounds alternate A
+# and B so that drift on a shared machine hits both.
 #
 # Usage: bench/ab.sh BIN_A BIN_B [--repo-a DIR] [--repo-b DIR] [--rounds K] [--duration SECS]
 #                    [--conns "1 64"] [--modes "durable batched"]
@@ -35,6 +36,11 @@ printf '%s' '{"capability_id":"cap.doc.summarize","env":"dev","data_label":"PUBL
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# audit_counts PORT TOKEN: "appended flushes" from /metrics (empty when absent).
+audit_counts() {
+	curl -sf -H "Authorization: Bearer $2" "http://127.0.0.1:$1/metrics" |
+		awk '/^hall_audit_appended_total /{a=$2} /^hall_audit_flushes_total /{f=$2} END{if (a != "" && f != "") print a, f}' || true
+}
 
 run() { # label bin repo mode
 	local label=$1 bin=$2 repo=$3 mode=$4 d port pid
@@ -46,15 +52,21 @@ run() { # label bin repo mode
 	pid=$!
 	for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.1; done
 	for c in $CONNS; do
-		local t=$((c < 2 ? 1 : 2)) c1 c2 out
+		local t=$((c < 2 ? 1 : 2)) c1 c2 out m1 m2 per_flush='?'
+		m1=$(audit_counts "$port" "$(cat "$d/state/admin.token")")
 		c1=$(cpu_ticks "$pid")
 		out=$(BENCH_PATH=/api/route BENCH_BODY_FILE=$BODY BENCH_TOKEN=$(cat "$d/state/admin.token") \
 			wrk -t"$t" -c"$c" -d"${DURATION}s" -s "$ROOT/bench/peer.lua" "http://127.0.0.1:$port/api/route" | grep '^RESULT')
 		c2=$(cpu_ticks "$pid")
+		m2=$(audit_counts "$port" "$(cat "$d/state/admin.token")")
+		if [ -n "$m1" ] && [ -n "$m2" ]; then
+			per_flush=$(awk -v a="$m1" -v b="$m2" 'BEGIN { split(a, x, " "); split(b, y, " "); f = y[2] - x[2]; printf "%.1f", (f > 0 ? (y[1] - x[1]) / f : 0) }')
+		fi
 		# RESULT req/s p50_us p99_us p999_us non2xx socket_errors requests
 		read -r _ rps p50 p99 p999 non2xx errs reqs <<<"$out"
 		echo "$label $mode c=$c req/s=$rps p50=${p50}us p99=${p99}us p99.9=${p999}us non2xx=$non2xx err=$errs" \
-			"cpu_us/req=$(awk -v t=$((c2 - c1)) -v hz="$HZ" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')"
+			"cpu_us/req=$(awk -v t=$((c2 - c1)) -v hz="$HZ" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')" \
+			"records/flush=$per_flush"
 	done
 	kill "$pid"
 	wait "$pid" 2>/dev/null || true
