@@ -43,6 +43,41 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Tests: a point in the code that a test can hold threads at, and see them reach.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Gate {
+    lock: Mutex<()>,
+    reached: AtomicBool,
+}
+
+#[cfg(test)]
+impl Gate {
+    /// Threads that reach the gate from now on wait there until the guard is dropped.
+    pub(crate) fn hold(&self) -> MutexGuard<'_, ()> {
+        let g = lock(&self.lock);
+        self.reached.store(false, Ordering::SeqCst);
+        g
+    }
+
+    fn pass(&self) {
+        self.reached.store(true, Ordering::SeqCst);
+        drop(lock(&self.lock));
+    }
+
+    /// Wait (at most 60 s) until a thread has reached the gate.
+    pub(crate) fn wait_reached(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.reached.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            self.reached.load(Ordering::SeqCst),
+            "nobody reached the gate"
+        );
+    }
+}
+
 /// The chain's tip as inserted into sled, and what goes with it. Held only while one record
 /// is chained and inserted (or the pending postings are swapped out).
 pub(crate) struct Chain {
@@ -112,6 +147,9 @@ pub(crate) struct Writer {
     pub(crate) test_index_now: AtomicBool,
     #[cfg(test)]
     pub(crate) test_fail_flush: AtomicBool,
+    /// Tests: a flush that has read the tip, before its `db.flush()`.
+    #[cfg(test)]
+    pub(crate) test_flushing: Gate,
     /// Records (or index chunks) inserted and not yet flushed.
     dirty: AtomicBool,
     /// Durable appends are waiting: the maintenance thread flushes at once.
@@ -168,6 +206,8 @@ impl Writer {
             test_index_now: AtomicBool::new(false),
             #[cfg(test)]
             test_fail_flush: AtomicBool::new(false),
+            #[cfg(test)]
+            test_flushing: Gate::default(),
             dirty: AtomicBool::new(false),
             flush_requested: AtomicBool::new(false),
             maintainer: OnceLock::new(),
@@ -415,10 +455,21 @@ impl Writer {
 
     /// Wait until a flush covers `seq`, running it when no one else is (group commit).
     pub(crate) fn wait_durable(&self, seq: u64) -> DurableWait<'_> {
-        DurableWait { writer: self, seq }
+        DurableWait {
+            writer: self,
+            seq,
+            listed: false,
+        }
     }
 
-    fn poll_durable(&self, seq: u64, cx: &mut Context<'_>) -> Poll<Result<(), AuditError>> {
+    /// `listed` is set once the waiter has an entry in `waiters` that may still be
+    /// unsettled (see `leave`).
+    fn poll_durable(
+        &self,
+        seq: u64,
+        listed: &mut bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), AuditError>> {
         let mut looked_again = false;
         loop {
             if let Some(r) = self.outcome(seq) {
@@ -463,6 +514,7 @@ impl Writer {
                     Some((_, w)) => w.clone_from(cx.waker()),
                     None => waiters.push((seq, cx.waker().clone())),
                 }
+                *listed = true;
             }
             if let Some(r) = self.outcome(seq) {
                 return Poll::Ready(r);
@@ -481,6 +533,29 @@ impl Writer {
         }
     }
 
+    /// A waiter went away (its future was dropped) before a flush settled it: take its entry
+    /// out of the list. `flush_done` may have woken it to lead the next flush; it will not,
+    /// so hand that on to the next waiter.
+    fn leave(&self, seq: u64) {
+        let next = {
+            let mut w = lock(&self.waiters);
+            let Some(i) = w.iter().position(|(s, _)| *s == seq) else {
+                // Settled (and removed) by a flush, which handed on the lead itself.
+                return;
+            };
+            w.remove(i);
+            let no_leader = self.maintainer_busy.load(Ordering::SeqCst)
+                || !self.maintainer_alive.load(Ordering::Acquire);
+            match w.first() {
+                Some((_, next)) if no_leader => Some(next.clone()),
+                _ => None,
+            }
+        };
+        if let Some(next) = next {
+            next.wake();
+        }
+    }
+
     /// Flush everything inserted so far (the caller holds the flush lock), publish the
     /// result, release the lock and wake every waiter.
     fn flush_locked(&self, guard: MutexGuard<'_, ()>) -> Result<(), AuditError> {
@@ -492,6 +567,8 @@ impl Writer {
         // Read without the chain lock: a flusher must not be drafted into inserting queued
         // records (they would not be covered by this flush anyway).
         let tip = *lock(&self.tip);
+        #[cfg(test)]
+        self.test_flushing.pass();
         #[cfg(test)]
         if self.test_fail_flush.load(Ordering::Acquire) {
             return self.flush_done(guard, tip, Err(sled::Error::Unsupported("test".into())));
@@ -755,13 +832,28 @@ impl Writer {
 pub(crate) struct DurableWait<'a> {
     writer: &'a Writer,
     seq: u64,
+    /// It has an entry in the waker list and has not resolved yet.
+    listed: bool,
 }
 
 impl Future for DurableWait<'_> {
     type Output = Result<(), AuditError>;
 
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.writer.poll_durable(self.seq, cx)
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let r = this.writer.poll_durable(this.seq, &mut this.listed, cx);
+        if r.is_ready() {
+            this.listed = false;
+        }
+        r
+    }
+}
+
+impl Drop for DurableWait<'_> {
+    fn drop(&mut self) {
+        if self.listed {
+            self.writer.leave(self.seq);
+        }
     }
 }
 
