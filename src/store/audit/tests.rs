@@ -1476,3 +1476,49 @@ fn a_waiter_handed_the_next_flush_that_goes_away_passes_it_on() {
     assert_eq!(writer.waiters_for_test(), 0);
     assert!(log.verify().unwrap().is_ok());
 }
+
+#[test]
+fn a_waiter_that_registers_as_the_maintenance_thread_dies_still_gets_its_flush() {
+    let (_dir, db) = temp_db();
+    // No periodic flush during the test: only a waiter's flush covers the record.
+    let config = AuditConfig {
+        batch_interval: Duration::from_secs(3600),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config, None).unwrap();
+    let writer = log.inner.writer.clone();
+    // Others wait too: the waiter leaves its flush to the maintenance thread...
+    let _others = (
+        Waiting::new(&log.inner.shared.stats),
+        Waiting::new(&log.inner.shared.stats),
+    );
+    let registering = writer.test_registering.hold();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = {
+        let l = log.clone();
+        std::thread::spawn(move || {
+            tx.send(l.append_blocking(decision(1, 1, "t", "c", true, false)))
+                .unwrap()
+        })
+    };
+    writer.test_registering.wait_reached();
+    // ...which dies (a panic) before the waiter is in the list it wakes on its way out.
+    writer
+        .test_panic
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.maintainer.get().unwrap().unpark();
+    eventually("the maintenance thread dies", || {
+        !writer
+            .maintainer_alive
+            .load(std::sync::atomic::Ordering::SeqCst)
+    });
+    drop(registering);
+    let a = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a waiter that registered as the maintenance thread died was never woken")
+        .unwrap();
+    assert_eq!(a.seq, 1);
+    assert_eq!(log.inner.shared.durable.load().seq, 1);
+    waiter.join().unwrap();
+    log.shutdown();
+}

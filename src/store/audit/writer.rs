@@ -150,6 +150,12 @@ pub(crate) struct Writer {
     /// Tests: a flush that has read the tip, before its `db.flush()`.
     #[cfg(test)]
     pub(crate) test_flushing: Gate,
+    /// Tests: a waiter that decided not to lead, before it registers.
+    #[cfg(test)]
+    pub(crate) test_registering: Gate,
+    /// Tests: the maintenance thread panics on its next wake.
+    #[cfg(test)]
+    pub(crate) test_panic: AtomicBool,
     /// Records (or index chunks) inserted and not yet flushed.
     dirty: AtomicBool,
     /// Durable appends are waiting: the maintenance thread flushes at once.
@@ -208,6 +214,10 @@ impl Writer {
             test_fail_flush: AtomicBool::new(false),
             #[cfg(test)]
             test_flushing: Gate::default(),
+            #[cfg(test)]
+            test_registering: Gate::default(),
+            #[cfg(test)]
+            test_panic: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             flush_requested: AtomicBool::new(false),
             maintainer: OnceLock::new(),
@@ -508,6 +518,8 @@ impl Writer {
             // result before it read the list. Polled again before it was settled (a
             // spurious unpark, a select), a waiter updates its one entry instead of adding
             // another.
+            #[cfg(test)]
+            self.test_registering.pass();
             {
                 let mut waiters = lock(&self.waiters);
                 match waiters.iter_mut().find(|(s, _)| *s == seq) {
@@ -518,6 +530,11 @@ impl Writer {
             }
             if let Some(r) = self.outcome(seq) {
                 return Poll::Ready(r);
+            }
+            // The maintenance thread ended after this waiter looked: on its way out it woke
+            // the waiters listed then (`Gone`), maybe before this one was. Lead instead.
+            if !no_maintainer && !self.maintainer_alive.load(Ordering::Acquire) {
+                continue;
             }
             if !self.flush_requested.swap(true, Ordering::SeqCst) {
                 self.wake_maintainer();
@@ -748,6 +765,10 @@ impl Writer {
         let mut flush_due: Option<Instant> = None;
         let mut next_prune = Instant::now();
         loop {
+            #[cfg(test)]
+            if self.test_panic.load(Ordering::SeqCst) {
+                panic!("test: the audit maintenance thread dies");
+            }
             if self.flush_requested.swap(false, Ordering::AcqRel) {
                 self.gather();
                 let _ = self.flush_now();
