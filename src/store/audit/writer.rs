@@ -561,10 +561,12 @@ impl Writer {
                 return;
             };
             w.remove(i);
+            // Only the first entry is ever handed the lead, and it stays first until a flush
+            // settles it (later ones are pushed behind it).
             let no_leader = self.maintainer_busy.load(Ordering::SeqCst)
                 || !self.maintainer_alive.load(Ordering::Acquire);
             match w.first() {
-                Some((_, next)) if no_leader => Some(next.clone()),
+                Some((_, next)) if i == 0 && no_leader => Some(next.clone()),
                 _ => None,
             }
         };
