@@ -1522,3 +1522,35 @@ fn a_waiter_that_registers_as_the_maintenance_thread_dies_still_gets_its_flush()
     waiter.join().unwrap();
     log.shutdown();
 }
+
+#[test]
+fn a_waiter_that_finds_a_flush_running_while_the_maintenance_thread_is_busy_is_not_missed() {
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    let writer = log.inner.writer.clone();
+    let (busy, flushing, leader) = busy_with_a_flush_in_progress(&log);
+    // Seq 3 arrives while seq 2's flush runs: it would lead, but the flush lock is taken,
+    // so it is to register for that flush's hand-over...
+    let registering = writer.test_registering.hold();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = {
+        let l = log.clone();
+        std::thread::spawn(move || {
+            tx.send(l.append_blocking(decision(1, 2, "t", "c", true, false)))
+                .unwrap()
+        })
+    };
+    writer.test_registering.wait_reached();
+    // ...but seq 2's flush ends (seq 3 is not in the list yet) before it does.
+    drop(flushing);
+    assert_eq!(leader.join().unwrap().unwrap().seq, 2);
+    drop(registering);
+    let a = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a waiter that found the flush lock taken waited for the index write")
+        .unwrap();
+    assert_eq!(a.seq, 3);
+    drop(busy);
+    waiter.join().unwrap();
+    assert!(log.verify().unwrap().is_ok());
+}

@@ -540,9 +540,11 @@ impl Writer {
                 self.wake_maintainer();
             }
             // The maintenance thread looks at the request after it turns busy; if it turned
-            // busy after this waiter looked and before it asked, lead instead (once: when
-            // someone else is flushing, that flusher hands over).
-            if !busy && !looked_again && self.maintainer_busy.load(Ordering::SeqCst) {
+            // busy after this waiter looked and before it asked, lead instead. If it was busy
+            // and the flush lock taken, that flush may have ended (and handed over) before
+            // this waiter was listed: try the lock again, now listed. Once: a flusher that
+            // holds the lock then sees this entry and settles it or hands over.
+            if !looked_again && (busy || self.maintainer_busy.load(Ordering::SeqCst)) {
                 looked_again = true;
                 continue;
             }
