@@ -1400,7 +1400,13 @@ fn a_waiter_that_went_away_does_not_keep_the_next_flush_from_the_ones_behind_it(
         let mut gone = std::pin::pin!(writer.wait_durable(seq));
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         assert!(gone.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(writer.waiters_for_test(), 1);
     }
+    assert_eq!(
+        writer.waiters_for_test(),
+        0,
+        "a waiter that went away is unlisted"
+    );
     // Seq 4 waits behind it.
     let listed = writer.waiters_for_test();
     let (tx, rx) = std::sync::mpsc::channel();

@@ -556,21 +556,23 @@ impl Writer {
     /// out of the list. `flush_done` may have woken it to lead the next flush; it will not,
     /// so hand that on to the next waiter.
     fn leave(&self, seq: u64) {
-        let next = {
+        let (_gone, next) = {
             let mut w = lock(&self.waiters);
             let Some(i) = w.iter().position(|(s, _)| *s == seq) else {
                 // Settled (and removed) by a flush, which handed on the lead itself.
                 return;
             };
-            w.remove(i);
+            // Its waker is dropped after the lock is released.
+            let gone = w.remove(i);
             // Only the first entry is ever handed the lead, and it stays first until a flush
             // settles it (later ones are pushed behind it).
             let no_leader = self.maintainer_busy.load(Ordering::SeqCst)
                 || !self.maintainer_alive.load(Ordering::Acquire);
-            match w.first() {
+            let next = match w.first() {
                 Some((_, next)) if i == 0 && no_leader => Some(next.clone()),
                 _ => None,
-            }
+            };
+            (gone, next)
         };
         if let Some(next) = next {
             next.wake();
