@@ -19,7 +19,8 @@
 //! retention. It takes the chain lock only to swap the pending postings out, never while it
 //! does I/O, so no batched append waits for an index write, a retention step or a flush.
 //! While it writes index chunks or prunes, durable waiters do not wait for it: they lead
-//! their own flushes, each flusher waking the next waiter when it is done.
+//! their own flushes, each flusher waking the next waiter when it is done (a waiter that
+//! goes away before its flush hands that wake on).
 //! After a periodic flush fails, batched appends wait for a flush of their own (fail closed)
 //! until one succeeds.
 
@@ -119,7 +120,8 @@ pub(crate) struct Writer {
     /// Held by whoever runs a flush (a durable leader or the maintenance thread).
     flush_lock: Mutex<()>,
     /// Appends waiting for a flush: their seq and how to wake them. A flush wakes exactly
-    /// the ones it covered (or failed), not everyone.
+    /// the ones it covered (or failed), not everyone; a waiter that goes away (its future
+    /// dropped) takes its entry out.
     waiters: Mutex<Vec<(u64, Waker)>>,
     /// Every record up to this seq is on disk.
     durable_seq: AtomicU64,
