@@ -1330,3 +1330,233 @@ fn durable_appends_are_answered_while_the_maintenance_thread_writes_the_index() 
     assert_eq!(log.head().seq, 9);
     assert!(log.verify().unwrap().is_ok());
 }
+
+/// A waker that records that it was woken.
+struct Flag(std::sync::atomic::AtomicBool);
+
+impl std::task::Wake for Flag {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Wait (at most 60 s) until `cond` holds.
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cond() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(cond(), "{what}");
+}
+
+/// A durable log whose maintenance thread is held inside an index write, and a durable
+/// append (seq 2) whose own flush has read the tip and is held before its `db.flush()`.
+/// Returns the guards (maintenance thread, flush) and the flushing append's thread.
+fn busy_with_a_flush_in_progress(
+    log: &AuditLog,
+) -> (
+    std::sync::MutexGuard<'_, ()>,
+    std::sync::MutexGuard<'_, ()>,
+    std::thread::JoinHandle<Result<Appended, AuditError>>,
+) {
+    let writer = &log.inner.writer;
+    // One record, so that there is an index posting to write.
+    log.append_blocking(decision(1, 0, "t", "c", true, false))
+        .unwrap();
+    let busy = writer.test_busy.lock().unwrap();
+    writer.index_now_for_test();
+    eventually("the maintenance thread turns busy", || {
+        writer.busy_for_test()
+    });
+    let flushing = writer.test_flushing.hold();
+    let leader = {
+        let l = log.clone();
+        std::thread::spawn(move || l.append_blocking(decision(1, 1, "t", "c", true, false)))
+    };
+    writer.test_flushing.wait_reached();
+    (busy, flushing, leader)
+}
+
+#[test]
+fn a_waiter_that_went_away_does_not_keep_the_next_flush_from_the_ones_behind_it() {
+    use std::future::Future;
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    let writer = log.inner.writer.clone();
+    let (busy, flushing, leader) = busy_with_a_flush_in_progress(&log);
+    // Others wait too (none of the waiters below is alone).
+    let _others = (
+        Waiting::new(&log.inner.shared.stats),
+        Waiting::new(&log.inner.shared.stats),
+    );
+    // Seq 3 arrives while seq 2's flush runs, registers behind it, and goes away (its client
+    // hung up) before that flush ends.
+    let seq = match writer.submit(decision(1, 2, "t", "c", true, false)) {
+        writer::Submitted::Done(r) => r.unwrap().seq,
+        writer::Submitted::Queued(_) => unreachable!("nobody else holds the chain"),
+    };
+    assert_eq!(seq, 3);
+    {
+        let mut gone = std::pin::pin!(writer.wait_durable(seq));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(gone.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(writer.waiters_for_test(), 1);
+    }
+    assert_eq!(
+        writer.waiters_for_test(),
+        0,
+        "a waiter that went away is unlisted"
+    );
+    // Seq 4 waits behind it.
+    let listed = writer.waiters_for_test();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let behind = {
+        let l = log.clone();
+        std::thread::spawn(move || {
+            tx.send(l.append_blocking(decision(1, 3, "t", "c", true, false)))
+                .unwrap()
+        })
+    };
+    eventually("seq 4 waits", || writer.waiters_for_test() == listed + 1);
+    // Seq 2's flush ends and hands the next one over (the maintenance thread is busy).
+    drop(flushing);
+    assert_eq!(leader.join().unwrap().unwrap().seq, 2);
+    let a = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the waiter behind one that went away waited for the index write")
+        .unwrap();
+    assert_eq!(a.seq, 4);
+    assert!(log.inner.shared.durable.load().seq >= 4);
+    drop(busy);
+    behind.join().unwrap();
+    assert_eq!(writer.waiters_for_test(), 0);
+    assert!(log.verify().unwrap().is_ok());
+}
+
+#[test]
+fn a_waiter_handed_the_next_flush_that_goes_away_passes_it_on() {
+    use std::future::Future;
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    let writer = log.inner.writer.clone();
+    let (busy, flushing, leader) = busy_with_a_flush_in_progress(&log);
+    let _others = (
+        Waiting::new(&log.inner.shared.stats),
+        Waiting::new(&log.inner.shared.stats),
+    );
+    // Seq 3 registers first behind seq 2's flush, with a waker that shows the hand-over.
+    let seq = match writer.submit(decision(1, 2, "t", "c", true, false)) {
+        writer::Submitted::Done(r) => r.unwrap().seq,
+        writer::Submitted::Queued(_) => unreachable!("nobody else holds the chain"),
+    };
+    let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+    let waker = std::task::Waker::from(flag.clone());
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut first = Box::pin(writer.wait_durable(seq));
+    assert!(first.as_mut().poll(&mut cx).is_pending());
+    // Seq 4 waits behind it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let behind = {
+        let l = log.clone();
+        std::thread::spawn(move || {
+            tx.send(l.append_blocking(decision(1, 3, "t", "c", true, false)))
+                .unwrap()
+        })
+    };
+    eventually("seq 4 waits", || writer.waiters_for_test() == 2);
+    // Seq 2's flush ends and wakes seq 3 to lead the next one...
+    drop(flushing);
+    assert_eq!(leader.join().unwrap().unwrap().seq, 2);
+    eventually("seq 3 is handed the next flush", || {
+        flag.0.load(std::sync::atomic::Ordering::SeqCst)
+    });
+    // ...which goes away instead (its client hung up) without being polled again.
+    drop(first);
+    let a = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the waiter behind one that went away waited for the index write")
+        .unwrap();
+    assert_eq!(a.seq, 4);
+    drop(busy);
+    behind.join().unwrap();
+    assert_eq!(writer.waiters_for_test(), 0);
+    assert!(log.verify().unwrap().is_ok());
+}
+
+#[test]
+fn a_waiter_that_registers_as_the_maintenance_thread_dies_still_gets_its_flush() {
+    let (_dir, db) = temp_db();
+    // No periodic flush during the test: only a waiter's flush covers the record.
+    let config = AuditConfig {
+        batch_interval: Duration::from_secs(3600),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config, None).unwrap();
+    let writer = log.inner.writer.clone();
+    // Others wait too: the waiter leaves its flush to the maintenance thread...
+    let _others = (
+        Waiting::new(&log.inner.shared.stats),
+        Waiting::new(&log.inner.shared.stats),
+    );
+    let registering = writer.test_registering.hold();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = {
+        let l = log.clone();
+        std::thread::spawn(move || {
+            tx.send(l.append_blocking(decision(1, 1, "t", "c", true, false)))
+                .unwrap()
+        })
+    };
+    writer.test_registering.wait_reached();
+    // ...which dies (a panic) before the waiter is in the list it wakes on its way out.
+    writer
+        .test_panic
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.maintainer.get().unwrap().unpark();
+    eventually("the maintenance thread dies", || {
+        !writer
+            .maintainer_alive
+            .load(std::sync::atomic::Ordering::SeqCst)
+    });
+    drop(registering);
+    let a = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a waiter that registered as the maintenance thread died was never woken")
+        .unwrap();
+    assert_eq!(a.seq, 1);
+    assert_eq!(log.inner.shared.durable.load().seq, 1);
+    waiter.join().unwrap();
+    log.shutdown();
+}
+
+#[test]
+fn a_waiter_that_finds_a_flush_running_while_the_maintenance_thread_is_busy_is_not_missed() {
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    let writer = log.inner.writer.clone();
+    let (busy, flushing, leader) = busy_with_a_flush_in_progress(&log);
+    // Seq 3 arrives while seq 2's flush runs: it would lead, but the flush lock is taken,
+    // so it is to register for that flush's hand-over...
+    let registering = writer.test_registering.hold();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = {
+        let l = log.clone();
+        std::thread::spawn(move || {
+            tx.send(l.append_blocking(decision(1, 2, "t", "c", true, false)))
+                .unwrap()
+        })
+    };
+    writer.test_registering.wait_reached();
+    // ...but seq 2's flush ends (seq 3 is not in the list yet) before it does.
+    drop(flushing);
+    assert_eq!(leader.join().unwrap().unwrap().seq, 2);
+    drop(registering);
+    let a = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a waiter that found the flush lock taken waited for the index write")
+        .unwrap();
+    assert_eq!(a.seq, 3);
+    drop(busy);
+    waiter.join().unwrap();
+    assert!(log.verify().unwrap().is_ok());
+}

@@ -19,7 +19,8 @@
 //! retention. It takes the chain lock only to swap the pending postings out, never while it
 //! does I/O, so no batched append waits for an index write, a retention step or a flush.
 //! While it writes index chunks or prunes, durable waiters do not wait for it: they lead
-//! their own flushes, each flusher waking the next waiter when it is done.
+//! their own flushes, each flusher waking the next waiter when it is done (a waiter that
+//! goes away before its flush hands that wake on).
 //! After a periodic flush fails, batched appends wait for a flush of their own (fail closed)
 //! until one succeeds.
 
@@ -41,6 +42,41 @@ const GATHER_ROUNDS: usize = 4;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Tests: a point in the code that a test can hold threads at, and see them reach.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Gate {
+    lock: Mutex<()>,
+    reached: AtomicBool,
+}
+
+#[cfg(test)]
+impl Gate {
+    /// Threads that reach the gate from now on wait there until the guard is dropped.
+    pub(crate) fn hold(&self) -> MutexGuard<'_, ()> {
+        let g = lock(&self.lock);
+        self.reached.store(false, Ordering::SeqCst);
+        g
+    }
+
+    fn pass(&self) {
+        self.reached.store(true, Ordering::SeqCst);
+        drop(lock(&self.lock));
+    }
+
+    /// Wait (at most 60 s) until a thread has reached the gate.
+    pub(crate) fn wait_reached(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.reached.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            self.reached.load(Ordering::SeqCst),
+            "nobody reached the gate"
+        );
+    }
 }
 
 /// The chain's tip as inserted into sled, and what goes with it. Held only while one record
@@ -84,7 +120,8 @@ pub(crate) struct Writer {
     /// Held by whoever runs a flush (a durable leader or the maintenance thread).
     flush_lock: Mutex<()>,
     /// Appends waiting for a flush: their seq and how to wake them. A flush wakes exactly
-    /// the ones it covered (or failed), not everyone.
+    /// the ones it covered (or failed), not everyone; a waiter that goes away (its future
+    /// dropped) takes its entry out.
     waiters: Mutex<Vec<(u64, Waker)>>,
     /// Every record up to this seq is on disk.
     durable_seq: AtomicU64,
@@ -112,6 +149,15 @@ pub(crate) struct Writer {
     pub(crate) test_index_now: AtomicBool,
     #[cfg(test)]
     pub(crate) test_fail_flush: AtomicBool,
+    /// Tests: a flush that has read the tip, before its `db.flush()`.
+    #[cfg(test)]
+    pub(crate) test_flushing: Gate,
+    /// Tests: a waiter that decided not to lead, before it registers.
+    #[cfg(test)]
+    pub(crate) test_registering: Gate,
+    /// Tests: the maintenance thread panics on its next wake.
+    #[cfg(test)]
+    pub(crate) test_panic: AtomicBool,
     /// Records (or index chunks) inserted and not yet flushed.
     dirty: AtomicBool,
     /// Durable appends are waiting: the maintenance thread flushes at once.
@@ -168,6 +214,12 @@ impl Writer {
             test_index_now: AtomicBool::new(false),
             #[cfg(test)]
             test_fail_flush: AtomicBool::new(false),
+            #[cfg(test)]
+            test_flushing: Gate::default(),
+            #[cfg(test)]
+            test_registering: Gate::default(),
+            #[cfg(test)]
+            test_panic: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             flush_requested: AtomicBool::new(false),
             maintainer: OnceLock::new(),
@@ -415,10 +467,21 @@ impl Writer {
 
     /// Wait until a flush covers `seq`, running it when no one else is (group commit).
     pub(crate) fn wait_durable(&self, seq: u64) -> DurableWait<'_> {
-        DurableWait { writer: self, seq }
+        DurableWait {
+            writer: self,
+            seq,
+            listed: false,
+        }
     }
 
-    fn poll_durable(&self, seq: u64, cx: &mut Context<'_>) -> Poll<Result<(), AuditError>> {
+    /// `listed` is set once the waiter has an entry in `waiters` that may still be
+    /// unsettled (see `leave`).
+    fn poll_durable(
+        &self,
+        seq: u64,
+        listed: &mut bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), AuditError>> {
         let mut looked_again = false;
         loop {
             if let Some(r) = self.outcome(seq) {
@@ -457,27 +520,64 @@ impl Writer {
             // result before it read the list. Polled again before it was settled (a
             // spurious unpark, a select), a waiter updates its one entry instead of adding
             // another.
+            #[cfg(test)]
+            self.test_registering.pass();
             {
                 let mut waiters = lock(&self.waiters);
                 match waiters.iter_mut().find(|(s, _)| *s == seq) {
                     Some((_, w)) => w.clone_from(cx.waker()),
                     None => waiters.push((seq, cx.waker().clone())),
                 }
+                *listed = true;
             }
             if let Some(r) = self.outcome(seq) {
                 return Poll::Ready(r);
+            }
+            // The maintenance thread ended after this waiter looked: on its way out it woke
+            // the waiters listed then (`Gone`), maybe before this one was. Lead instead.
+            if !no_maintainer && !self.maintainer_alive.load(Ordering::Acquire) {
+                continue;
             }
             if !self.flush_requested.swap(true, Ordering::SeqCst) {
                 self.wake_maintainer();
             }
             // The maintenance thread looks at the request after it turns busy; if it turned
-            // busy after this waiter looked and before it asked, lead instead (once: when
-            // someone else is flushing, that flusher hands over).
-            if !busy && !looked_again && self.maintainer_busy.load(Ordering::SeqCst) {
+            // busy after this waiter looked and before it asked, lead instead. If it was busy
+            // and the flush lock taken, that flush may have ended (and handed over) before
+            // this waiter was listed: try the lock again, now listed. Once: a flusher that
+            // holds the lock then sees this entry and settles it or hands over.
+            if !looked_again && (busy || self.maintainer_busy.load(Ordering::SeqCst)) {
                 looked_again = true;
                 continue;
             }
             return Poll::Pending;
+        }
+    }
+
+    /// A waiter went away (its future was dropped) before a flush settled it: take its entry
+    /// out of the list. `flush_done` may have woken it to lead the next flush; it will not,
+    /// so hand that on to the next waiter.
+    fn leave(&self, seq: u64) {
+        let (_gone, next) = {
+            let mut w = lock(&self.waiters);
+            let Some(i) = w.iter().position(|(s, _)| *s == seq) else {
+                // Settled (and removed) by a flush, which handed on the lead itself.
+                return;
+            };
+            // Its waker is dropped after the lock is released.
+            let gone = w.remove(i);
+            // Only the first entry is ever handed the lead, and it stays first until a flush
+            // settles it (later ones are pushed behind it).
+            let no_leader = self.maintainer_busy.load(Ordering::SeqCst)
+                || !self.maintainer_alive.load(Ordering::Acquire);
+            let next = match w.first() {
+                Some((_, next)) if i == 0 && no_leader => Some(next.clone()),
+                _ => None,
+            };
+            (gone, next)
+        };
+        if let Some(next) = next {
+            next.wake();
         }
     }
 
@@ -492,6 +592,8 @@ impl Writer {
         // Read without the chain lock: a flusher must not be drafted into inserting queued
         // records (they would not be covered by this flush anyway).
         let tip = *lock(&self.tip);
+        #[cfg(test)]
+        self.test_flushing.pass();
         #[cfg(test)]
         if self.test_fail_flush.load(Ordering::Acquire) {
             return self.flush_done(guard, tip, Err(sled::Error::Unsupported("test".into())));
@@ -671,6 +773,10 @@ impl Writer {
         let mut flush_due: Option<Instant> = None;
         let mut next_prune = Instant::now();
         loop {
+            #[cfg(test)]
+            if self.test_panic.load(Ordering::SeqCst) {
+                panic!("test: the audit maintenance thread dies");
+            }
             if self.flush_requested.swap(false, Ordering::AcqRel) {
                 self.gather();
                 let _ = self.flush_now();
@@ -755,13 +861,28 @@ impl Writer {
 pub(crate) struct DurableWait<'a> {
     writer: &'a Writer,
     seq: u64,
+    /// It has an entry in the waker list and has not resolved yet.
+    listed: bool,
 }
 
 impl Future for DurableWait<'_> {
     type Output = Result<(), AuditError>;
 
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.writer.poll_durable(self.seq, cx)
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let r = this.writer.poll_durable(this.seq, &mut this.listed, cx);
+        if r.is_ready() {
+            this.listed = false;
+        }
+        r
+    }
+}
+
+impl Drop for DurableWait<'_> {
+    fn drop(&mut self) {
+        if self.listed {
+            self.writer.leave(self.seq);
+        }
     }
 }
 
