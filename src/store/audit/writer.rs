@@ -16,7 +16,9 @@
 //!   connections wait to be read.
 //!
 //! The maintenance thread writes index chunks, runs batched mode's periodic flush and
-//! retention. It takes the chain lock only to swap the pending postings out, never while it
+//! retention, and flushes the database every `DB_FLUSH_EVERY` (500 ms) in place of sled's
+//! own flusher thread, which is off (`store::open_db`: its background segment cleaning grew
+//! RSS at idle). It takes the chain lock only to swap the pending postings out, never while it
 //! does I/O, so no batched append waits for an index write, a retention step or a flush.
 //! (Durable appends grouped behind the maintenance thread can wait for an index write or a
 //! retention step it is in the middle of, before their flush.)
@@ -35,6 +37,11 @@ use std::time::{Duration, Instant};
 use super::index::{self, Pending};
 use super::record::{decision_uuid, encode_value, AuditEntry, Durability, RecordKind, MAX_SEQ};
 use super::{seq_key, Appended, AuditConfig, AuditError, Head, Shared, Trees, PRUNE_EVERY};
+
+/// How often the maintenance thread flushes the whole database when the audit log has nothing
+/// to flush: sled's own flusher is off (`store::open_db`), and this keeps its promise that any
+/// write (another tree's, one no caller flushed) reaches the disk within half a second.
+const DB_FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -561,7 +568,8 @@ impl Writer {
         }
     }
 
-    /// The maintenance thread: index chunks, batched mode's periodic flush, retention.
+    /// The maintenance thread: index chunks, batched mode's periodic flush, retention, the
+    /// database's periodic flush.
     pub(crate) fn maintain(self: Arc<Self>) {
         // However this thread ends (stop, or a panic), waiters stop counting on it.
         struct Gone<'a>(&'a Writer);
@@ -579,6 +587,7 @@ impl Writer {
         let mut last_index = Instant::now();
         let mut flush_due: Option<Instant> = None;
         let mut next_prune = Instant::now();
+        let mut next_db_flush = Instant::now() + DB_FLUSH_EVERY;
         loop {
             if self.flush_requested.swap(false, Ordering::AcqRel) {
                 let _ = self.flush_now();
@@ -605,6 +614,17 @@ impl Writer {
             } else {
                 flush_due = None;
             }
+            if now >= next_db_flush {
+                // Audit records and index chunks are flushed above; this is for whatever else
+                // was written to the database and not flushed by its writer (nothing to do,
+                // and no fsync, when nothing was).
+                if !self.dirty.load(Ordering::Acquire) {
+                    if let Err(e) = self.trees.db.flush() {
+                        tracing::error!(error = %e, "database flush failed");
+                    }
+                }
+                next_db_flush = Instant::now() + DB_FLUSH_EVERY;
+            }
             if self.config.retention_days.is_some() && now >= next_prune {
                 next_prune = if self.prune_tick() {
                     Instant::now()
@@ -621,18 +641,13 @@ impl Writer {
             let deadline = [flush_due, index_due, prune_due]
                 .into_iter()
                 .flatten()
-                .min();
+                .fold(next_db_flush, Instant::min);
             if self.flush_requested.load(Ordering::Acquire) {
                 continue;
             }
-            match deadline {
-                Some(d) => {
-                    let wait = d.saturating_duration_since(Instant::now());
-                    if !wait.is_zero() {
-                        std::thread::park_timeout(wait.max(Duration::from_millis(1)));
-                    }
-                }
-                None => std::thread::park(),
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                std::thread::park_timeout(wait.max(Duration::from_millis(1)));
             }
         }
     }
