@@ -1071,6 +1071,26 @@ fn batched_decisions_older_than_the_window_survive_kill_9() {
     assert_verifies(&d);
 }
 
+/// sled's own periodic flusher thread cleans segments in the background: after a busy minute
+/// it paged tens of thousands of cold audit leaves back in while the daemon was idle, and RSS
+/// rose ~30 MB (docs/performance.md). The daemon opens sled without it; the audit maintenance
+/// thread flushes instead. Thread names are set when a thread starts: nothing to wait for.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_daemon_runs_without_sleds_flusher_thread() {
+    let d = Daemon::start();
+    route_ok(&d, ALLOW);
+    let tasks = format!("/proc/{}/task", d.child.id());
+    let names: Vec<String> = std::fs::read_dir(&tasks)
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim_end().to_string())
+        .collect();
+    // (comm keeps 15 bytes of a thread's name.)
+    assert!(names.iter().any(|n| n == "hall-audit-main"), "{names:?}");
+    assert!(!names.iter().any(|n| n == "log flusher"), "{names:?}");
+}
+
 #[test]
 fn cli_tail_show_verify() {
     let d = Daemon::start();

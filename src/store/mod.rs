@@ -102,8 +102,22 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
 
 /// sled's page cache bound. Its default (1 GiB) let the daemon grow to 1.3 GB of RSS over a
 /// million audited decisions (docs/performance.md): the audit log is written far more than
-/// it is read, so a small cache costs little and keeps RSS bounded.
-const DB_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+/// it is read, so a small cache costs little and keeps RSS bounded. 8 MiB rather than 16:
+/// per-record inserts make sled clean segments about twice as often per record, and every page
+/// it cleans passes through the cache on the inserting thread; with 16 MiB the daemon held
+/// 101–105 MB after a million batched decisions, with 8 MiB 87 MB, at the same CPU per request.
+const DB_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// sled's own periodic flusher is off. Besides flushing every 500 ms (which the audit log's
+/// maintenance thread does instead, `audit::writer`), that thread cleans segments for up to
+/// 250 ms of every 500: it reads cold pages back from disk and rewrites them. Per-record audit
+/// inserts leave it tens of thousands of pages behind after a busy minute, which it then
+/// worked off while the daemon was idle, paging leaves back in on its own thread while the
+/// pages they evicted stayed in the idle HTTP workers' heaps: RSS rose ~30 MB in the minute
+/// after the load stopped (docs/performance.md). sled still cleans segments as it writes (one
+/// page per node consolidation, which did ~97 % of the cleaning under load anyway); a `Tree`
+/// that is dropped flushes what is left.
+const SLED_FLUSH_EVERY_MS: Option<u64> = None;
 
 /// How long [`open_db`] waits for the database lock. sled's background flusher can hold the
 /// lock for a moment after the last handle of an earlier instance is dropped (sled issues
@@ -129,6 +143,7 @@ pub fn open_db_waiting(path: &Path, wait: Duration) -> Result<sled::Db, sled::Er
         match sled::Config::new()
             .path(path)
             .cache_capacity(DB_CACHE_BYTES)
+            .flush_every_ms(SLED_FLUSH_EVERY_MS)
             .open()
         {
             Err(sled::Error::Io(e)) if is_lock_busy(&e) && Instant::now() < deadline => {

@@ -16,7 +16,9 @@
 //!   connections wait to be read.
 //!
 //! The maintenance thread writes index chunks, runs batched mode's periodic flush and
-//! retention. It takes the chain lock only to swap the pending postings out, never while it
+//! retention, and flushes the database every `DB_FLUSH_EVERY` (500 ms) in place of sled's
+//! own flusher thread, which is off (`store::open_db`: its background segment cleaning grew
+//! RSS at idle). It takes the chain lock only to swap the pending postings out, never while it
 //! does I/O, so no batched append waits for an index write, a retention step or a flush.
 //! While it writes index chunks or prunes, durable waiters do not wait for it: they lead
 //! their own flushes, each flusher waking the next waiter when it is done (a waiter that
@@ -39,6 +41,11 @@ use super::{seq_key, Appended, AuditConfig, AuditError, Head, Shared, Trees, PRU
 
 /// At most this many yields before a group flush, while waiters keep arriving.
 const GATHER_ROUNDS: usize = 4;
+
+/// How often the maintenance thread flushes the whole database when the audit log has nothing
+/// to flush: sled's own flusher is off (`store::open_db`), and this keeps its promise that any
+/// write (another tree's, one no caller flushed) reaches the disk within half a second.
+const DB_FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -754,7 +761,8 @@ impl Writer {
         }
     }
 
-    /// The maintenance thread: index chunks, batched mode's periodic flush, retention.
+    /// The maintenance thread: index chunks, batched mode's periodic flush, retention, the
+    /// database's periodic flush.
     pub(crate) fn maintain(self: Arc<Self>) {
         // However this thread ends (stop, or a panic), waiters stop counting on it.
         struct Gone<'a>(&'a Writer);
@@ -772,6 +780,7 @@ impl Writer {
         let mut last_index = Instant::now();
         let mut flush_due: Option<Instant> = None;
         let mut next_prune = Instant::now();
+        let mut next_db_flush = Instant::now() + DB_FLUSH_EVERY;
         loop {
             #[cfg(test)]
             if self.test_panic.load(Ordering::SeqCst) {
@@ -808,6 +817,17 @@ impl Writer {
             } else {
                 flush_due = None;
             }
+            if now >= next_db_flush {
+                // Audit records and index chunks are flushed above; this is for whatever else
+                // was written to the database and not flushed by its writer (nothing to do,
+                // and no fsync, when nothing was).
+                if !self.dirty.load(Ordering::Acquire) {
+                    if let Err(e) = self.trees.db.flush() {
+                        tracing::error!(error = %e, "database flush failed");
+                    }
+                }
+                next_db_flush = Instant::now() + DB_FLUSH_EVERY;
+            }
             if self.config.retention_days.is_some() && now >= next_prune {
                 next_prune = if self.busy(|| self.prune_tick()) {
                     Instant::now()
@@ -824,18 +844,13 @@ impl Writer {
             let deadline = [flush_due, index_due, prune_due]
                 .into_iter()
                 .flatten()
-                .min();
+                .fold(next_db_flush, Instant::min);
             if self.flush_requested.load(Ordering::Acquire) {
                 continue;
             }
-            match deadline {
-                Some(d) => {
-                    let wait = d.saturating_duration_since(Instant::now());
-                    if !wait.is_zero() {
-                        std::thread::park_timeout(wait.max(Duration::from_millis(1)));
-                    }
-                }
-                None => std::thread::park(),
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                std::thread::park_timeout(wait.max(Duration::from_millis(1)));
             }
         }
     }
