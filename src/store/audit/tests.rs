@@ -21,6 +21,21 @@ fn batched_every_ms(db: &sled::Db) -> AuditLog {
     AuditLog::open_with(db, config, None).unwrap()
 }
 
+/// Insert an entry without waiting for a flush (nobody else holds the chain): its seq.
+fn insert_only(writer: &writer::Writer, entry: AuditEntry) -> u64 {
+    match writer.submit(entry) {
+        writer::Submitted::Done(r) => r.unwrap().seq,
+        writer::Submitted::Queued(_) => unreachable!("nobody else holds the chain"),
+    }
+}
+
+/// Count two more waiters, so that no durable waiter counts as alone (it then leaves its
+/// flush to the maintenance thread unless that thread is busy or gone).
+fn not_alone(log: &AuditLog) -> (Waiting<'_>, Waiting<'_>) {
+    let stats = &log.inner.shared.stats;
+    (Waiting::new(stats), Waiting::new(stats))
+}
+
 fn reopen(dir: &tempfile::TempDir) -> sled::Db {
     crate::store::open_db(dir.path()).unwrap()
 }
@@ -1254,17 +1269,11 @@ fn a_durable_waiter_polled_twice_is_registered_once() {
     let (_dir, db) = temp_db();
     let log = open(&db);
     let writer = &log.inner.writer;
-    let seq = match writer.submit(decision(1, 1, "t", "c", true, false)) {
-        writer::Submitted::Done(r) => r.unwrap().seq,
-        writer::Submitted::Queued(_) => unreachable!("nobody else holds the chain"),
-    };
+    let seq = insert_only(&writer, decision(1, 1, "t", "c", true, false));
     let hold = log.hold_flushes();
     // Others wait too, so this waiter registers and leaves the flush to the maintenance
     // thread (which then blocks on the held flush).
-    let _others = (
-        Waiting::new(&log.inner.shared.stats),
-        Waiting::new(&log.inner.shared.stats),
-    );
+    let _others = not_alone(&log);
     let mut wait = std::pin::pin!(writer.wait_durable(seq));
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     for _ in 0..3 {
@@ -1302,10 +1311,7 @@ fn durable_appends_are_answered_while_the_maintenance_thread_writes_the_index() 
     assert!(writer.busy_for_test());
     // Others wait too, so none of these is alone: they would leave their flush to the
     // maintenance thread, which is stuck.
-    let _others = (
-        Waiting::new(&log.inner.shared.stats),
-        Waiting::new(&log.inner.shared.stats),
-    );
+    let _others = not_alone(&log);
     let (tx, rx) = std::sync::mpsc::channel();
     let threads: Vec<_> = (1..=8u64)
         .map(|n| {
@@ -1385,16 +1391,10 @@ fn a_waiter_that_went_away_does_not_keep_the_next_flush_from_the_ones_behind_it(
     let writer = log.inner.writer.clone();
     let (busy, flushing, leader) = busy_with_a_flush_in_progress(&log);
     // Others wait too (none of the waiters below is alone).
-    let _others = (
-        Waiting::new(&log.inner.shared.stats),
-        Waiting::new(&log.inner.shared.stats),
-    );
+    let _others = not_alone(&log);
     // Seq 3 arrives while seq 2's flush runs, registers behind it, and goes away (its client
     // hung up) before that flush ends.
-    let seq = match writer.submit(decision(1, 2, "t", "c", true, false)) {
-        writer::Submitted::Done(r) => r.unwrap().seq,
-        writer::Submitted::Queued(_) => unreachable!("nobody else holds the chain"),
-    };
+    let seq = insert_only(&writer, decision(1, 2, "t", "c", true, false));
     assert_eq!(seq, 3);
     {
         let mut gone = std::pin::pin!(writer.wait_durable(seq));
@@ -1440,15 +1440,9 @@ fn a_waiter_handed_the_next_flush_that_goes_away_passes_it_on() {
     let log = open(&db);
     let writer = log.inner.writer.clone();
     let (busy, flushing, leader) = busy_with_a_flush_in_progress(&log);
-    let _others = (
-        Waiting::new(&log.inner.shared.stats),
-        Waiting::new(&log.inner.shared.stats),
-    );
+    let _others = not_alone(&log);
     // Seq 3 registers first behind seq 2's flush, with a waker that shows the hand-over.
-    let seq = match writer.submit(decision(1, 2, "t", "c", true, false)) {
-        writer::Submitted::Done(r) => r.unwrap().seq,
-        writer::Submitted::Queued(_) => unreachable!("nobody else holds the chain"),
-    };
+    let seq = insert_only(&writer, decision(1, 2, "t", "c", true, false));
     let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
     let waker = std::task::Waker::from(flag.clone());
     let mut cx = std::task::Context::from_waker(&waker);
@@ -1494,10 +1488,7 @@ fn a_waiter_that_registers_as_the_maintenance_thread_dies_still_gets_its_flush()
     let log = AuditLog::open_with(&db, config, None).unwrap();
     let writer = log.inner.writer.clone();
     // Others wait too: the waiter leaves its flush to the maintenance thread...
-    let _others = (
-        Waiting::new(&log.inner.shared.stats),
-        Waiting::new(&log.inner.shared.stats),
-    );
+    let _others = not_alone(&log);
     let registering = writer.test_registering.hold();
     let (tx, rx) = std::sync::mpsc::channel();
     let waiter = {
