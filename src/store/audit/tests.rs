@@ -1269,7 +1269,7 @@ fn a_durable_waiter_polled_twice_is_registered_once() {
     let (_dir, db) = temp_db();
     let log = open(&db);
     let writer = &log.inner.writer;
-    let seq = insert_only(&writer, decision(1, 1, "t", "c", true, false));
+    let seq = insert_only(writer, decision(1, 1, "t", "c", true, false));
     let hold = log.hold_flushes();
     // Others wait too, so this waiter registers and leaves the flush to the maintenance
     // thread (which then blocks on the held flush).
