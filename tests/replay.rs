@@ -6,25 +6,18 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{copy_dir, Daemon, HALL};
+use common::{copy_dir, Daemon};
 use serde_json::Value;
 
 fn hall(args: &[&str]) -> Output {
     hall_env(args, &[])
 }
 
+/// `hall ARGS` in a clean environment (tests/common): no HALL_* of the caller, and a fresh
+/// HOME, so no hall.toml or state dir of the machine is found.
 fn hall_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = std::process::Command::new(HALL);
-    cmd.args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("HALL_") {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run hall")
+    let home = tempfile::tempdir().expect("a temp HOME");
+    common::hall(home.path(), args, env)
 }
 
 fn replay(state: &Path, registry: &Path, policies: &Path, extra: &[&str]) -> (Value, i32) {
