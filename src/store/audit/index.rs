@@ -29,7 +29,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::record::decode_value;
-use super::{seq_key, AuditEntry, AuditError, Trees};
+use super::stored;
+use super::{AuditEntry, AuditError, Trees};
 
 /// The longest records wait for their chunk while the writer is busy.
 #[cfg(not(test))]
@@ -115,12 +116,8 @@ impl Pending {
     pub(crate) fn rebuild(t: &Trees) -> Result<Pending, AuditError> {
         let mut p = Pending::default();
         let through = indexed_through(t)?;
-        for item in t.records.range(seq_key(through.saturating_add(1))..) {
-            let (k, v) = item?;
-            let seq = u64::from_be_bytes(k[..].try_into().map_err(|_| AuditError::Corrupt {
-                seq: 0,
-                reason: "record key is not a seq",
-            })?);
+        for s in stored::from(t, through.saturating_add(1)) {
+            let stored::Stored { seq, value: v } = s?;
             // An undecodable record cannot be indexed; verify names it, queries skip it.
             if let Ok(r) = decode_value(seq, &v, false) {
                 p.add(seq, &r.entry);
@@ -263,19 +260,16 @@ pub(crate) fn first_seq_where(
     t: &Trees,
     pred: impl Fn(i64) -> bool,
 ) -> Result<Option<u64>, AuditError> {
-    let (Some((first, _)), Some((last, _))) = (t.records.first()?, t.records.last()?) else {
+    let (Some(first), Some(last)) = (stored::first(t)?, stored::last(t)?) else {
         return Ok(None);
     };
-    let last = key_seq(&last);
+    let last = last.seq;
     // The first record at or after seq x, and whether it satisfies pred. Monotonic in x.
     let at_or_after = |x: u64| -> Result<(u64, bool), AuditError> {
-        let (k, v) = t
-            .records
-            .range(seq_key(x)..)
+        let stored::Stored { seq, value: v } = stored::from(t, x)
             .next()
             .transpose()?
             .ok_or(AuditError::Moved("the audit log shrank during a query"))?;
-        let seq = key_seq(&k);
         let ts = decode_value(seq, &v, false)
             .map_err(|d| AuditError::Corrupt {
                 seq,
@@ -286,7 +280,7 @@ pub(crate) fn first_seq_where(
         Ok((seq, pred(ts)))
     };
     // Smallest x in [first, last + 1] whose next record satisfies pred (last + 1: none does).
-    let (mut lo, mut hi) = (key_seq(&first), last + 1);
+    let (mut lo, mut hi) = (first.seq, last + 1);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         match at_or_after(mid)? {
@@ -298,8 +292,4 @@ pub(crate) fn first_seq_where(
         return Ok(None);
     }
     Ok(Some(at_or_after(lo)?.0))
-}
-
-fn key_seq(k: &[u8]) -> u64 {
-    u64::from_be_bytes(k.try_into().unwrap_or([0; 8]))
 }

@@ -1,19 +1,26 @@
 //! The audit log: one hash-chained record per decision, reload, token and secret event.
 //!
-//! Records live in the sled tree `audit`, keyed by big-endian `seq` (gapless, from 1). Each
+//! Records live in the sled tree `audit`, one entry per record or per group of consecutive
+//! records, keyed by big-endian `seq` (gapless, from 1; a group by its last, see [`stored`]). Each
 //! record's `hash = blake3(prev_hash ‖ rmp-serde body)`, the first `prev_hash` being 32 zero
 //! bytes, so [`AuditLog::verify`] finds the first record that was altered, removed or
 //! re-linked. A decision id carries its record's seq (`record::decision_uuid`), so a lookup by
 //! id is one read; the tenant and capability indexes are posting lists the writer adds about
 //! once a second ([`index`]); time ranges are binary-searched in the records tree itself.
 //!
-//! An append chains and inserts its record on the caller's thread ([`writer`]); with
+//! An append chains its record on the caller's thread and adds it to the group the writer
+//! inserts into sled when the group is full (on the maintenance thread), at a flush, or
+//! before a read ([`writer`]); with
 //! [`Durability::Durable`] (the default) it then waits for a `db.flush()` that covers it,
 //! run by the first waiter for everyone queued behind it (leader/follower group commit).
-//! Batched appends answer after the insert; a maintenance thread flushes within the batch
-//! interval and writes index chunks and retention, so no answer waits for them. Any storage
-//! error fails the append (the daemon answers 503), so a decision is never sent unrecorded.
-//! A failed append may still be in the log; a successful one always is.
+//! Batched appends answer once chained; a maintenance thread inserts and flushes within the
+//! batch interval and writes index chunks and retention, so no answer waits for them. A
+//! storage error fails every append waiting for a flush it breaks, and every append after it
+//! until a write works (the daemon answers 503), so a decision is never sent unrecorded in
+//! durable mode, and in batched mode none is sent while the log cannot be written. Batched
+//! records answered before such an error stay pending and are written when writing works
+//! again; like any batched record, they are lost if the process dies first. A failed append
+//! may still be in the log; a successful durable one always is.
 //!
 //! **Fault hook (debug builds only).** If the environment variable `HALL_FAULT_AUDIT_FAIL_FILE`
 //! names a path, then while that path exists every batch fails with an injected I/O error,
@@ -29,6 +36,7 @@
 pub mod checkpoint;
 mod index;
 mod record;
+mod stored;
 mod writer;
 
 #[cfg(test)]
@@ -578,7 +586,13 @@ impl AuditLog {
 
     /// One record by `seq` (`None` if it never existed or was pruned).
     pub fn get(&self, seq: u64) -> Result<Option<AuditRecord>, AuditError> {
-        match self.inner.trees.records.get(seq_key(seq))? {
+        self.inner.writer.seal_pending();
+        self.get_stored(seq)
+    }
+
+    /// [`get`](Self::get) of what the tree holds (the caller sealed what was pending).
+    fn get_stored(&self, seq: u64) -> Result<Option<AuditRecord>, AuditError> {
+        match stored::get(&self.inner.trees, seq)? {
             Some(v) => decode(seq, &v).map(Some),
             None => Ok(None),
         }
@@ -606,6 +620,7 @@ impl AuditLog {
             n => n.min(MAX_QUERY_LIMIT),
         };
         let t = &self.inner.trees;
+        self.inner.writer.seal_pending();
         let Some(seqs) = seq_bounds(t, q.after_seq, q.since_ms, q.until_ms)? else {
             return Ok(Vec::new());
         };
@@ -629,19 +644,16 @@ impl AuditLog {
             if lo > hi {
                 return Ok(());
             }
-            let mut iter = t.records.range(seq_key(lo)..=seq_key(hi));
+            let mut iter: Box<dyn Iterator<Item = Result<stored::Stored, AuditError>>> = if q.newest
+            {
+                Box::new(stored::back(t, lo, hi))
+            } else {
+                Box::new(stored::forward(t, lo, hi))
+            };
             while out.len() < limit {
-                let item = if q.newest {
-                    iter.next_back()
-                } else {
-                    iter.next()
-                };
-                let Some(item) = item else { break };
-                let (k, v) = item?;
-                let Some(seq) = seq_from_suffix(&k) else {
-                    continue;
-                };
-                let r = decode(seq, &v)?;
+                let Some(item) = iter.next() else { break };
+                let s = item?;
+                let r = decode(s.seq, &s.value)?;
                 if matches(&r) {
                     out.push(r);
                 }
@@ -673,7 +685,7 @@ impl AuditLog {
         let (tail_lo, indexed_hi) = (lo.max(through.saturating_add(1)), hi.min(through));
         let indexed = |out: &mut Vec<AuditRecord>| {
             index::visit_indexed(t, &prefix, lo, indexed_hi, q.newest, &mut |seq| {
-                if let Some(r) = self.get(seq)? {
+                if let Some(r) = self.get_stored(seq)? {
                     if matches(&r) {
                         out.push(r);
                     }
@@ -702,6 +714,7 @@ impl AuditLog {
     /// Records removed from the *end* are caught only while this process runs (against the
     /// head it committed); after a restart the last surviving record becomes the head.
     pub fn verify(&self) -> Result<VerifyReport, AuditError> {
+        self.inner.writer.seal_pending();
         let report = self.walk_chain();
         if !report.is_ok() {
             return Ok(report);
@@ -742,23 +755,31 @@ impl AuditLog {
                 Ok(kv) => kv,
                 Err(_) => return bad(expected, "the record cannot be read (storage error)"),
             };
-            match seq_from_suffix(&k) {
-                Some(seq) if seq == expected && k.len() == 8 => {}
-                _ => return bad(expected, "record is missing"),
-            }
-            let (link, _, hash) = match split_value(&v) {
-                Ok(parts) => parts,
-                Err(d) => return bad(expected, d.as_str()),
+            let records = match stored::unpack(&k, &v) {
+                Ok(records) => records,
+                Err(stored::BadEntry { seq, problem }) => return bad(expected.min(seq), problem),
             };
-            if link != prev {
-                return bad(expected, "prev_hash does not link to the previous record");
+            // An entry that begins below `expected` (only below the retention checkpoint)
+            // contributes its records from `expected` on.
+            let from = expected;
+            for r in records.into_iter().filter(|r| r.seq >= from) {
+                if r.seq != expected {
+                    return bad(expected, "record is missing");
+                }
+                let (link, _, hash) = match split_value(&r.value) {
+                    Ok(parts) => parts,
+                    Err(d) => return bad(expected, d.as_str()),
+                };
+                if link != prev {
+                    return bad(expected, "prev_hash does not link to the previous record");
+                }
+                if let Err(d) = decode_value(expected, &r.value, true) {
+                    return bad(expected, d.as_str());
+                }
+                prev = hash;
+                expected += 1;
+                entries += 1;
             }
-            if let Err(d) = decode_value(expected, &v, true) {
-                return bad(expected, d.as_str());
-            }
-            prev = hash;
-            expected += 1;
-            entries += 1;
         }
         if expected <= committed.seq {
             return bad(expected, "record is missing");
@@ -803,18 +824,16 @@ impl AuditLog {
         out: &mut dyn Write,
     ) -> Result<u64, AuditError> {
         let t = &self.inner.trees;
+        self.inner.writer.seal_pending();
         let after = from_seq.map(|s| s.saturating_sub(1));
         let Some(seqs) = seq_bounds(t, after, since_ms, None)? else {
             return Ok(0);
         };
         let mut n = 0;
         let mut line = Vec::with_capacity(1024);
-        for item in t.records.range(seq_key(*seqs.start())..) {
-            let (k, v) = item?;
-            let Some(seq) = seq_from_suffix(&k) else {
-                continue;
-            };
-            let r = decode(seq, &v)?;
+        for s in stored::from(t, *seqs.start()) {
+            let s = s?;
+            let r = decode(s.seq, &s.value)?;
             if since_ms.is_some_and(|s| r.entry.ts_ms < s) {
                 continue;
             }
@@ -857,12 +876,6 @@ fn decode(seq: u64, value: &[u8]) -> Result<AuditRecord, AuditError> {
 
 pub(crate) fn seq_key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
-}
-
-/// The last 8 bytes of an index or record key, as a seq.
-fn seq_from_suffix(k: &[u8]) -> Option<u64> {
-    let tail = k.get(k.len().checked_sub(8)?..)?;
-    Some(u64::from_be_bytes(tail.try_into().ok()?))
 }
 
 pub(crate) use crate::clock::now_ms;
@@ -974,7 +987,7 @@ fn check_checkpoint(
             .ok()
             .flatten()
             .map_or(1, |(first, _)| first);
-        match t.records.get(seq_key(cp.seq)) {
+        match stored::get(t, cp.seq) {
             Ok(Some(v)) => match split_value(&v) {
                 Ok((_, _, hash)) if hash == cp_hash => None,
                 _ => Some((
@@ -1056,8 +1069,7 @@ fn read_checkpoint(t: &Trees) -> Result<Option<(u64, Hash32)>, AuditError> {
 /// The chain's tip (and its time) from what sled holds: the last record, else the
 /// checkpoint left by pruning everything, else the empty log.
 fn recover_head(t: &Trees) -> Result<(Head, i64), AuditError> {
-    if let Some((k, v)) = t.records.last()? {
-        let seq = seq_from_suffix(&k).unwrap_or(0);
+    if let Some(stored::Stored { seq, value: v }) = stored::last(t)? {
         let (_, _, hash) = split_value(&v).map_err(|d| AuditError::Corrupt {
             seq,
             reason: d.as_str(),
@@ -1084,26 +1096,33 @@ fn recover_head(t: &Trees) -> Result<(Head, i64), AuditError> {
     ))
 }
 
-/// Delete up to `max` records older than `cutoff_ms` from the front (plus any left below
-/// the checkpoint by an interrupted prune), and their index entries. The checkpoint is
-/// written first, so a crash midway leaves a log that still verifies.
+/// Delete about `max` records older than `cutoff_ms` from the front (plus any left below
+/// the checkpoint by an interrupted prune), and their index entries. A group goes only once
+/// its newest record is old enough. The checkpoint is written first, so a crash midway
+/// leaves a log that still verifies.
 fn prune_before(t: &Trees, cutoff_ms: i64, max: usize) -> Result<usize, AuditError> {
     let checkpoint = read_checkpoint(t)?;
     let mut doomed: Vec<AuditRecord> = Vec::new();
+    let mut keys = Vec::new();
     for item in t.records.iter() {
         if doomed.len() >= max {
             break;
         }
         let (k, v) = item?;
-        let Some(seq) = seq_from_suffix(&k) else {
+        let records = stored::unpack(&k, &v).map_err(stored::BadEntry::into_error)?;
+        let records = records
+            .iter()
+            .map(|s| decode(s.seq, &s.value))
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(newest) = records.last() else {
             continue;
         };
-        let r = decode(seq, &v)?;
-        let below_checkpoint = checkpoint.is_some_and(|(first, _)| seq < first);
-        if r.entry.ts_ms >= cutoff_ms && !below_checkpoint {
+        let below_checkpoint = checkpoint.is_some_and(|(first, _)| newest.seq < first);
+        if newest.entry.ts_ms >= cutoff_ms && !below_checkpoint {
             break;
         }
-        doomed.push(r);
+        keys.push(k);
+        doomed.extend(records);
     }
     let Some(last) = doomed.last() else {
         return Ok(0);
@@ -1117,9 +1136,11 @@ fn prune_before(t: &Trees, cutoff_ms: i64, max: usize) -> Result<usize, AuditErr
     }
     let mut records = sled::Batch::default();
     let mut prefixes = std::collections::HashSet::new();
+    for k in keys {
+        records.remove(k);
+    }
     for r in &doomed {
         let e = &r.entry;
-        records.remove(&seq_key(r.seq));
         for (kind, value) in index::postings_of(e) {
             prefixes.insert(index::posting_prefix(kind, value));
         }

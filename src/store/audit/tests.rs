@@ -1551,3 +1551,276 @@ fn a_waiter_that_finds_a_flush_running_while_the_maintenance_thread_is_busy_is_n
     waiter.join().unwrap();
     assert!(log.verify().unwrap().is_ok());
 }
+
+/// Write a chained log of `entries` straight into the records tree, `runs[i]` records per
+/// tree entry (1: a single record, as releases before groups wrote; more: a group), as the
+/// writer would have sealed them. Returns the head.
+fn write_grouped(db: &sled::Db, entries: &[AuditEntry], runs: &[usize]) -> Head {
+    assert_eq!(runs.iter().sum::<usize>(), entries.len());
+    let tree = records_tree(db);
+    let mut group = stored::Group::default();
+    let mut head = Head {
+        seq: 0,
+        hash: Hash32::ZERO,
+    };
+    let mut buf = Vec::new();
+    let mut it = entries.iter();
+    for &n in runs {
+        for e in it.by_ref().take(n) {
+            let seq = head.seq + 1;
+            let hash = record::encode_value(&mut buf, &head.hash, seq, e).unwrap();
+            group.push(seq, &buf);
+            head = Head { seq, hash };
+        }
+        group.seal(&tree).unwrap();
+    }
+    head
+}
+
+/// Where record `seq`'s value sits in the tree: the entry's key and the value's byte range
+/// in the entry.
+fn locate(db: &sled::Db, seq: u64) -> (sled::IVec, std::ops::Range<usize>) {
+    for item in records_tree(db).iter() {
+        let (k, v) = item.unwrap();
+        let records = stored::unpack(&k, &v).ok().unwrap();
+        if let Some(r) = records.iter().find(|r| r.seq == seq) {
+            let at = r.value.as_ptr() as usize - v.as_ptr() as usize;
+            return (k, at..at + r.value.len());
+        }
+    }
+    panic!("record {seq} is not stored");
+}
+
+#[test]
+fn a_log_of_groups_reads_verifies_and_reopens_like_one_of_single_records() {
+    let (dir, db) = temp_db();
+    // No periodic flush during the test: groups are sealed when full (the tests' groups
+    // hold 5 records) or when something reads.
+    let config = AuditConfig {
+        durability: Durability::Batched,
+        batch_interval: Duration::from_secs(3600),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config.clone(), None).unwrap();
+    let mut ids = Vec::new();
+    for n in 1..=23u64 {
+        let e = decision(n as i64, n, &format!("t{}", n % 3), "c", n % 2 == 0, false);
+        ids.push(log.append_blocking(e).unwrap().decision_id.unwrap());
+    }
+    assert_eq!(log.head().seq, 23);
+    // Full groups (1..=20) go to the maintenance thread; 21..=23 wait in memory until a read
+    // or a flush. Every read sees every answered append, the pending ones included.
+    let r23 = log.by_decision(&ids[22].to_string()).unwrap().unwrap();
+    assert_eq!(r23.seq, 23);
+    let tree = records_tree(&db);
+    let groups = tree
+        .iter()
+        .keys()
+        .filter(|k| k.as_ref().unwrap().len() == 9)
+        .count();
+    assert!(groups >= 4, "{groups} groups written");
+    let everything = all_records(&log);
+    assert_eq!(everything.len(), 23);
+    for (i, r) in everything.iter().enumerate() {
+        assert_eq!(r.seq, i as u64 + 1);
+        assert_eq!(
+            log.by_decision(&ids[i].to_string()).unwrap().as_ref(),
+            Some(r)
+        );
+    }
+    check_queries(&log, &everything);
+    let head = log.head();
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: 23,
+            head: head.hash
+        }
+    );
+    let mut out = Vec::new();
+    assert_eq!(log.export(Some(8), None, &mut out).unwrap(), 16);
+
+    // Pending records are written at shutdown; the chain continues after a reopen, and
+    // durable appends (one record per flush) add single records after the groups.
+    for n in 24..=26u64 {
+        log.append_blocking(decision(n as i64, n, "t0", "c", true, false))
+            .unwrap();
+    }
+    let head = log.head();
+    drop(log);
+    drop(tree);
+    drop(db);
+    let db = reopen(&dir);
+    let log = open(&db);
+    assert_eq!(log.head(), head);
+    let a = log
+        .append_blocking(decision(27, 27, "t0", "c", true, false))
+        .unwrap();
+    assert_eq!(a.seq, 27);
+    assert_eq!(records_tree(&db).get(seq_key(27)).unwrap().is_some(), true);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: 27,
+            head: a.hash
+        }
+    );
+    let everything = all_records(&log);
+    assert_eq!(everything.len(), 27);
+    check_queries(&log, &everything);
+}
+
+#[test]
+fn verify_names_the_exact_seq_of_damage_inside_a_group() {
+    let (_dir, db) = temp_db();
+    let entries: Vec<AuditEntry> = (1..=12)
+        .map(|n| decision(n as i64, n, "t", "c", true, false))
+        .collect();
+    // 1 and 2 single, 3..=7 a group, 8 single, 9..=12 a group.
+    let head = write_grouped(&db, &entries, &[1, 1, 5, 1, 4]);
+    let log = open(&db);
+    assert_eq!(log.head(), head);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: 12,
+            head: head.hash
+        }
+    );
+    let tree = records_tree(&db);
+    let (key, span) = locate(&db, 5);
+    assert_eq!(key.len(), 9);
+    let original = tree.get(&key).unwrap().unwrap();
+    let damaged = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut v = original.to_vec();
+        f(&mut v);
+        tree.insert(&key, v).unwrap();
+        let report = log.verify().unwrap();
+        tree.insert(&key, original.clone()).unwrap();
+        report
+    };
+    // A byte of record 5's body: its hash no longer matches.
+    let pos = span.start
+        + original[span.clone()]
+            .windows(6)
+            .position(|w| w == b"corr-5")
+            .unwrap()
+        + 5;
+    assert_eq!(
+        damaged(&|v| v[pos] = b'9'),
+        VerifyReport::Bad {
+            first_bad_seq: 5,
+            problem: Defect::HashMismatch.as_str()
+        }
+    );
+    // Record 5's prev_hash: the link to 4 is broken.
+    assert_eq!(bad_seq(damaged(&|v| v[span.start] ^= 1)), 5);
+    // The group's framing (the length before record 3) or its layout byte: the group cannot
+    // be read, reported at its first record.
+    assert_eq!(bad_seq(damaged(&|v| v[1] ^= 0x40)), 3);
+    assert_eq!(bad_seq(damaged(&|v| v[0] = 9)), 3);
+    // Cut short.
+    assert_eq!(bad_seq(damaged(&|v| v.truncate(v.len() - 1))), 3);
+    // Record 5 cut out of the group (the rest re-framed): 5 onward are misnumbered.
+    let without_5 = |v: &mut Vec<u8>| {
+        v.drain(span.start - stored::FRAME_LEN..span.end);
+    };
+    assert_eq!(bad_seq(damaged(&without_5)), 3);
+    assert!(log.verify().unwrap().is_ok());
+    // The whole group gone: 3 is missing.
+    tree.remove(&key).unwrap();
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Bad {
+            first_bad_seq: 3,
+            problem: "record is missing"
+        }
+    );
+    tree.insert(&key, original).unwrap();
+    // The newest group gone: caught against the head.
+    tree.remove(locate(&db, 12).0).unwrap();
+    assert_eq!(bad_seq(log.verify().unwrap()), 9);
+}
+
+#[test]
+fn retention_removes_a_group_only_once_its_newest_record_is_old() {
+    let (_dir, db) = temp_db();
+    let base = now_ms() + 10 * MS_PER_DAY;
+    let day = |d: i64, n: u64| decision(base + d * MS_PER_DAY, n, "t", "c", true, false);
+    // 1..=3 old (a group), 4 old (single), 5..=7 a group of two old and one new, 8 new.
+    let entries = vec![
+        day(0, 1),
+        day(0, 2),
+        day(0, 3),
+        day(0, 4),
+        day(0, 5),
+        day(0, 6),
+        day(3, 7),
+        day(3, 8),
+    ];
+    let head = write_grouped(&db, &entries, &[3, 1, 3, 1]);
+    let config = AuditConfig {
+        retention_days: Some(1),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config, None).unwrap();
+    assert_eq!(log.prune(base + 2 * MS_PER_DAY).unwrap(), 4);
+    assert_eq!(log.get(4).unwrap(), None);
+    // 5 and 6 are old but share their entry with 7: kept until 7 is old too.
+    assert_eq!(log.get(5).unwrap().unwrap().seq, 5);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: 4,
+            head: head.hash
+        }
+    );
+    assert_eq!(log.prune(base + 5 * MS_PER_DAY).unwrap(), 4);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: 0,
+            head: head.hash
+        }
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// However the records are split into singles and groups, the log verifies, and changing
+    /// any single byte of any record's value is reported at exactly that record's seq.
+    #[test]
+    fn any_grouping_verifies_and_any_changed_byte_in_it_is_found(
+        entries in proptest::collection::vec(arb_entry(), 1..16),
+        cuts in proptest::collection::vec(any::<bool>(), 16),
+        pick in any::<prop::sample::Index>(),
+        offset in any::<prop::sample::Index>(),
+        xor in 1u8..=255,
+    ) {
+        let (_dir, db) = temp_db();
+        let mut runs = Vec::new();
+        let mut run = 0;
+        for (i, cut) in cuts.iter().take(entries.len()).enumerate() {
+            run += 1;
+            if *cut || i + 1 == entries.len() {
+                runs.push(run);
+                run = 0;
+            }
+        }
+        let head = write_grouped(&db, &entries, &runs);
+        let log = open(&db);
+        prop_assert_eq!(log.head(), head);
+        let n = entries.len() as u64;
+        prop_assert_eq!(log.verify().unwrap(), VerifyReport::Ok { entries: n, head: head.hash });
+        prop_assert_eq!(all_records(&log).len(), entries.len());
+
+        let seq = pick.index(entries.len()) as u64 + 1;
+        let (key, span) = locate(&db, seq);
+        let tree = records_tree(&db);
+        let mut v = tree.get(&key).unwrap().unwrap().to_vec();
+        v[span.start + offset.index(span.len())] ^= xor;
+        tree.insert(&key, v).unwrap();
+        prop_assert_eq!(bad_seq(log.verify().unwrap()), seq);
+    }
+}

@@ -1,31 +1,40 @@
-//! Appending: chain and insert on the caller's thread, leader/follower group commit for the
-//! flush, and a maintenance thread for the work no answer waits for.
+//! Appending: chain on the caller's thread, records inserted into sled in groups,
+//! leader/follower group commit for the flush, and a maintenance thread for the work no
+//! answer waits for.
 //!
 //! An append takes the chain lock, gives the entry its seq (and a decision its id), encodes
-//! it, inserts it into sled and releases the lock: a few microseconds on the caller's own
-//! thread, with no hop to another thread and back.
+//! it, adds it to the group being filled ([`Group`]) and releases the lock: a few
+//! microseconds on the caller's own thread, with no hop to another thread and back, and no
+//! sled insert. A full group (64 records or 8 KiB) is handed to the maintenance thread,
+//! which inserts it as one sled entry without holding the chain; what is left is inserted
+//! by whoever flushes, and before any read, so a read sees every answered append. Groups go
+//! into sled strictly in seq order (`seal_lock`), so a flush never covers a group without
+//! the ones before it. One insert per group instead of one per record is most of what an
+//! audit record used to cost.
 //!
-//! - **Batched:** that is the whole append. The maintenance thread flushes within
-//!   `batch_interval` of the first unflushed record.
+//! - **Batched:** that is the whole append. The maintenance thread inserts and flushes
+//!   within `batch_interval` of the first unflushed record.
 //! - **Durable:** the append then waits for a flush that covers its seq. A waiter that is
-//!   alone and finds no flush running flushes on its own thread (one `db.flush()` for
-//!   everything inserted so far), publishes the durable head and wakes any others: a lone
+//!   alone and finds no flush running flushes on its own thread (one insert of what is
+//!   pending, one `db.flush()`), publishes the durable head and wakes any others: a lone
 //!   request pays exactly one flush and no hop. When others wait too, the maintenance
 //!   thread runs the flushes back to back, each covering every record queued behind the
 //!   last (group commit), so that no worker thread blocks in a flush while its other
 //!   connections wait to be read.
 //!
-//! The maintenance thread writes index chunks, runs batched mode's periodic flush and
-//! retention, and flushes the database every `DB_FLUSH_EVERY` (500 ms) in place of sled's
-//! own flusher thread, which is off (`store::open_db`: its background segment cleaning grew
-//! RSS at idle). It takes the chain lock only to swap the pending postings out, never while it
-//! does I/O, so no batched append waits for an index write, a retention step or a flush.
+//! The maintenance thread inserts full groups, writes index chunks, runs batched mode's
+//! periodic flush and retention, and flushes the database every `DB_FLUSH_EVERY` (500 ms) in
+//! place of sled's own flusher thread, which is off (`store::open_db`: its background segment
+//! cleaning grew RSS at idle). It takes the chain lock only to take a full group or the
+//! pending postings out, or to insert the partial group before a flush, never while it
+//! flushes, so no batched append waits for an index write, a retention step or a flush.
 //! While it writes index chunks or prunes, durable waiters do not wait for it: they lead
 //! their own flushes, each flusher waking the next waiter when it is done (a waiter that
 //! goes away before its flush hands that wake on).
 //! After a periodic flush fails, batched appends wait for a flush of their own (fail closed)
 //! until one succeeds.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::pin;
@@ -37,7 +46,11 @@ use std::time::{Duration, Instant};
 
 use super::index::{self, Pending};
 use super::record::{decision_uuid, encode_value, AuditEntry, Durability, RecordKind, MAX_SEQ};
-use super::{seq_key, Appended, AuditConfig, AuditError, Head, Shared, Trees, PRUNE_EVERY};
+use super::stored::Group;
+use super::{Appended, AuditConfig, AuditError, Head, Shared, Trees, PRUNE_EVERY};
+
+/// Full groups that may wait for the maintenance thread before an appender inserts them.
+const MAX_FULL_GROUPS: usize = 16;
 
 /// At most this many yields before a group flush, while waiters keep arriving.
 const GATHER_ROUNDS: usize = 4;
@@ -99,6 +112,11 @@ pub(crate) struct Chain {
     pub(crate) buf: Vec<u8>,
     /// After `shutdown`: appends get `Closed`.
     pub(crate) closed: bool,
+    /// Records chained and not yet inserted into sled (see [`super::stored`]): the group
+    /// being filled…
+    pub(crate) group: Group,
+    /// …and full ones, oldest first, for the maintenance thread to insert.
+    pub(crate) full: VecDeque<Group>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -139,8 +157,11 @@ pub(crate) struct Writer {
     flush_failed: AtomicBool,
     /// The stored write error came from a flush (else from an insert).
     error_from_flush: AtomicBool,
-    /// The chain's tip as of the last insert, readable without the chain lock.
-    tip: Mutex<Head>,
+    /// Held by whoever inserts groups into sled, so that they go in in seq order (a flush
+    /// of the database must never cover a group without the ones before it).
+    seal_lock: Mutex<()>,
+    /// Full groups wait: the maintenance thread inserts them.
+    seal_requested: AtomicBool,
     /// One index write at a time (the marker only moves forward).
     index_lock: Mutex<()>,
     /// The maintenance thread runs; when it does not (shutdown, a panic), waiters flush.
@@ -202,6 +223,8 @@ impl Writer {
                 index,
                 buf: Vec::with_capacity(1024),
                 closed: false,
+                group: Group::default(),
+                full: VecDeque::new(),
             }),
             flush_lock: Mutex::new(()),
             waiters: Mutex::new(Vec::new()),
@@ -211,7 +234,8 @@ impl Writer {
             flush_failure: Mutex::new(None),
             flush_failed: AtomicBool::new(false),
             error_from_flush: AtomicBool::new(false),
-            tip: Mutex::new(head),
+            seal_lock: Mutex::new(()),
+            seal_requested: AtomicBool::new(false),
             index_lock: Mutex::new(()),
             maintainer_alive: AtomicBool::new(true),
             maintainer_busy: AtomicBool::new(false),
@@ -351,8 +375,8 @@ impl Writer {
         if batched {
             self.shared.publish_head(chain.head);
         }
-        *lock(&self.tip) = chain.head;
         let index_full = chain.index.records >= index::INDEX_MAX_PENDING;
+        let groups_full = !chain.full.is_empty();
         let first_pending = was_empty && chain.index.records > 0;
         // Still under the chain lock, so that "not dirty" always means "every inserted record
         // is covered by a flush". In batched mode the first record since a flush starts the
@@ -370,7 +394,10 @@ impl Writer {
         drop(chain);
         self.shared.stats.appended.fetch_add(ok, Ordering::Relaxed);
         // The first pending posting starts the index timer.
-        if wake_for_flush || index_full || first_pending {
+        if groups_full {
+            self.seal_requested.store(true, Ordering::Release);
+        }
+        if wake_for_flush || index_full || first_pending || groups_full {
             self.wake_maintainer();
         }
         results
@@ -397,17 +424,25 @@ impl Writer {
             entry.decision_id = Some(id.to_string());
             decision_id = Some(id);
         }
+        if chain.group.is_full() {
+            // The maintenance thread inserts it, so that no answer waits for that. When it
+            // falls behind (or is gone), the appender inserts, unless another thread is.
+            if chain.full.len() >= MAX_FULL_GROUPS {
+                if let Ok(_order) = self.seal_lock.try_lock() {
+                    self.seal_full(chain).map_err(|source| {
+                        self.failed(AuditError::Write {
+                            op: "insert",
+                            source,
+                        })
+                    })?;
+                }
+            }
+            let full = std::mem::take(&mut chain.group);
+            chain.full.push_back(full);
+        }
         let hash = encode_value(&mut chain.buf, &chain.head.hash, seq, &entry)
             .map_err(|e| self.failed(AuditError::Encode(e.to_string())))?;
-        self.trees
-            .records
-            .insert(seq_key(seq), chain.buf.as_slice())
-            .map_err(|e| {
-                self.failed(AuditError::Write {
-                    op: "insert",
-                    source: e,
-                })
-            })?;
+        chain.group.push(seq, &chain.buf);
         chain.head = Head { seq, hash };
         chain.last_ts = entry.ts_ms;
         chain.index.add(seq, &entry);
@@ -416,6 +451,65 @@ impl Writer {
             hash,
             decision_id,
         })
+    }
+
+    /// Insert the full groups still in the chain, oldest first (the caller holds the
+    /// chain and the seal lock). A group that fails stays first in line.
+    fn seal_full(&self, chain: &mut Chain) -> Result<(), sled::Error> {
+        while let Some(g) = chain.full.front_mut() {
+            g.seal(&self.trees.records)?;
+            chain.full.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The maintenance thread: insert the full groups, each without holding the chain.
+    fn insert_full(&self) -> Result<(), sled::Error> {
+        let _order = lock(&self.seal_lock);
+        self.insert_full_locked()
+    }
+
+    /// Insert every record chained so far into sled, in seq order, then run `then` under the
+    /// same hold of the chain (with whether that worked), so that it sees exactly what was
+    /// inserted. Like every holder, looks at the queue after letting go.
+    fn seal_all<R>(
+        &self,
+        then: impl FnOnce(&mut Chain, bool) -> R,
+    ) -> (Result<(), sled::Error>, R) {
+        let order = lock(&self.seal_lock);
+        // The full groups without the chain held (appends go on meanwhile); what is left
+        // (groups filled since, and the one being filled) under it.
+        let sealed = self.insert_full_locked();
+        let r = {
+            let mut chain = lock(&self.chain);
+            let sealed = sealed
+                .and_then(|()| self.seal_full(&mut chain))
+                .and_then(|()| chain.group.seal(&self.trees.records));
+            let r = then(&mut chain, sealed.is_ok());
+            (sealed, r)
+        };
+        drop(order);
+        self.combine();
+        r
+    }
+
+    /// [`insert_full`](Self::insert_full) for a caller that holds the seal lock.
+    fn insert_full_locked(&self) -> Result<(), sled::Error> {
+        while let Some(mut g) = self.with_chain(|c| c.full.pop_front()) {
+            if let Err(e) = g.seal(&self.trees.records) {
+                self.with_chain(|c| c.full.push_front(g));
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Readers: put what is pending into sled, so that every answered append can be read.
+    /// A failure is logged; the next flush retries it (and fails the appends it covers).
+    pub(crate) fn seal_pending(&self) {
+        if let (Err(e), ()) = self.seal_all(|_, _| ()) {
+            tracing::error!(error = %e, "audit records could not be inserted for a read");
+        }
     }
 
     fn failed(&self, e: AuditError) -> AuditError {
@@ -593,19 +687,19 @@ impl Writer {
     fn flush_locked(&self, guard: MutexGuard<'_, ()>) -> Result<(), AuditError> {
         #[cfg(test)]
         drop(lock(&self.test_hold));
-        // Clear before reading the tip: a record inserted after the clear marks the log dirty
-        // again, one inserted before it is at or below the tip.
+        // Clear before reading the tip: a record appended after the clear marks the log dirty
+        // again, one appended before it is at or below the tip.
         self.dirty.store(false, Ordering::Release);
-        // Read without the chain lock: a flusher must not be drafted into inserting queued
-        // records (they would not be covered by this flush anyway).
-        let tip = *lock(&self.tip);
+        // Seal what is pending and read the tip under the chain lock; like every holder,
+        // look at the queue after letting go (what it inserts is for the next flush).
+        let (sealed, tip) = self.seal_all(|c, _| c.head);
         #[cfg(test)]
         self.test_flushing.pass();
         #[cfg(test)]
         if self.test_fail_flush.load(Ordering::Acquire) {
             return self.flush_done(guard, tip, Err(sled::Error::Unsupported("test".into())));
         }
-        let flushed = self.trees.db.flush().map(|_| ());
+        let flushed = sealed.and_then(|()| self.trees.db.flush().map(|_| ()));
         self.flush_done(guard, tip, flushed)
     }
 
@@ -693,9 +787,15 @@ impl Writer {
     /// and written without it; on failure they are put back in front of the newer ones.
     pub(crate) fn write_index(&self) {
         let _one_writer = lock(&self.index_lock);
-        let Some((mut taken, through)) = self.with_chain(|c| {
-            (c.index.records > 0).then(|| (std::mem::take(&mut c.index), c.head.seq))
-        }) else {
+        // Postings must not reach the disk ahead of their records (a flush of the database
+        // covers everything inserted before it): insert the records first.
+        let (sealed, taken) = self.seal_all(|c, sealed| {
+            (sealed && c.index.records > 0).then(|| (std::mem::take(&mut c.index), c.head.seq))
+        });
+        if let Err(e) = sealed {
+            tracing::error!(error = %e, "audit records could not be inserted; index not written");
+        }
+        let Some((mut taken, through)) = taken else {
             return;
         };
         match taken.write(&self.trees, through) {
@@ -789,6 +889,11 @@ impl Writer {
             if self.flush_requested.swap(false, Ordering::AcqRel) {
                 self.gather();
                 let _ = self.flush_now();
+            }
+            if self.seal_requested.swap(false, Ordering::AcqRel) {
+                if let Err(e) = self.insert_full() {
+                    tracing::error!(error = %e, "audit records could not be inserted; the next flush retries");
+                }
             }
             let stopping = self.stopping.load(Ordering::Acquire);
             let now = Instant::now();
