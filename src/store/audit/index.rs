@@ -117,7 +117,16 @@ impl Pending {
         let mut p = Pending::default();
         let through = indexed_through(t)?;
         for s in stored::from(t, through.saturating_add(1)) {
-            let stored::Stored { seq, value: v } = s?;
+            let stored::Stored { seq, value: v } = match s {
+                Ok(s) => s,
+                // A damaged entry ends what can be indexed; verify names it, and queries
+                // that reach it fail.
+                Err(e @ AuditError::Corrupt { .. }) => {
+                    tracing::error!(error = %e, "the audit log is damaged; records after the damage are not indexed");
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             // An undecodable record cannot be indexed; verify names it, queries skip it.
             if let Ok(r) = decode_value(seq, &v, false) {
                 p.add(seq, &r.entry);

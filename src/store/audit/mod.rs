@@ -586,7 +586,7 @@ impl AuditLog {
 
     /// One record by `seq` (`None` if it never existed or was pruned).
     pub fn get(&self, seq: u64) -> Result<Option<AuditRecord>, AuditError> {
-        self.inner.writer.seal_pending();
+        self.inner.writer.seal_pending()?;
         self.get_stored(seq)
     }
 
@@ -620,7 +620,7 @@ impl AuditLog {
             n => n.min(MAX_QUERY_LIMIT),
         };
         let t = &self.inner.trees;
-        self.inner.writer.seal_pending();
+        self.inner.writer.seal_pending()?;
         let Some(seqs) = seq_bounds(t, q.after_seq, q.since_ms, q.until_ms)? else {
             return Ok(Vec::new());
         };
@@ -644,11 +644,10 @@ impl AuditLog {
             if lo > hi {
                 return Ok(());
             }
-            let mut iter: Box<dyn Iterator<Item = Result<stored::Stored, AuditError>>> = if q.newest
-            {
-                Box::new(stored::back(t, lo, hi))
+            let mut iter = if q.newest {
+                stored::back(t, lo, hi)
             } else {
-                Box::new(stored::forward(t, lo, hi))
+                stored::forward(t, lo, hi)
             };
             while out.len() < limit {
                 let Some(item) = iter.next() else { break };
@@ -714,7 +713,7 @@ impl AuditLog {
     /// Records removed from the *end* are caught only while this process runs (against the
     /// head it committed); after a restart the last surviving record becomes the head.
     pub fn verify(&self) -> Result<VerifyReport, AuditError> {
-        self.inner.writer.seal_pending();
+        self.inner.writer.seal_pending()?;
         let report = self.walk_chain();
         if !report.is_ok() {
             return Ok(report);
@@ -757,12 +756,14 @@ impl AuditLog {
             };
             let records = match stored::unpack(&k, &v) {
                 Ok(records) => records,
-                Err(stored::BadEntry { seq, problem }) => return bad(expected.min(seq), problem),
+                Err(b) => return bad(expected, b.problem),
             };
-            // An entry that begins below `expected` (only below the retention checkpoint)
-            // contributes its records from `expected` on.
-            let from = expected;
-            for r in records.into_iter().filter(|r| r.seq >= from) {
+            // Every entry starts where the last one ended (pruning removes whole entries, and
+            // the checkpoint names the first record of the first one kept).
+            for r in records {
+                if r.seq < expected {
+                    return bad(expected, "two entries of the log hold the same record");
+                }
                 if r.seq != expected {
                     return bad(expected, "record is missing");
                 }
@@ -824,7 +825,7 @@ impl AuditLog {
         out: &mut dyn Write,
     ) -> Result<u64, AuditError> {
         let t = &self.inner.trees;
-        self.inner.writer.seal_pending();
+        self.inner.writer.seal_pending()?;
         let after = from_seq.map(|s| s.saturating_sub(1));
         let Some(seqs) = seq_bounds(t, after, since_ms, None)? else {
             return Ok(0);

@@ -18,6 +18,7 @@
 
 use sled::IVec;
 
+use super::record::MAX_SEQ;
 use super::{seq_key, AuditError, Trees};
 
 /// The byte after the seq in a group's key.
@@ -96,15 +97,15 @@ pub(crate) fn unpack(k: &[u8], v: &IVec) -> Result<Vec<Stored>, BadEntry> {
                 at = start + len;
             }
             let n = spans.len() as u64;
-            if n < 2 || n > last {
-                return Err(bad("a group of records is malformed"));
-            }
-            let first = last + 1 - n;
+            let first = match (n, last.checked_sub(n.saturating_sub(1))) {
+                (2.., Some(first)) if first >= 1 && last <= MAX_SEQ => first,
+                _ => return Err(bad("a group of records is malformed")),
+            };
             Ok(spans
                 .into_iter()
-                .zip(first..)
-                .map(|((start, len), seq)| Stored {
-                    seq,
+                .enumerate()
+                .map(|(i, (start, len))| Stored {
+                    seq: first + i as u64,
                     value: v.subslice(start, len),
                 })
                 .collect())
@@ -116,62 +117,108 @@ pub(crate) fn unpack(k: &[u8], v: &IVec) -> Result<Vec<Stored>, BadEntry> {
     }
 }
 
-/// The records from `from` on, in seq order, entry by entry (an entry that cannot be read
-/// ends the walk with its error).
-pub(crate) fn from(t: &Trees, from: u64) -> impl Iterator<Item = Result<Stored, AuditError>> {
+/// The records from `from` on, in seq order.
+pub(crate) fn from(t: &Trees, from: u64) -> Records {
     forward(t, from, u64::MAX)
 }
 
+/// The records in `lo..=hi`, oldest first.
+pub(crate) fn forward(t: &Trees, lo: u64, hi: u64) -> Records {
+    Records::new(Box::new(t.records.range(seq_key(lo)..)), lo, hi, false)
+}
+
 /// The records in `lo..=hi`, newest first.
-pub(crate) fn back(
-    t: &Trees,
-    lo: u64,
-    hi: u64,
-) -> impl Iterator<Item = Result<Stored, AuditError>> {
+pub(crate) fn back(t: &Trees, lo: u64, hi: u64) -> Records {
     // The entry holding `hi` (if any) is the first at or after its key; everything below it
     // sorts before `seq_key(hi)`.
     let top = t.records.range(seq_key(hi)..).next();
     let below = t.records.range(seq_key(lo)..seq_key(hi)).rev();
-    let entries = top.into_iter().chain(below);
-    entries
-        .flat_map(move |item| -> Vec<Result<Stored, AuditError>> {
-            match item {
-                Err(e) => vec![Err(e.into())],
-                Ok((k, v)) => match unpack(&k, &v) {
-                    Err(b) => vec![Err(b.into_error())],
-                    Ok(rs) => rs
-                        .into_iter()
-                        .rev()
-                        .filter(|r| (lo..=hi).contains(&r.seq))
-                        .map(Ok)
-                        .collect(),
-                },
-            }
-        })
-        .take_while(move |r| r.as_ref().map_or(true, |r| r.seq >= lo))
+    Records::new(Box::new(top.into_iter().chain(below)), lo, hi, true)
 }
 
-/// Records of the entries `it` walks, those in `lo..=hi` only, stopping past `hi`.
-fn expand(it: sled::Iter, lo: u64, hi: u64) -> impl Iterator<Item = Result<Stored, AuditError>> {
-    it.flat_map(move |item| -> Vec<Result<Stored, AuditError>> {
-        match item {
-            Err(e) => vec![Err(e.into())],
-            Ok((k, v)) => match unpack(&k, &v) {
-                Err(b) => vec![Err(b.into_error())],
-                Ok(rs) => rs.into_iter().filter(|r| r.seq >= lo).map(Ok).collect(),
-            },
-        }
-    })
-    .take_while(move |r| r.as_ref().map_or(true, |r| r.seq <= hi))
-}
+type Entries = Box<dyn Iterator<Item = sled::Result<(IVec, IVec)>>>;
 
-/// The records in `lo..=hi`, oldest first.
-pub(crate) fn forward(
-    t: &Trees,
+/// Stored records in `lo..=hi`, entry by entry, oldest or newest first. Seqs must run
+/// strictly one way across entries: two entries that hold the same seq are damage (an
+/// error), not two records. The walk ends at the first error, and at `hi` (`lo` going back)
+/// without reading the entry after it.
+pub(crate) struct Records {
+    entries: Entries,
+    current: std::vec::IntoIter<Stored>,
     lo: u64,
     hi: u64,
-) -> impl Iterator<Item = Result<Stored, AuditError>> {
-    expand(t.records.range(seq_key(lo)..), lo, hi)
+    newest: bool,
+    prev: Option<u64>,
+    done: bool,
+}
+
+impl Records {
+    fn new(entries: Entries, lo: u64, hi: u64, newest: bool) -> Records {
+        Records {
+            entries,
+            current: Vec::new().into_iter(),
+            lo,
+            hi,
+            newest,
+            prev: None,
+            done: lo > hi,
+        }
+    }
+
+    fn fail(&mut self, e: AuditError) -> Option<Result<Stored, AuditError>> {
+        self.done = true;
+        Some(Err(e))
+    }
+}
+
+impl Iterator for Records {
+    type Item = Result<Stored, AuditError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            let Some(r) = self.current.next() else {
+                match self.entries.next() {
+                    None => self.done = true,
+                    Some(Err(e)) => return self.fail(e.into()),
+                    Some(Ok((k, v))) => match unpack(&k, &v) {
+                        Err(b) => return self.fail(b.into_error()),
+                        Ok(mut rs) => {
+                            if self.newest {
+                                rs.reverse();
+                            }
+                            self.current = rs.into_iter();
+                        }
+                    },
+                }
+                continue;
+            };
+            let (before, past, last) = if self.newest {
+                (r.seq > self.hi, r.seq < self.lo, self.lo)
+            } else {
+                (r.seq < self.lo, r.seq > self.hi, self.hi)
+            };
+            if before {
+                continue;
+            }
+            if past {
+                self.done = true;
+                break;
+            }
+            let in_order = self
+                .prev
+                .is_none_or(|p| (r.seq > p) != self.newest && r.seq != p);
+            if !in_order {
+                return self.fail(AuditError::Corrupt {
+                    seq: r.seq,
+                    reason: "two entries of the log hold the same record",
+                });
+            }
+            self.prev = Some(r.seq);
+            self.done = r.seq == last;
+            return Some(Ok(r));
+        }
+        None
+    }
 }
 
 /// Record `seq`'s value, if the tree holds it.
@@ -236,13 +283,29 @@ impl Group {
         self.last = seq;
     }
 
-    /// Insert the pending records into the tree as one entry. On error they stay pending.
-    pub(crate) fn seal(&mut self, records: &sled::Tree) -> Result<(), sled::Error> {
+    /// Insert the records into the tree as one entry (nothing when there are none).
+    pub(crate) fn write(&self, records: &sled::Tree) -> Result<(), sled::Error> {
+        #[cfg(test)]
+        if self.records > 0 && tests::FAIL_WRITE.with(|f| f.get()) {
+            return Err(sled::Error::Unsupported(
+                "test: injected insert failure".into(),
+            ));
+        }
+        #[cfg(test)]
+        if self.records > 0 && tests::PANIC_WRITE.with(|f| f.get()) {
+            panic!("test: injected panic in an insert");
+        }
         match self.records {
             0 => return Ok(()),
             1 => records.insert(seq_key(self.last), &self.buf[1 + FRAME_LEN..])?,
             _ => records.insert(group_key(self.last), self.buf.as_slice())?,
         };
+        Ok(())
+    }
+
+    /// [`write`](Self::write), then empty the group. On error the records stay in it.
+    pub(crate) fn seal(&mut self, records: &sled::Tree) -> Result<(), sled::Error> {
+        self.write(records)?;
         self.buf.clear();
         self.records = 0;
         Ok(())
@@ -250,8 +313,15 @@ impl Group {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    thread_local! {
+        /// Inserts of groups on this thread fail while set.
+        pub(crate) static FAIL_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Inserts of groups on this thread panic while set.
+        pub(crate) static PANIC_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     fn tree() -> (tempfile::TempDir, Trees) {
         let dir = tempfile::tempdir().unwrap();

@@ -1657,7 +1657,7 @@ fn a_log_of_groups_reads_verifies_and_reopens_like_one_of_single_records() {
         .append_blocking(decision(27, 27, "t0", "c", true, false))
         .unwrap();
     assert_eq!(a.seq, 27);
-    assert_eq!(records_tree(&db).get(seq_key(27)).unwrap().is_some(), true);
+    assert!(records_tree(&db).get(seq_key(27)).unwrap().is_some());
     assert_eq!(
         log.verify().unwrap(),
         VerifyReport::Ok {
@@ -1823,4 +1823,253 @@ proptest! {
         tree.insert(&key, v).unwrap();
         prop_assert_eq!(bad_seq(log.verify().unwrap()), seq);
     }
+}
+
+/// A forged group that overlaps an earlier entry (key: last seq + 'g', sorting right after the
+/// real single record of that seq) fails verify, and readers refuse it rather than return
+/// its records.
+#[test]
+fn a_group_overlapping_an_earlier_entry_does_not_pass_verify() {
+    let (_dir, db) = temp_db();
+    let entries: Vec<AuditEntry> = (1..=8)
+        .map(|n| decision(n as i64, n, "t", "c", false, false))
+        .collect();
+    // 1, 2 single; 3..=7 a group keyed [7,'g']; 8 single.
+    write_grouped(&db, &entries, &[1, 1, 5, 1]);
+    let tree = records_tree(&db);
+    // A fabricated record 7 (allowed, tenant "mallory"), then a copy of the real 8, as one
+    // group keyed [8,'g']: it sorts after the real [8], so verify reaches it with expected = 9.
+    let mut buf = Vec::new();
+    encode_value_for_test(
+        &mut buf,
+        &Hash32::ZERO,
+        7,
+        &decision(7, 7, "mallory", "c", true, false),
+    );
+    let real8 = tree.get(seq_key(8)).unwrap().unwrap();
+    let mut g = stored::Group::default();
+    g.push(7, &buf);
+    g.push(8, &real8);
+    g.seal(&tree).unwrap();
+    let log = open(&db);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Bad {
+            first_bad_seq: 9,
+            problem: "two entries of the log hold the same record"
+        }
+    );
+    let mut out = Vec::new();
+    assert!(matches!(
+        log.export(None, None, &mut out),
+        Err(AuditError::Corrupt { seq: 7, .. })
+    ));
+    for newest in [false, true] {
+        let q = AuditQuery {
+            limit: 100,
+            newest,
+            ..Default::default()
+        };
+        assert!(
+            matches!(log.query(&q), Err(AuditError::Corrupt { .. })),
+            "newest {newest}"
+        );
+    }
+    // Reads that do not reach the overlap still work.
+    assert_eq!(
+        log.get(7).unwrap().unwrap().entry.tenant_id.as_deref(),
+        Some("t")
+    );
+}
+
+/// A group keyed at u64::MAX (bytes anyone who can write the tree controls) is reported,
+/// not an arithmetic overflow.
+#[test]
+fn a_group_keyed_at_the_largest_seq_does_not_make_open_panic() {
+    let (_dir, db) = temp_db();
+    let entries: Vec<AuditEntry> = (1..=3)
+        .map(|n| decision(n as i64, n, "t", "c", true, false))
+        .collect();
+    write_grouped(&db, &entries, &[3]);
+    let tree = records_tree(&db);
+    let mut v = vec![stored::GROUP_VERSION];
+    for rec in [&b"a"[..], &b"b"[..]] {
+        v.extend_from_slice(&(rec.len() as u32).to_le_bytes());
+        v.extend_from_slice(rec);
+    }
+    tree.insert(stored::group_key(u64::MAX), v).unwrap();
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        AuditLog::open_with(&db, AuditConfig::default(), None).map(|_| ())
+    }));
+    assert!(
+        opened.is_ok(),
+        "opening the log panicked (see the overflow above)"
+    );
+}
+
+/// A junk key verify cannot read as an entry is reported at the seq where the damage is (the
+/// next one expected), as before groups.
+#[test]
+fn verify_reports_a_junk_key_at_the_seq_where_the_damage_is() {
+    let (_dir, db) = temp_db();
+    let entries: Vec<AuditEntry> = (1..=6)
+        .map(|n| decision(n as i64, n, "t", "c", true, false))
+        .collect();
+    write_grouped(&db, &entries, &[1, 1, 1, 1, 1, 1]);
+    let tree = records_tree(&db);
+    let log = open(&db);
+    let mut got = Vec::new();
+    // After the last record: a 1-byte key.
+    tree.insert([0xFFu8], &b"x"[..]).unwrap();
+    got.push(("1-byte key after 6", bad_seq(log.verify().unwrap()), 7));
+    tree.remove([0xFFu8]).unwrap();
+    // Between 5 and 6: a 10-byte key starting with seq 5.
+    let mut k = seq_key(5).to_vec();
+    k.extend_from_slice(&[0, 0]);
+    tree.insert(&k, &b"x"[..]).unwrap();
+    got.push(("10-byte key after 5", bad_seq(log.verify().unwrap()), 6));
+    let wrong: Vec<_> = got.iter().filter(|(_, g, w)| g != w).collect();
+    assert!(wrong.is_empty(), "(case, reported, expected): {wrong:?}");
+}
+
+/// Read-your-writes under concurrency: every answered batched append is readable at once,
+/// while the maintenance thread inserts full groups and other threads append.
+#[test]
+fn every_answered_batched_append_is_readable_at_once() {
+    let (_dir, db) = temp_db();
+    let config = AuditConfig {
+        durability: Durability::Batched,
+        batch_interval: Duration::from_millis(2),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config, None).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..3u64 {
+            let log = &log;
+            s.spawn(move || {
+                for n in 0..400u64 {
+                    let a = log
+                        .append_blocking(decision(n as i64, t * 1000 + n, "t", "c", true, false))
+                        .unwrap();
+                    if n % 3 == t % 3 {
+                        assert!(
+                            log.get(a.seq).unwrap().is_some(),
+                            "seq {} not readable",
+                            a.seq
+                        );
+                    }
+                }
+            });
+        }
+    });
+    assert!(log.verify().unwrap().is_ok());
+    assert_eq!(all_records(&log).len(), 1200);
+}
+
+/// When inserting the pending records fails, a read fails too: it never answers as if
+/// answered appends did not exist, and verify does not report a sound log as tampered.
+/// (`FAIL_WRITE` stands in for a failing sled insert.)
+#[test]
+fn a_read_whose_seal_fails_reports_an_error_not_a_missing_record() {
+    let (_dir, db) = temp_db();
+    let config = AuditConfig {
+        durability: Durability::Batched,
+        batch_interval: Duration::from_secs(3600),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config, None).unwrap();
+    for n in 1..=3u64 {
+        log.append_blocking(decision(n as i64, n, "t", "c", true, false))
+            .unwrap();
+    }
+    stored::tests::FAIL_WRITE.with(|f| f.set(true));
+    let get = log.get(3);
+    let mut out = Vec::new();
+    let exported = log.export(None, None, &mut out);
+    let verified = log.verify();
+    stored::tests::FAIL_WRITE.with(|f| f.set(false));
+    let get_s = format!("{get:?}");
+    let silent = matches!(get, Ok(None)) || matches!(exported, Ok(0));
+    let false_alarm = matches!(verified, Ok(VerifyReport::Bad { .. }));
+    assert!(
+        !silent && !false_alarm,
+        "get(3) = {get_s}, export = {exported:?}, verify = {verified:?}"
+    );
+}
+
+/// A thread that panics while inserting a full group (here a reader's, via `PANIC_WRITE`; in
+/// the daemon a panicking request task does not stop the process) loses nothing: the group
+/// leaves the queue only once it is in sled, so no flush covers a gap.
+#[test]
+fn a_panic_while_a_group_is_popped_loses_answered_records() {
+    let (_dir, db) = temp_db();
+    let config = AuditConfig {
+        durability: Durability::Batched,
+        batch_interval: Duration::from_secs(3600),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config, None).unwrap();
+    let writer = log.inner.writer.clone();
+    log.append_blocking(decision(1, 1, "t", "c", true, false))
+        .unwrap();
+    // Hold the maintenance thread (inside its index step), so full groups stay queued.
+    let held = writer.test_busy.lock().unwrap();
+    writer.index_now_for_test();
+    eventually("the maintenance thread is busy", || writer.busy_for_test());
+    for n in 2..=12u64 {
+        log.append_blocking(decision(n as i64, n, "t", "c", true, false))
+            .unwrap();
+    }
+    stored::tests::PANIC_WRITE.with(|f| f.set(true));
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| log.get(12)));
+    stored::tests::PANIC_WRITE.with(|f| f.set(false));
+    assert!(read.is_err(), "the hook did not fire");
+    drop(held);
+    // Flush what is pending (as the batch timer or a durable waiter would).
+    log.shutdown();
+    let durable = log.inner.shared.durable.load().seq;
+    let report = log.verify().unwrap();
+    assert!(
+        report.is_ok(),
+        "durable head {durable} (answered appends 1..=12), verify: {report:?}"
+    );
+}
+
+/// After an insert of pending records fails, batched appends are refused (they flush for
+/// themselves, retrying the insert) until writing works again; nothing answered is lost.
+#[test]
+fn batched_appends_are_refused_while_pending_records_cannot_be_inserted() {
+    let (_dir, db) = temp_db();
+    let config = AuditConfig {
+        durability: Durability::Batched,
+        batch_interval: Duration::from_secs(3600),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open_with(&db, config, None).unwrap();
+    for n in 1..=3u64 {
+        log.append_blocking(decision(n as i64, n, "t", "c", true, false))
+            .unwrap();
+    }
+    stored::tests::FAIL_WRITE.with(|f| f.set(true));
+    assert!(matches!(log.get(3), Err(AuditError::Write { .. })));
+    assert!(log.write_error().is_some());
+    let refused = log.append_blocking(decision(4, 4, "t", "c", true, false));
+    stored::tests::FAIL_WRITE.with(|f| f.set(false));
+    assert!(
+        matches!(refused, Err(AuditError::Write { .. })),
+        "{refused:?}"
+    );
+    // Writing works again: the next append flushes everything pending, its own included.
+    let a = log
+        .append_blocking(decision(5, 5, "t", "c", true, false))
+        .unwrap();
+    assert_eq!(log.write_error(), None);
+    assert_eq!(log.inner.shared.durable.load().seq, a.seq);
+    assert_eq!(
+        log.verify().unwrap(),
+        VerifyReport::Ok {
+            entries: a.seq,
+            head: a.hash
+        }
+    );
 }

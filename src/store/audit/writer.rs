@@ -116,7 +116,7 @@ pub(crate) struct Chain {
     /// being filled…
     pub(crate) group: Group,
     /// …and full ones, oldest first, for the maintenance thread to insert.
-    pub(crate) full: VecDeque<Group>,
+    pub(crate) full: VecDeque<Arc<Group>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -428,17 +428,20 @@ impl Writer {
             // The maintenance thread inserts it, so that no answer waits for that. When it
             // falls behind (or is gone), the appender inserts, unless another thread is.
             if chain.full.len() >= MAX_FULL_GROUPS {
-                if let Ok(_order) = self.seal_lock.try_lock() {
-                    self.seal_full(chain).map_err(|source| {
-                        self.failed(AuditError::Write {
-                            op: "insert",
-                            source,
-                        })
+                let order = match self.seal_lock.try_lock() {
+                    Ok(g) => Some(g),
+                    Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                };
+                if order.is_some() {
+                    self.seal_full(chain).map_err(|e| {
+                        self.shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        self.insert_failed(e)
                     })?;
                 }
             }
             let full = std::mem::take(&mut chain.group);
-            chain.full.push_back(full);
+            chain.full.push_back(Arc::new(full));
         }
         let hash = encode_value(&mut chain.buf, &chain.head.hash, seq, &entry)
             .map_err(|e| self.failed(AuditError::Encode(e.to_string())))?;
@@ -456,11 +459,23 @@ impl Writer {
     /// Insert the full groups still in the chain, oldest first (the caller holds the
     /// chain and the seal lock). A group that fails stays first in line.
     fn seal_full(&self, chain: &mut Chain) -> Result<(), sled::Error> {
-        while let Some(g) = chain.full.front_mut() {
-            g.seal(&self.trees.records)?;
+        while let Some(g) = chain.full.front() {
+            g.write(&self.trees.records)?;
             chain.full.pop_front();
         }
         Ok(())
+    }
+
+    /// A group could not be inserted: its records stay pending, and appends are refused
+    /// (batched ones flush for themselves, which retries the insert) until a flush works.
+    fn insert_failed(&self, source: sled::Error) -> AuditError {
+        let e = AuditError::Write {
+            op: "insert",
+            source,
+        };
+        tracing::error!(error = %e, "audit records could not be inserted; appends refused until a flush works");
+        self.note_error(ErrorFrom::Flush, &e);
+        e
     }
 
     /// The maintenance thread: insert the full groups, each without holding the chain.
@@ -493,22 +508,24 @@ impl Writer {
         r
     }
 
-    /// [`insert_full`](Self::insert_full) for a caller that holds the seal lock.
+    /// [`insert_full`](Self::insert_full) for a caller that holds the seal lock. A group
+    /// leaves the queue only once it is in sled (only holders of the seal lock remove
+    /// groups, so the first is still the one inserted), so that nothing an unwinding or
+    /// failing insert had in hand is lost.
     fn insert_full_locked(&self) -> Result<(), sled::Error> {
-        while let Some(mut g) = self.with_chain(|c| c.full.pop_front()) {
-            if let Err(e) = g.seal(&self.trees.records) {
-                self.with_chain(|c| c.full.push_front(g));
-                return Err(e);
-            }
+        while let Some(g) = self.with_chain(|c| c.full.front().cloned()) {
+            g.write(&self.trees.records)?;
+            self.with_chain(|c| c.full.pop_front());
         }
         Ok(())
     }
 
     /// Readers: put what is pending into sled, so that every answered append can be read.
-    /// A failure is logged; the next flush retries it (and fails the appends it covers).
-    pub(crate) fn seal_pending(&self) {
-        if let (Err(e), ()) = self.seal_all(|_, _| ()) {
-            tracing::error!(error = %e, "audit records could not be inserted for a read");
+    /// When that fails, the read fails too (it would miss answered appends).
+    pub(crate) fn seal_pending(&self) -> Result<(), AuditError> {
+        match self.seal_all(|_, _| ()) {
+            (Ok(()), ()) => Ok(()),
+            (Err(e), ()) => Err(self.insert_failed(e)),
         }
     }
 
@@ -793,7 +810,7 @@ impl Writer {
             (sealed && c.index.records > 0).then(|| (std::mem::take(&mut c.index), c.head.seq))
         });
         if let Err(e) = sealed {
-            tracing::error!(error = %e, "audit records could not be inserted; index not written");
+            self.insert_failed(e);
         }
         let Some((mut taken, through)) = taken else {
             return;
@@ -892,7 +909,7 @@ impl Writer {
             }
             if self.seal_requested.swap(false, Ordering::AcqRel) {
                 if let Err(e) = self.insert_full() {
-                    tracing::error!(error = %e, "audit records could not be inserted; the next flush retries");
+                    self.insert_failed(e);
                 }
             }
             let stopping = self.stopping.load(Ordering::Acquire);
