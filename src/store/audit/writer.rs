@@ -5,7 +5,7 @@
 //! An append takes the chain lock, gives the entry its seq (and a decision its id), encodes
 //! it, adds it to the group being filled ([`Group`]) and releases the lock: a few
 //! microseconds on the caller's own thread, with no hop to another thread and back, and no
-//! sled insert. A full group (64 records or 8 KiB) is handed to the maintenance thread,
+//! sled insert. A full group (64 records or 4 KiB) is handed to the maintenance thread,
 //! which inserts it as one sled entry without holding the chain; what is left is inserted
 //! by whoever flushes, and before any read, so a read sees every answered append. Groups go
 //! into sled strictly in seq order (`seal_lock`), so a flush never covers a group without
