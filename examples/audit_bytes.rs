@@ -1,6 +1,7 @@
 //! What an audited decision costs on disk: appends N typical route records (allowed, with a
 //! worker, rule, policy version and token id; no context) to a fresh log in batched mode and
-//! prints the stored value size of one record and the state dir's growth per record.
+//! prints the stored value size of one record and the state dir's growth per record (the
+//! records after the first go into sled in groups, as the daemon writes them).
 //!
 //! `cargo run --release --example audit_bytes -- 20000`
 
@@ -52,6 +53,8 @@ fn main() {
     )
     .unwrap();
     log.append_blocking(typical(1_764_460_800_000, 0)).unwrap();
+    // A read inserts what is pending (here record 1 alone, stored as a single record).
+    log.get(1).unwrap();
     db.flush().unwrap();
     let before = dir_size(dir.path());
     let value_len = db
