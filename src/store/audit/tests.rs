@@ -21,6 +21,17 @@ fn batched_every_ms(db: &sled::Db) -> AuditLog {
     AuditLog::open_with(db, config, None).unwrap()
 }
 
+/// A batched log whose maintenance thread never flushes on its timer during a test: records
+/// are inserted when a group is full, or when something reads or flushes.
+fn batched_without_timer(db: &sled::Db) -> AuditLog {
+    let config = AuditConfig {
+        durability: Durability::Batched,
+        batch_interval: Duration::from_secs(3600),
+        ..AuditConfig::default()
+    };
+    AuditLog::open_with(db, config, None).unwrap()
+}
+
 /// Insert an entry without waiting for a flush (nobody else holds the chain): its seq.
 fn insert_only(writer: &writer::Writer, entry: AuditEntry) -> u64 {
     match writer.submit(entry) {
@@ -1596,12 +1607,7 @@ fn a_log_of_groups_reads_verifies_and_reopens_like_one_of_single_records() {
     let (dir, db) = temp_db();
     // No periodic flush during the test: groups are sealed when full (the tests' groups
     // hold 5 records) or when something reads.
-    let config = AuditConfig {
-        durability: Durability::Batched,
-        batch_interval: Duration::from_secs(3600),
-        ..AuditConfig::default()
-    };
-    let log = AuditLog::open_with(&db, config.clone(), None).unwrap();
+    let log = batched_without_timer(&db);
     let mut ids = Vec::new();
     for n in 1..=23u64 {
         let e = decision(n as i64, n, &format!("t{}", n % 3), "c", n % 2 == 0, false);
@@ -1972,12 +1978,7 @@ fn every_answered_batched_append_is_readable_at_once() {
 #[test]
 fn a_read_whose_seal_fails_reports_an_error_not_a_missing_record() {
     let (_dir, db) = temp_db();
-    let config = AuditConfig {
-        durability: Durability::Batched,
-        batch_interval: Duration::from_secs(3600),
-        ..AuditConfig::default()
-    };
-    let log = AuditLog::open_with(&db, config, None).unwrap();
+    let log = batched_without_timer(&db);
     for n in 1..=3u64 {
         log.append_blocking(decision(n as i64, n, "t", "c", true, false))
             .unwrap();
@@ -2001,14 +2002,9 @@ fn a_read_whose_seal_fails_reports_an_error_not_a_missing_record() {
 /// the daemon a panicking request task does not stop the process) loses nothing: the group
 /// leaves the queue only once it is in sled, so no flush covers a gap.
 #[test]
-fn a_panic_while_a_group_is_popped_loses_answered_records() {
+fn a_panic_while_inserting_a_full_group_loses_nothing() {
     let (_dir, db) = temp_db();
-    let config = AuditConfig {
-        durability: Durability::Batched,
-        batch_interval: Duration::from_secs(3600),
-        ..AuditConfig::default()
-    };
-    let log = AuditLog::open_with(&db, config, None).unwrap();
+    let log = batched_without_timer(&db);
     let writer = log.inner.writer.clone();
     log.append_blocking(decision(1, 1, "t", "c", true, false))
         .unwrap();
@@ -2040,12 +2036,7 @@ fn a_panic_while_a_group_is_popped_loses_answered_records() {
 #[test]
 fn batched_appends_are_refused_while_pending_records_cannot_be_inserted() {
     let (_dir, db) = temp_db();
-    let config = AuditConfig {
-        durability: Durability::Batched,
-        batch_interval: Duration::from_secs(3600),
-        ..AuditConfig::default()
-    };
-    let log = AuditLog::open_with(&db, config, None).unwrap();
+    let log = batched_without_timer(&db);
     for n in 1..=3u64 {
         log.append_blocking(decision(n as i64, n, "t", "c", true, false))
             .unwrap();
