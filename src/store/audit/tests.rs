@@ -1563,6 +1563,13 @@ fn a_waiter_that_finds_a_flush_running_while_the_maintenance_thread_is_busy_is_n
     assert!(log.verify().unwrap().is_ok());
 }
 
+/// Decisions 1..=n (time n, tenant "t", capability "c").
+fn decisions(n: u64, allowed: bool) -> Vec<AuditEntry> {
+    (1..=n)
+        .map(|i| decision(i as i64, i, "t", "c", allowed, false))
+        .collect()
+}
+
 /// Write a chained log of `entries` straight into the records tree, `runs[i]` records per
 /// tree entry (1: a single record, as releases before groups wrote; more: a group), as the
 /// writer would have sealed them. Returns the head.
@@ -1679,9 +1686,7 @@ fn a_log_of_groups_reads_verifies_and_reopens_like_one_of_single_records() {
 #[test]
 fn verify_names_the_exact_seq_of_damage_inside_a_group() {
     let (_dir, db) = temp_db();
-    let entries: Vec<AuditEntry> = (1..=12)
-        .map(|n| decision(n as i64, n, "t", "c", true, false))
-        .collect();
+    let entries = decisions(12, true);
     // 1 and 2 single, 3..=7 a group, 8 single, 9..=12 a group.
     let head = write_grouped(&db, &entries, &[1, 1, 5, 1, 4]);
     let log = open(&db);
@@ -1837,9 +1842,7 @@ proptest! {
 #[test]
 fn a_group_overlapping_an_earlier_entry_does_not_pass_verify() {
     let (_dir, db) = temp_db();
-    let entries: Vec<AuditEntry> = (1..=8)
-        .map(|n| decision(n as i64, n, "t", "c", false, false))
-        .collect();
+    let entries = decisions(8, false);
     // 1, 2 single; 3..=7 a group keyed [7,'g']; 8 single.
     write_grouped(&db, &entries, &[1, 1, 5, 1]);
     let tree = records_tree(&db);
@@ -1893,9 +1896,7 @@ fn a_group_overlapping_an_earlier_entry_does_not_pass_verify() {
 #[test]
 fn a_group_keyed_at_the_largest_seq_does_not_make_open_panic() {
     let (_dir, db) = temp_db();
-    let entries: Vec<AuditEntry> = (1..=3)
-        .map(|n| decision(n as i64, n, "t", "c", true, false))
-        .collect();
+    let entries = decisions(3, true);
     write_grouped(&db, &entries, &[3]);
     let tree = records_tree(&db);
     let mut v = vec![stored::GROUP_VERSION];
@@ -1918,9 +1919,7 @@ fn a_group_keyed_at_the_largest_seq_does_not_make_open_panic() {
 #[test]
 fn verify_reports_a_junk_key_at_the_seq_where_the_damage_is() {
     let (_dir, db) = temp_db();
-    let entries: Vec<AuditEntry> = (1..=6)
-        .map(|n| decision(n as i64, n, "t", "c", true, false))
-        .collect();
+    let entries = decisions(6, true);
     write_grouped(&db, &entries, &[1, 1, 1, 1, 1, 1]);
     let tree = records_tree(&db);
     let log = open(&db);
