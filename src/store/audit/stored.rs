@@ -277,6 +277,8 @@ impl Group {
     pub(crate) fn push(&mut self, seq: u64, value: &[u8]) {
         debug_assert!(self.records == 0 || seq == self.last + 1);
         if self.buf.is_empty() {
+            // One allocation per group: it is full soon after passing this size.
+            self.buf.reserve(GROUP_MAX_BYTES + 1024);
             self.buf.push(GROUP_VERSION);
         }
         let len = u32::try_from(value.len()).expect("a record is far below 4 GiB");
