@@ -364,6 +364,7 @@ impl Writer {
     ) -> Vec<Result<Appended, AuditError>> {
         let batched = self.config.durability == Durability::Batched;
         let was_empty = chain.index.records == 0;
+        let full_before = chain.full.len();
         let results: Vec<_> = entries
             .into_iter()
             .map(|e| self.insert_one(&mut chain, e))
@@ -376,7 +377,8 @@ impl Writer {
             self.shared.publish_head(chain.head);
         }
         let index_full = chain.index.records >= index::INDEX_MAX_PENDING;
-        let groups_full = !chain.full.is_empty();
+        // Wake the maintenance thread when a group fills, not on every append while one waits.
+        let groups_full = chain.full.len() > full_before;
         let first_pending = was_empty && chain.index.records > 0;
         // Still under the chain lock, so that "not dirty" always means "every inserted record
         // is covered by a flush". In batched mode the first record since a flush starts the
