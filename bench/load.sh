@@ -20,6 +20,10 @@
 #   - floor + append & sync (with durable in --modes): the floor that first appends 400 bytes to
 #     a file and syncs them as sled's flush does (`floor --sync FILE`): what a durable answer
 #     cannot go below on this disk, whatever the log;
+#   - floor + group-committed sync (with durable in --modes): the same, but each request hands
+#     its record to one syncing thread that writes and syncs everything pending at once
+#     (`floor --sync FILE --group`): Hall's durable design without Hall or sled, the ceiling of
+#     a durable answer at many connections on this disk;
 #   - Hall, per audit durability mode (--modes), on the shipped ./registry and ./policies, a
 #     fresh state dir each time, the admin token it creates;
 #   - cerbos: Cerbos PDP 0.51.0 (npm package `cerbos`), the example rule as a resource policy
@@ -431,6 +435,10 @@ peer_start() {
 		start "$log" "$FLOOR" --sync "$WORK/floor-sync-$round.log"
 		URL=http://$ADDR/api/route
 		;;
+	floor-group)
+		start "$log" "$FLOOR" --sync "$WORK/floor-group-$round.log" --group
+		URL=http://$ADDR/api/route
+		;;
 	durable | batched)
 		start_daemon "$sys" "$WORK/peer-state-$sys-$round" "$ROOT/registry" "$ROOT/policies"
 		URL=http://$ADDR/api/route
@@ -472,7 +480,7 @@ peer_allowed() {
 	[ -z "$TOKEN" ] || auth=(-H "Authorization: Bearer $TOKEN")
 	answer=$(curl -sS -w '\n%{http_code}' "${auth[@]}" -H 'Content-Type: application/json' --data-binary "@$BODY" "$URL" 2>&1) || true
 	case $1 in
-	floor | floor-sync) filter='.allowed == true' ;;
+	floor | floor-sync | floor-group) filter='.allowed == true' ;;
 	durable | batched) filter='.allowed == true and .rule_id == "docs-quickstart" and .worker_id == "worker.doc.summarize"' ;;
 	cerbos) filter='.results[0].actions.route == "EFFECT_ALLOW" and .results[0].outputs[0].val.worker_id == "worker.doc.summarize"' ;;
 	pyhall) filter='.denied == false and .matched_rule_id == "docs-quickstart" and .selected_worker_species_id == "wrk.doc.summarize"' ;;
@@ -505,8 +513,8 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print (NR % 2) 
 
 peer_section() {
 	local systems=(floor) mode p
-	# A durable answer cannot cost less than an append and a sync: that floor joins durable.
-	case " $MODES " in *" durable "*) systems+=(floor-sync) ;; esac
+	# A durable answer cannot cost less than an append and a sync: those floors join durable.
+	case " $MODES " in *" durable "*) systems+=(floor-sync floor-group) ;; esac
 	for mode in $MODES; do systems+=("$mode"); done
 	for p in $PEERS; do
 		case $p in
@@ -569,6 +577,7 @@ peer_section() {
 		case $sys in
 		floor) name="floor (bare actix)" ;;
 		floor-sync) name="floor + append & sync per request" ;;
+		floor-group) name="floor + group-committed sync" ;;
 		durable | batched) name="Hall, $sys audit" ;;
 		cerbos) name="Cerbos $("$CERBOS" --version | head -n1), local audit" ;;
 		pyhall) name="PyHall $("$PYTHON" -c 'import pyhall; print(pyhall.__version__)') (Flask $("$PYTHON" -c 'from importlib.metadata import version; print(version("flask"))'))" ;;

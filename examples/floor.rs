@@ -12,11 +12,20 @@
 //! thread hop. What that costs in latency and CPU is what no durable design on this disk
 //! can go below (docs/performance.md, "The durable floor").
 //!
-//! `cargo run --release --example floor -- [ADDR] [--sync FILE [--sync-call fdatasync]]`
-//! (default 127.0.0.1:0); logs `listening on http://ADDR` on stderr like the daemon.
+//! With `--group` as well, the sync is a group commit: a request hands its record to one
+//! syncing thread and waits; that thread writes everything handed over since its last sync
+//! in one write, syncs it once, and wakes every request it covered. That is Hall's durable
+//! design (one hop, one sync per group) without Hall or sled: the ceiling of a durable answer
+//! at many connections on this disk (docs/performance.md, "Durable at 64 connections").
+//!
+//! `cargo run --release --example floor -- [ADDR] [--sync FILE [--sync-call fdatasync]
+//! [--group]]` (default 127.0.0.1:0); logs `listening on http://ADDR` on stderr like the
+//! daemon.
 
 use std::fs::File;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+
+use tokio::sync::watch;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 
@@ -40,9 +49,13 @@ struct Log {
 
 impl Log {
     fn append_stable(&mut self) -> std::io::Result<()> {
+        self.write_stable(&RECORD)
+    }
+
+    fn write_stable(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         use std::os::unix::io::AsRawFd;
-        self.file.write_all_at(&RECORD, self.offset)?;
+        self.file.write_all_at(bytes, self.offset)?;
         let fd = self.file.as_raw_fd();
         let rc = match self.call {
             #[cfg(target_os = "linux")]
@@ -51,7 +64,7 @@ impl Log {
                 libc::sync_file_range(
                     fd,
                     self.offset as libc::off64_t,
-                    RECORD.len() as libc::off64_t,
+                    bytes.len() as libc::off64_t,
                     libc::SYNC_FILE_RANGE_WAIT_BEFORE
                         | libc::SYNC_FILE_RANGE_WRITE
                         | libc::SYNC_FILE_RANGE_WAIT_AFTER,
@@ -63,21 +76,84 @@ impl Log {
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        self.offset += RECORD.len() as u64;
+        self.offset += bytes.len() as u64;
         Ok(())
     }
 }
 
-async fn answer(_body: web::Bytes, log: web::Data<Option<Arc<Mutex<Log>>>>) -> HttpResponse {
-    if let Some(log) = log.get_ref() {
+/// Group commit: records handed over (`pending`, counted by `handed`) wait for the syncing
+/// thread, which publishes how many are stable (`u64::MAX` once a sync failed).
+struct Group {
+    pending: Mutex<(Vec<u8>, u64)>,
+    ready: Condvar,
+    stable: watch::Sender<u64>,
+}
+
+impl Group {
+    fn start(mut log: Log) -> Arc<Group> {
+        let group = Arc::new(Group {
+            pending: Mutex::new((Vec::new(), 0)),
+            ready: Condvar::new(),
+            stable: watch::channel(0).0,
+        });
+        let g = group.clone();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            loop {
+                let covered = {
+                    let mut p = g.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    while p.0.is_empty() {
+                        p = g.ready.wait(p).unwrap_or_else(|e| e.into_inner());
+                    }
+                    std::mem::swap(&mut p.0, &mut bytes);
+                    p.1
+                };
+                let stable = match log.write_stable(&bytes) {
+                    Ok(()) => covered,
+                    Err(_) => u64::MAX,
+                };
+                bytes.clear();
+                g.stable.send_replace(stable);
+            }
+        });
+        group
+    }
+
+    /// Hand one record over and wait until a sync covers it.
+    async fn append_stable(&self) -> Result<(), ()> {
+        let mut stable = self.stable.subscribe();
+        let seq = {
+            let mut p = self.pending.lock().map_err(|_| ())?;
+            p.0.extend_from_slice(&RECORD);
+            p.1 += 1;
+            p.1
+        };
+        self.ready.notify_one();
+        match stable.wait_for(|s| *s >= seq).await.map(|s| *s) {
+            Ok(u64::MAX) | Err(_) => Err(()),
+            Ok(_) => Ok(()),
+        }
+    }
+}
+
+enum Durable {
+    None,
+    Inline(Mutex<Log>),
+    Group(Arc<Group>),
+}
+
+async fn answer(_body: web::Bytes, durable: web::Data<Durable>) -> HttpResponse {
+    let stable = match durable.get_ref() {
+        Durable::None => Ok(()),
         // Inline on the worker, as the daemon's group-commit leader does when uncontended.
-        let stable = log
+        Durable::Inline(log) => log
             .lock()
             .map_err(|_| ())
-            .and_then(|mut l| l.append_stable().map_err(|_| ()));
-        if stable.is_err() {
-            return HttpResponse::InternalServerError().finish();
-        }
+            .and_then(|mut l| l.append_stable().map_err(|_| ())),
+        Durable::Group(group) => group.append_stable().await,
+    };
+    if stable.is_err() {
+        return HttpResponse::InternalServerError().finish();
     }
     HttpResponse::Ok()
         .content_type("application/json")
@@ -88,10 +164,12 @@ fn main() -> std::io::Result<()> {
     let mut addr = "127.0.0.1:0".to_string();
     let mut sync_file = None;
     let mut call = SyncCall::SyncFileRange;
+    let mut group = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--sync" => sync_file = args.next(),
+            "--group" => group = true,
             "--sync-call" => match args.next().as_deref() {
                 Some("fdatasync") => call = SyncCall::Fdatasync,
                 Some("sync_file_range") => call = SyncCall::SyncFileRange,
@@ -110,13 +188,22 @@ fn main() -> std::io::Result<()> {
                 .truncate(true)
                 .write(true)
                 .open(path)?;
-            Some(Arc::new(Mutex::new(Log {
+            let log = Log {
                 file,
                 offset: 0,
                 call,
-            })))
+            };
+            if group {
+                Durable::Group(Group::start(log))
+            } else {
+                Durable::Inline(Mutex::new(log))
+            }
         }
-        None => None,
+        None if group => {
+            eprintln!("--group needs --sync FILE");
+            std::process::exit(2);
+        }
+        None => Durable::None,
     };
     let log = web::Data::new(log);
     actix_web::rt::System::new().block_on(async move {
