@@ -22,8 +22,8 @@
 #     cannot go below on this disk, whatever the log;
 #   - floor + group-committed sync (with durable in --modes): the same, but each request hands
 #     its record to one syncing thread that writes and syncs everything pending at once
-#     (`floor --sync FILE --group`): Hall's durable design without Hall or sled, the ceiling of
-#     a durable answer at many connections on this disk;
+#     (`floor --sync FILE --group`): the shape of Hall's durable design without Hall or sled,
+#     what durability costs at many connections on this disk;
 #   - Hall, per audit durability mode (--modes), on the shipped ./registry and ./policies, a
 #     fresh state dir each time, the admin token it creates;
 #   - cerbos: Cerbos PDP 0.51.0 (npm package `cerbos`), the example rule as a resource policy

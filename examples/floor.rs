@@ -14,9 +14,10 @@
 //!
 //! With `--group` as well, the sync is a group commit: a request hands its record to one
 //! syncing thread and waits; that thread writes everything handed over since its last sync
-//! in one write, syncs it once, and wakes every request it covered. That is Hall's durable
-//! design (one hop, one sync per group) without Hall or sled: the ceiling of a durable answer
-//! at many connections on this disk (docs/performance.md, "Durable at 64 connections").
+//! in one write, syncs it once, and wakes the waiting requests. That is the shape of Hall's
+//! durable design (one hop, one sync per group) without Hall or sled, kept simple: what
+//! durability costs at many connections on this disk (docs/performance.md, "Durable at 64
+//! connections").
 //!
 //! `cargo run --release --example floor -- [ADDR] [--sync FILE [--sync-call fdatasync]
 //! [--group]]` (default 127.0.0.1:0); logs `listening on http://ADDR` on stderr like the
@@ -81,8 +82,9 @@ impl Log {
     }
 }
 
-/// Group commit: records handed over (`pending`, counted by `handed`) wait for the syncing
-/// thread, which publishes how many are stable (`u64::MAX` once a sync failed).
+/// Group commit: `pending` holds the bytes handed over since the last sync and how many
+/// records were ever handed over; the syncing thread publishes in `stable` how many of them
+/// are stable (`u64::MAX` once a sync failed, for good: the file may have lost any of them).
 struct Group {
     pending: Mutex<(Vec<u8>, u64)>,
     ready: Condvar,
@@ -99,6 +101,7 @@ impl Group {
         let g = group.clone();
         std::thread::spawn(move || {
             let mut bytes = Vec::new();
+            let mut failed = false;
             loop {
                 let covered = {
                     let mut p = g.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -108,10 +111,8 @@ impl Group {
                     std::mem::swap(&mut p.0, &mut bytes);
                     p.1
                 };
-                let stable = match log.write_stable(&bytes) {
-                    Ok(()) => covered,
-                    Err(_) => u64::MAX,
-                };
+                failed = failed || log.write_stable(&bytes).is_err();
+                let stable = if failed { u64::MAX } else { covered };
                 bytes.clear();
                 g.stable.send_replace(stable);
             }
