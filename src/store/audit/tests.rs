@@ -518,10 +518,7 @@ fn a_durable_append_is_answered_only_after_its_flush() {
 fn verify_names_the_exact_seq_of_a_changed_byte_a_deletion_and_a_broken_link() {
     let (_dir, db) = temp_db();
     let log = open(&db);
-    for n in 1..=8 {
-        log.append_blocking(decision(n as i64, n, "t", "c", true, false))
-            .unwrap();
-    }
+    append_allowed(&log, 1..=8);
     let head = log.head();
     assert_eq!(
         log.verify().unwrap(),
@@ -586,10 +583,7 @@ fn encode_value_for_test(buf: &mut Vec<u8>, prev: &Hash32, seq: u64, e: &AuditEn
 fn reopening_keeps_the_chain_and_continues_it() {
     let (dir, db) = temp_db();
     let log = open(&db);
-    for n in 1..=3 {
-        log.append_blocking(decision(n as i64, n, "t", "c", true, false))
-            .unwrap();
-    }
+    append_allowed(&log, 1..=3);
     let head = log.head();
     drop(log);
     drop(db);
@@ -1564,6 +1558,14 @@ fn a_waiter_that_finds_a_flush_running_while_the_maintenance_thread_is_busy_is_n
 }
 
 /// Decisions 1..=n (time n, tenant "t", capability "c").
+/// Append allowed decisions `seqs` (tenant "t", capability "c", `ts_ms` = n) one by one.
+fn append_allowed(log: &AuditLog, seqs: std::ops::RangeInclusive<u64>) {
+    for n in seqs {
+        log.append_blocking(decision(n as i64, n, "t", "c", true, false))
+            .unwrap();
+    }
+}
+
 fn decisions(n: u64, allowed: bool) -> Vec<AuditEntry> {
     (1..=n)
         .map(|i| decision(i as i64, i, "t", "c", allowed, false))
@@ -1978,10 +1980,7 @@ fn every_answered_batched_append_is_readable_at_once() {
 fn a_read_whose_seal_fails_reports_an_error_not_a_missing_record() {
     let (_dir, db) = temp_db();
     let log = batched_without_timer(&db);
-    for n in 1..=3u64 {
-        log.append_blocking(decision(n as i64, n, "t", "c", true, false))
-            .unwrap();
-    }
+    append_allowed(&log, 1..=3);
     stored::tests::FAIL_WRITE.with(|f| f.set(true));
     let get = log.get(3);
     let mut out = Vec::new();
@@ -2011,10 +2010,7 @@ fn a_panic_while_inserting_a_full_group_loses_nothing() {
     let held = writer.test_busy.lock().unwrap();
     writer.index_now_for_test();
     eventually("the maintenance thread is busy", || writer.busy_for_test());
-    for n in 2..=12u64 {
-        log.append_blocking(decision(n as i64, n, "t", "c", true, false))
-            .unwrap();
-    }
+    append_allowed(&log, 2..=12);
     stored::tests::PANIC_WRITE.with(|f| f.set(true));
     let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| log.get(12)));
     stored::tests::PANIC_WRITE.with(|f| f.set(false));
@@ -2036,10 +2032,7 @@ fn a_panic_while_inserting_a_full_group_loses_nothing() {
 fn batched_appends_are_refused_while_pending_records_cannot_be_inserted() {
     let (_dir, db) = temp_db();
     let log = batched_without_timer(&db);
-    for n in 1..=3u64 {
-        log.append_blocking(decision(n as i64, n, "t", "c", true, false))
-            .unwrap();
-    }
+    append_allowed(&log, 1..=3);
     stored::tests::FAIL_WRITE.with(|f| f.set(true));
     assert!(matches!(log.get(3), Err(AuditError::Write { .. })));
     assert!(log.write_error().is_some());
