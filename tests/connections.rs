@@ -164,3 +164,60 @@ fn a_trickled_second_request_and_an_unsent_chunked_body_do_not_hold_a_connection
     trickle.join().unwrap();
     assert_eq!(d.get("/health").status, 200);
 }
+
+/// The body deadline is armed only for a body still on its way after the request head
+/// (src/server/route.rs, `ArmLate`). A body that comes later, whole or in parts, is read;
+/// one that stops halfway gets 408 like one that never starts.
+#[test]
+fn a_late_body_is_read_and_one_that_stops_halfway_gets_408() {
+    let d = Daemon::start();
+    let token = d.admin_token().unwrap();
+    let body = br#"{"capability_id":"cap.doc.summarize","env":"dev","data_label":"PUBLIC","tenant_id":"org.acme"}"#;
+    let head = format!(
+        "POST /api/route HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        d.addr,
+        body.len()
+    );
+    let send = |parts: &[&[u8]]| {
+        let mut s = TcpStream::connect(d.addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            s.write_all(p).unwrap();
+        }
+        s
+    };
+    let half = body.len() / 2;
+    for parts in [
+        // The head, then the whole body.
+        vec![head.as_bytes(), &body[..]],
+        // The head with half the body, then the rest.
+        vec![
+            [head.as_bytes(), &body[..half]].concat().leak() as &[u8],
+            &body[half..],
+        ],
+        // The head, then the body in three parts.
+        vec![head.as_bytes(), &body[..10], &body[10..half], &body[half..]],
+    ] {
+        let mut s = send(&parts);
+        let got = closed_within(&mut s, Duration::from_secs(20)).expect("an answer");
+        let resp = common::parse_response(&got).expect("a response");
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        assert_eq!(resp.json()["allowed"], true);
+    }
+    // The head with half the body, then nothing: 408 after the body deadline, not sooner.
+    let started = Instant::now();
+    let mut s = send(&[&[head.as_bytes(), &body[..half]].concat()]);
+    let got = closed_within(&mut s, Duration::from_secs(30)).expect("the connection is closed");
+    let resp = common::parse_response(&got).expect("a response to the stalled request");
+    resp.assert_error(408, "request_timeout", None);
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(d.get("/health").status, 200);
+}

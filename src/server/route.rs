@@ -1,6 +1,8 @@
 //! `POST /api/route`: parse strictly, decide, record, answer.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -108,9 +110,17 @@ pub async fn read_json_body(
         }
         Ok(body)
     };
-    match tokio::time::timeout(BODY_TIMEOUT, read).await {
-        Ok(r) => r,
-        Err(_) => Err(ApiError::new(
+    let read = std::pin::pin!(read);
+    match (ArmLate {
+        fut: read,
+        deadline: tokio::time::Instant::now() + BODY_TIMEOUT,
+        polled: false,
+        sleep: None,
+    })
+    .await
+    {
+        Some(r) => r,
+        None => Err(ApiError::new(
             Code::RequestTimeout,
             format!(
                 "the request body did not arrive within {} s",
@@ -118,6 +128,41 @@ pub async fn read_json_body(
             ),
         )
         .with_header("Connection", "close".into())),
+    }
+}
+
+/// `fut` with a deadline (`None` when it passes), whose timer is armed only if `fut` is
+/// still pending at its second poll. Arming and cancelling a tokio timer costs more than
+/// reading a small body, and a small body is almost always read by then: actix polls the
+/// handler once when the request head is decoded (the body not fed yet), then again in the
+/// same turn, after feeding what it read with the head. A body still on its way at the second
+/// poll gets the timer, with the deadline counted from the first. Should actix ever stop
+/// polling twice, a stalled body would wait for its bytes or its connection's end instead of
+/// the deadline: `tests/connections.rs` (a stalled body gets 408) would catch that.
+struct ArmLate<F> {
+    fut: F,
+    deadline: tokio::time::Instant,
+    polled: bool,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<F: Future + Unpin> Future for ArmLate<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Poll::Ready(v) = std::pin::Pin::new(&mut this.fut).poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        if !std::mem::replace(&mut this.polled, true) {
+            // `fut` registered this task's waker: its bytes, or the connection's end, wake it.
+            return Poll::Pending;
+        }
+        let deadline = this.deadline;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        sleep.as_mut().poll(cx).map(|()| None)
     }
 }
 

@@ -308,7 +308,10 @@ pub(crate) struct Counters {
 
 /// State shared by handles and the writer thread.
 pub(crate) struct Shared {
-    head: ArcSwap<Head>,
+    /// The published head. A plain lock, not an `ArcSwap`: batched mode publishes on every
+    /// insert (the hot path) and an `ArcSwap` store walks every thread's debt list, while
+    /// readers (status, event streams, checkpoints) are rare.
+    head: Mutex<Head>,
     /// The newest head known to be on disk (after a flush): what the checkpoint may name.
     pub(crate) durable: ArcSwap<Head>,
     /// Why the last append or flush failed; `None` once one succeeds (readiness, status).
@@ -327,7 +330,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn publish_head(&self, head: Head) {
-        self.head.store(Arc::new(head));
+        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = head;
         // An O(1) signal that wakes the event streams; skipped while none is open (a stream
         // that subscribes later reads `head` above, stored first).
         if self.head_seq.receiver_count() > 0 {
@@ -441,7 +444,7 @@ impl AuditLog {
         };
         let index = index::Pending::rebuild(&trees)?;
         let shared = Arc::new(Shared {
-            head: ArcSwap::from_pointee(head),
+            head: Mutex::new(head),
             durable: ArcSwap::from_pointee(head),
             write_error: Mutex::new(None),
             has_write_error: AtomicBool::new(false),
@@ -532,7 +535,12 @@ impl AuditLog {
     /// flush it is re-read from sled and may name records that never reached the disk: the
     /// chain continues from them, and a restart falls back to what was flushed.
     pub fn head(&self) -> Head {
-        **self.inner.shared.head.load()
+        *self
+            .inner
+            .shared
+            .head
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// A receiver that sees the head's seq each time a batch is published (after its
