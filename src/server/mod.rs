@@ -503,12 +503,13 @@ fn routes(cfg: &mut web::ServiceConfig) {
             .wrap(Require(access))
             .default_service(web::to(errors::method_not_allowed))
     };
-    cfg.service(endpoint("/health", Access::Open).route(web::get().to(ops::health)))
+    // actix tries the resources in this order: the path every decision takes comes first.
+    cfg.service(endpoint("/api/route", scope(Scope::Route)).route(web::post().to(route::route)))
+        .service(endpoint("/health", Access::Open).route(web::get().to(ops::health)))
         .service(endpoint("/ready", Access::Open).route(web::get().to(ops::ready)))
         .service(endpoint("/metrics", scope(Scope::Metrics)).route(web::get().to(ops::metrics)))
         .service(endpoint("/api/status", Access::AnyToken).route(web::get().to(ops::status)))
         .service(endpoint("/api/reload", scope(Scope::Admin)).route(web::post().to(ops::reload)))
-        .service(endpoint("/api/route", scope(Scope::Route)).route(web::post().to(route::route)))
         .service(
             endpoint("/api/registry/capabilities", Access::AnyToken)
                 .route(web::get().to(ops::capabilities)),
