@@ -411,7 +411,7 @@ async fn call_tool(
             let bytes = serde_json::to_vec(args).unwrap_or_default();
             let answer = match parse_body(&bytes) {
                 Ok(body) => {
-                    decide_and_record(state, caller, &body, name == "explain", started).await
+                    decide_and_record(state, caller, body, name == "explain", started).await
                 }
                 Err(e) => Err(e),
             };

@@ -372,7 +372,7 @@ async fn route_inner(
     let explain = parse_explain(req.query_string())?;
     let bytes = read_json_body(req, payload).await?;
     let body = parse_body(&bytes)?;
-    let out = decide_and_record(&state, caller, &body, explain, started).await?;
+    let out = decide_and_record(&state, caller, body, explain, started).await?;
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .body(out))
@@ -393,7 +393,7 @@ pub fn parse_body(bytes: &[u8]) -> Result<RouteBody, ApiError> {
 pub async fn decide_and_record(
     state: &AppState,
     caller: &Authenticated,
-    body: &RouteBody,
+    body: RouteBody,
     explain: bool,
     started: Instant,
 ) -> Result<Vec<u8>, ApiError> {
@@ -415,7 +415,7 @@ pub async fn decide_and_record(
     let mut decision =
         decide(&snap, &request, explain).map_err(|e| ApiError::invalid(e.field, e.message))?;
     let dry_run = body.dry_run.unwrap_or(false);
-    let approval = super::approvals::settle(state, caller, body, &mut decision, dry_run).await;
+    let approval = super::approvals::settle(state, caller, &body, &mut decision, dry_run).await;
     let (approval_id, approval_expires_at, refusal) = match approval {
         Ok(Some(s)) => (Some(s.id), s.expires_at, None),
         Ok(None) => (None, None, None),
@@ -457,34 +457,45 @@ pub async fn decide_and_record(
     Ok(out)
 }
 
-/// The audit record of a route decision. `detail` names the approval a decision opened or
-/// redeemed.
+/// The audit record of a route decision, taking the request's strings (not copying them).
+/// `detail` names the approval a decision opened or redeemed.
 fn decision_entry(
     caller: &Authenticated,
-    body: &RouteBody,
+    body: RouteBody,
     decision: &Decision<'_>,
     policy_version: &str,
     dry_run: bool,
     detail: Option<String>,
 ) -> AuditEntry {
-    // The context exactly as the client sent it (bounded to 8 KiB by the handler): numbers
-    // are not re-parsed (no rounding), nothing is dropped for being deep.
-    let context = body.context.as_ref().map(|raw| raw.get().to_string());
+    let RouteBody {
+        capability_id,
+        env,
+        data_label,
+        tenant_id,
+        correlation_id,
+        dry_run: _,
+        approval_id: _,
+        context,
+        tenant_risk,
+        qos_class,
+    } = body;
     AuditEntry {
-        tenant_id: Some(body.tenant_id.clone()),
-        capability_id: Some(body.capability_id.clone()),
-        env: Some(body.env.clone()),
-        data_label: Some(body.data_label.clone()),
+        tenant_id: Some(tenant_id),
+        capability_id: Some(capability_id),
+        env: Some(env),
+        data_label: Some(data_label),
         allowed: Some(decision.allowed),
         dry_run,
         worker_id: decision.worker_id.map(str::to_string),
         deny_reason: decision.deny_reason.map(str::to_string),
         rule_id: decision.rule_id.map(str::to_string),
         policy_version: Some(policy_version.to_string()),
-        correlation_id: body.correlation_id.clone(),
-        context,
-        tenant_risk: body.tenant_risk.clone(),
-        qos_class: body.qos_class.clone(),
+        correlation_id,
+        // The context exactly as the client sent it (bounded to 8 KiB by the handler):
+        // numbers are not re-parsed (no rounding), nothing is dropped for being deep.
+        context: context.map(|raw| Box::<str>::from(raw).into_string()),
+        tenant_risk,
+        qos_class,
         token_id: Some(caller.id().to_string()),
         detail,
         ..AuditEntry::new(RecordKind::Decision, super::state::now_ms())
