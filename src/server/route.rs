@@ -106,7 +106,11 @@ impl RouteResponse<'_> {
 /// `v` as a JSON string, as serde_json writes it: copied when nothing in it needs an escape
 /// (ids, versions and reason codes never do), else escaped by serde_json.
 fn json_str(out: &mut Vec<u8>, v: &str) {
-    if v.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    // A fold without an early exit, so that the compiler checks 16 or 32 bytes at a time.
+    let plain = !v
+        .bytes()
+        .fold(false, |esc, b| esc | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    if plain {
         out.push(b'"');
         out.extend_from_slice(v.as_bytes());
         out.push(b'"');
