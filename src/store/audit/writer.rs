@@ -384,10 +384,17 @@ impl Writer {
         // is covered by a flush". In batched mode the first record since a flush starts the
         // maintainer's flush timer; a durable append flushes for itself (the maintainer only
         // catches records whose waiter went away, on its next wake).
+        // A load first: between two flushes only the first insert finds `dirty` clear, and
+        // the others skip a write to a cache line every worker shares. A stale `true` is
+        // safe: a flush clears the flag before it reads the tip under this lock, so a record
+        // that saw `true` after the clear is below that tip.
+        let was_dirty = self.dirty.load(Ordering::Acquire);
         let wake_for_flush = if batched {
-            !self.dirty.swap(true, Ordering::AcqRel)
+            !was_dirty && !self.dirty.swap(true, Ordering::AcqRel)
         } else {
-            self.dirty.store(true, Ordering::Release);
+            if !was_dirty {
+                self.dirty.store(true, Ordering::Release);
+            }
             false
         };
         // Inserts work again: forget an insert error (under the chain lock, ordered with the
