@@ -221,3 +221,42 @@ fn a_late_body_is_read_and_one_that_stops_halfway_gets_408() {
     );
     assert_eq!(d.get("/health").status, 200);
 }
+
+const BODY: &str = r#"{"capability_id":"cap.doc.summarize","env":"dev","data_label":"PUBLIC","tenant_id":"org.acme"}"#;
+
+/// A request pipelined behind another is taken from actix's queue and polled once per turn
+/// (not twice, as a request handled straight from the read): its stalled body must still get
+/// the 408 deadline, not hold the connection until the client goes away.
+#[test]
+fn a_stalled_body_behind_a_pipelined_request_gets_408() {
+    let d = Daemon::start();
+    let token = d.admin_token().unwrap();
+    let host = d.addr.to_string();
+    for first in [
+        format!("GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        // A decision (it waits for its audit record) before the stalled one.
+        format!(
+            "POST /api/route HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+            BODY.len(),
+            BODY
+        ),
+    ] {
+        let mut s = TcpStream::connect(d.addr).unwrap();
+        let req = format!(
+            "{first}POST /api/route HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let got = closed_within(&mut s, Duration::from_secs(30))
+            .expect("the connection is closed after the body deadline");
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 2, "{text}");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            text.rsplit("HTTP/1.1 ").next().unwrap().starts_with("408"),
+            "{text}"
+        );
+    }
+    assert_eq!(d.get("/health").status, 200);
+}

@@ -107,9 +107,9 @@ impl RouteResponse<'_> {
 /// (ids, versions and reason codes never do), else escaped by serde_json.
 fn json_str(out: &mut Vec<u8>, v: &str) {
     // A fold without an early exit, so that the compiler checks 16 or 32 bytes at a time.
-    let plain = !v
-        .bytes()
-        .fold(false, |esc, b| esc | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    let plain = !v.bytes().fold(false, |esc, b| {
+        esc | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
     if plain {
         out.push(b'"');
         out.extend_from_slice(v.as_bytes());
@@ -191,10 +191,10 @@ pub async fn read_json_body(
 /// still pending at its second poll. Arming and cancelling a tokio timer costs more than
 /// reading a small body, and a small body is almost always read by then: actix polls the
 /// handler once when the request head is decoded (the body not fed yet), then again in the
-/// same turn, after feeding what it read with the head. A body still on its way at the second
-/// poll gets the timer, with the deadline counted from the first. Should actix ever stop
-/// polling twice, a stalled body would wait for its bytes or its connection's end instead of
-/// the deadline: `tests/connections.rs` (a stalled body gets 408) would catch that.
+/// same turn, after feeding what it read with the head. The first poll wakes its own task,
+/// so the second poll comes whatever actix does; a body still on its way then gets the
+/// timer, with the deadline counted from the first poll. `tests/connections.rs` sends bodies
+/// late, stalled halfway, and stalled behind a pipelined request.
 struct ArmLate<F> {
     fut: F,
     deadline: tokio::time::Instant,
@@ -211,7 +211,12 @@ impl<F: Future + Unpin> Future for ArmLate<F> {
             return Poll::Ready(Some(v));
         }
         if !std::mem::replace(&mut this.polled, true) {
-            // `fut` registered this task's waker: its bytes, or the connection's end, wake it.
+            // Ask for the second poll rather than count on actix to make it: a pipelined
+            // request taken from actix's queue is polled once per turn, and a stalled body
+            // would then never arm the timer. When the body is being fed in this turn (the
+            // usual case) its waker has this task polled again anyway, and the two wakes
+            // are one.
+            cx.waker().wake_by_ref();
             return Poll::Pending;
         }
         let deadline = this.deadline;
