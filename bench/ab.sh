@@ -9,15 +9,21 @@
 # and B so that drift on a shared machine hits both.
 #
 # Usage: bench/ab.sh BIN_A BIN_B [--repo-a DIR] [--repo-b DIR] [--rounds K] [--duration SECS]
-#                    [--conns "1 64"] [--modes "durable batched"]
+#                    [--conns "1 64"] [--modes "durable batched"] [--floor]
 #   --repo-a/--repo-b: where each binary's registry/ and policies/ come from (default: this
 #   checkout; give an older checkout when the older binary cannot read today's policy keys).
+#   --floor: each round first runs the bare actix floor (target/release/examples/floor; build
+#   it with `cargo build --release --examples`) at each connection count, and every A/B line
+#   adds of_floor=, its req/s over that round's floor at the same count: the ratio the
+#   throughput targets are stated in, measured in the same minutes.
 # Needs: wrk, curl. Only loopback.
 set -euo pipefail
 ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
 [ $# -ge 2 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 A=$1 B=$2; shift 2
-REPO_A=$ROOT REPO_B=$ROOT ROUNDS=2 DURATION=4 CONNS="1 64" MODES="durable batched"
+REPO_A=$ROOT REPO_B=$ROOT ROUNDS=2 DURATION=4 CONNS="1 64" MODES="durable batched" FLOOR=
+# The floor's req/s in the current round, by connection count (with --floor).
+declare -A FLOOR_RPS=()
 while [ $# -gt 0 ]; do
 	case $1 in
 	--repo-a) REPO_A=$2 && shift 2 ;;
@@ -26,6 +32,7 @@ while [ $# -gt 0 ]; do
 	--duration) DURATION=$2 && shift 2 ;;
 	--conns) CONNS=$2 && shift 2 ;;
 	--modes) MODES=$2 && shift 2 ;;
+	--floor) FLOOR=1 && shift ;;
 	*) echo "unknown argument: $1" >&2 && exit 2 ;;
 	esac
 done
@@ -66,14 +73,49 @@ run() { # label bin repo mode
 		read -r _ rps p50 p99 p999 non2xx errs reqs <<<"$out"
 		echo "$label $mode c=$c req/s=$rps p50=${p50}us p99=${p99}us p99.9=${p999}us non2xx=$non2xx err=$errs" \
 			"cpu_us/req=$(awk -v t=$((c2 - c1)) -v hz="$HZ" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')" \
-			"records/flush=$per_flush"
+			"records/flush=$per_flush$(of_floor "$c" "$rps")"
 	done
 	kill "$pid"
 	wait "$pid" 2>/dev/null || true
 	rm -rf "$d"
 }
 
+# of_floor CONNS RPS: " of_floor=R" against this round's floor, or nothing without --floor.
+of_floor() {
+	[ -n "${FLOOR_RPS[$1]:-}" ] || return 0
+	awk -v r="$2" -v f="${FLOOR_RPS[$1]}" 'BEGIN { printf " of_floor=%.2f", (f > 0 ? r / f : 0) }'
+}
+
+run_floor() { # label
+	local d port pid
+	d=$(mktemp -d)
+	port=$(free_port)
+	"$ROOT/target/release/examples/floor" "127.0.0.1:$port" >"$d/log" 2>&1 &
+	pid=$!
+	for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
+	for c in $CONNS; do
+		local t=$((c < 2 ? 1 : 2)) c1 c2 out
+		c1=$(cpu_ticks "$pid")
+		out=$(BENCH_PATH=/api/route BENCH_BODY_FILE=$BODY BENCH_TOKEN=none \
+			wrk -t"$t" -c"$c" -d"${DURATION}s" -s "$ROOT/bench/peer.lua" "http://127.0.0.1:$port/api/route" | grep '^RESULT')
+		c2=$(cpu_ticks "$pid")
+		read -r _ rps p50 p99 p999 non2xx errs reqs <<<"$out"
+		FLOOR_RPS[$c]=$rps
+		echo "$1 floor c=$c req/s=$rps p50=${p50}us p99=${p99}us p99.9=${p999}us non2xx=$non2xx err=$errs" \
+			"cpu_us/req=$(awk -v t=$((c2 - c1)) -v hz="$HZ" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')"
+	done
+	kill "$pid"
+	wait "$pid" 2>/dev/null || true
+	rm -rf "$d"
+}
+
+if [ -n "$FLOOR" ] && [ ! -x "$ROOT/target/release/examples/floor" ]; then
+	echo "--floor needs target/release/examples/floor: cargo build --release --examples" >&2
+	exit 2
+fi
+
 for r in $(seq "$ROUNDS"); do
+	[ -z "$FLOOR" ] || run_floor "F(r$r)"
 	for mode in $MODES; do
 		run "A(r$r)" "$A" "$REPO_A" "$mode"
 		run "B(r$r)" "$B" "$REPO_B" "$mode"
