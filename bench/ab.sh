@@ -49,8 +49,29 @@ audit_counts() {
 		awk '/^hall_audit_appended_total /{a=$2} /^hall_audit_flushes_total /{f=$2} END{if (a != "" && f != "") print a, f}' || true
 }
 
+# wrk_row PID PORT TOKEN CONNS: one wrk row against the server PID listening on PORT; sets
+# ROW_RPS and ROW (the fields every line prints: conns, req/s, latencies, errors, CPU µs/req).
+wrk_row() {
+	local pid=$1 port=$2 token=$3 c=$4 t=$(($4 < 2 ? 1 : 2)) c1 c2 out rps p50 p99 p999 non2xx errs reqs
+	c1=$(cpu_ticks "$pid")
+	out=$(BENCH_PATH=/api/route BENCH_BODY_FILE=$BODY BENCH_TOKEN=$token \
+		wrk -t"$t" -c"$c" -d"${DURATION}s" -s "$ROOT/bench/peer.lua" "http://127.0.0.1:$port/api/route" | grep '^RESULT')
+	c2=$(cpu_ticks "$pid")
+	# RESULT req/s p50_us p99_us p999_us non2xx socket_errors requests
+	read -r _ rps p50 p99 p999 non2xx errs reqs <<<"$out"
+	ROW_RPS=$rps
+	ROW="c=$c req/s=$rps p50=${p50}us p99=${p99}us p99.9=${p999}us non2xx=$non2xx err=$errs"
+	ROW+=" cpu_us/req=$(awk -v t=$((c2 - c1)) -v hz="$HZ" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')"
+}
+
+stop() { # pid dir
+	kill "$1"
+	wait "$1" 2>/dev/null || true
+	rm -rf "$2"
+}
+
 run() { # label bin repo mode
-	local label=$1 bin=$2 repo=$3 mode=$4 d port pid
+	local label=$1 bin=$2 repo=$3 mode=$4 d port pid token
 	d=$(mktemp -d)
 	cp -r "$repo/registry" "$repo/policies" "$d/"
 	port=$(free_port)
@@ -58,26 +79,18 @@ run() { # label bin repo mode
 		--registry "$d/registry" --policies "$d/policies" --audit-durability "$mode" >"$d/log" 2>&1 &
 	pid=$!
 	for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break; sleep 0.1; done
+	token=$(cat "$d/state/admin.token")
 	for c in $CONNS; do
-		local t=$((c < 2 ? 1 : 2)) c1 c2 out m1 m2 per_flush='?'
-		m1=$(audit_counts "$port" "$(cat "$d/state/admin.token")")
-		c1=$(cpu_ticks "$pid")
-		out=$(BENCH_PATH=/api/route BENCH_BODY_FILE=$BODY BENCH_TOKEN=$(cat "$d/state/admin.token") \
-			wrk -t"$t" -c"$c" -d"${DURATION}s" -s "$ROOT/bench/peer.lua" "http://127.0.0.1:$port/api/route" | grep '^RESULT')
-		c2=$(cpu_ticks "$pid")
-		m2=$(audit_counts "$port" "$(cat "$d/state/admin.token")")
+		local m1 m2 per_flush='?'
+		m1=$(audit_counts "$port" "$token")
+		wrk_row "$pid" "$port" "$token" "$c"
+		m2=$(audit_counts "$port" "$token")
 		if [ -n "$m1" ] && [ -n "$m2" ]; then
 			per_flush=$(awk -v a="$m1" -v b="$m2" 'BEGIN { split(a, x, " "); split(b, y, " "); f = y[2] - x[2]; printf "%.1f", (f > 0 ? (y[1] - x[1]) / f : 0) }')
 		fi
-		# RESULT req/s p50_us p99_us p999_us non2xx socket_errors requests
-		read -r _ rps p50 p99 p999 non2xx errs reqs <<<"$out"
-		echo "$label $mode c=$c req/s=$rps p50=${p50}us p99=${p99}us p99.9=${p999}us non2xx=$non2xx err=$errs" \
-			"cpu_us/req=$(awk -v t=$((c2 - c1)) -v hz="$HZ" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')" \
-			"records/flush=$per_flush$(of_floor "$c" "$rps")"
+		echo "$label $mode $ROW records/flush=$per_flush$(of_floor "$c" "$ROW_RPS")"
 	done
-	kill "$pid"
-	wait "$pid" 2>/dev/null || true
-	rm -rf "$d"
+	stop "$pid" "$d"
 }
 
 # of_floor CONNS RPS: " of_floor=R" against this round's floor, or nothing without --floor.
@@ -94,19 +107,11 @@ run_floor() { # label
 	pid=$!
 	for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
 	for c in $CONNS; do
-		local t=$((c < 2 ? 1 : 2)) c1 c2 out
-		c1=$(cpu_ticks "$pid")
-		out=$(BENCH_PATH=/api/route BENCH_BODY_FILE=$BODY BENCH_TOKEN=none \
-			wrk -t"$t" -c"$c" -d"${DURATION}s" -s "$ROOT/bench/peer.lua" "http://127.0.0.1:$port/api/route" | grep '^RESULT')
-		c2=$(cpu_ticks "$pid")
-		read -r _ rps p50 p99 p999 non2xx errs reqs <<<"$out"
-		FLOOR_RPS[$c]=$rps
-		echo "$1 floor c=$c req/s=$rps p50=${p50}us p99=${p99}us p99.9=${p999}us non2xx=$non2xx err=$errs" \
-			"cpu_us/req=$(awk -v t=$((c2 - c1)) -v hz="$HZ" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')"
+		wrk_row "$pid" "$port" none "$c"
+		FLOOR_RPS[$c]=$ROW_RPS
+		echo "$1 floor $ROW"
 	done
-	kill "$pid"
-	wait "$pid" 2>/dev/null || true
-	rm -rf "$d"
+	stop "$pid" "$d"
 }
 
 if [ -n "$FLOOR" ] && [ ! -x "$ROOT/target/release/examples/floor" ]; then
