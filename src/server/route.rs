@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::auth::Caller;
@@ -48,8 +48,8 @@ const REQUIRED: [&str; 4] = ["capability_id", "env", "data_label", "tenant_id"];
 const OPTIONAL_STRINGS: [&str; 4] = ["correlation_id", "approval_id", "tenant_risk", "qos_class"];
 
 /// The answer. Written by [`RouteResponse::to_json`]; the derive is the oracle its tests
-/// hold it to.
-#[derive(Serialize)]
+/// hold it to (only there: the daemon never serializes it through serde).
+#[cfg_attr(test, derive(serde::Serialize))]
 struct RouteResponse<'a> {
     decision_id: &'a str,
     allowed: bool,
@@ -59,10 +59,10 @@ struct RouteResponse<'a> {
     policy_version: &'a str,
     approval_id: Option<&'a str>,
     /// When an opened approval expires unless decided, or until when a redeemed one holds.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     approval_expires_at: Option<String>,
     dry_run: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     explain: Option<&'a Explain<'a>>,
 }
 
