@@ -251,6 +251,8 @@ async fn serve(
     conns.spawn_reaper();
     let on_connect_conns = conns.clone();
     let server = HttpServer::new(move || {
+        // Runs on each worker thread: its durable waiters are woken through one relay task.
+        crate::store::audit::start_relay();
         App::new()
             .app_data(data.clone())
             .wrap(actix_web::middleware::from_fn(storage::gate))

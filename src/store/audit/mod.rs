@@ -57,6 +57,7 @@ use serde::Serialize;
 pub use checkpoint::LostRange;
 use record::{decode_value, split_value, Defect, HASH_LEN};
 pub use record::{AuditEntry, AuditRecord, Durability, Hash32, RecordKind};
+pub use writer::start_relay;
 use writer::Writer;
 
 /// Counts an append waiting for its flush (`queue_depth`) for as long as it waits.

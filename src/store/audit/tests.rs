@@ -1299,6 +1299,82 @@ fn a_durable_waiter_polled_twice_is_registered_once() {
 }
 
 #[test]
+// Deliberate: the maintenance thread blocks in its flush on this lock while the tasks
+// register; nothing on this thread takes it.
+#[allow(clippy::await_holding_lock)]
+fn a_flush_wakes_the_waiters_of_a_thread_with_a_relay_through_the_relay() {
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    let writer = log.inner.writer.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        writer::start_relay();
+        // The maintenance thread flushes for them, and blocks in that flush until released.
+        let hold = log.hold_flushes();
+        let _others = not_alone(&log);
+        let tasks: Vec<_> = (0..20)
+            .map(|i| tokio::task::spawn_local(log.append(decision(1, i, "t", "c", true, false))))
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while writer.waiters_for_test() < 20 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the appends never waited"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(writer::Relay::handed_here_for_test(), 0);
+        drop(hold);
+        let mut seqs = BTreeSet::new();
+        for t in tasks {
+            seqs.insert(t.await.unwrap().unwrap().seq);
+        }
+        assert_eq!(seqs, (1..=20).collect::<BTreeSet<u64>>());
+        // All twenty were handed to this thread's relay, none woken across threads.
+        assert_eq!(writer::Relay::handed_here_for_test(), 20);
+    });
+    assert_eq!(writer.waiters_for_test(), 0);
+    assert!(log.head().seq >= 20);
+    assert!(log.verify().unwrap().is_ok());
+}
+
+#[test]
+fn waiters_of_a_thread_whose_relay_ended_are_woken_directly() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async {
+        writer::start_relay();
+        tokio::task::yield_now().await;
+    });
+    let relay = writer::Relay::here_for_test().expect("this thread has a relay");
+    let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+    let mut direct = Vec::new();
+    // Running: it takes the waker (and wakes it on its thread).
+    relay.hand_for_test(vec![std::task::Waker::from(flag.clone())], &mut direct);
+    assert!(direct.is_empty());
+    // Its runtime stops: it wakes what it held, and hands back whatever comes later.
+    drop(local);
+    assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst));
+    relay.hand_for_test(vec![std::task::Waker::from(flag.clone())], &mut direct);
+    assert_eq!(direct.len(), 1);
+    // A new runtime on the thread starts a new relay.
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async { writer::start_relay() });
+    let again = writer::Relay::here_for_test().unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&relay, &again));
+    let mut direct = Vec::new();
+    again.hand_for_test(vec![std::task::Waker::from(flag)], &mut direct);
+    assert!(direct.is_empty());
+}
+
+#[test]
 fn durable_appends_are_answered_while_the_maintenance_thread_writes_the_index() {
     let (_dir, db) = temp_db();
     let log = open(&db);

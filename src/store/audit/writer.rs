@@ -49,6 +49,9 @@ use super::record::{decision_uuid, encode_value, AuditEntry, Durability, RecordK
 use super::stored::Group;
 use super::{Appended, AuditConfig, AuditError, Head, Shared, Trees, PRUNE_EVERY};
 
+/// A durable append waiting for a flush: its seq, its waker, and its thread's [`Relay`].
+type Waiter = (u64, Waker, Option<Arc<Relay>>);
+
 /// Full groups that may wait for the maintenance thread before an appender inserts them.
 const MAX_FULL_GROUPS: usize = 16;
 
@@ -144,10 +147,10 @@ pub(crate) struct Writer {
     pub(crate) chain: Mutex<Chain>,
     /// Held by whoever runs a flush (a durable leader or the maintenance thread).
     flush_lock: Mutex<()>,
-    /// Appends waiting for a flush: their seq and how to wake them. A flush wakes exactly
-    /// the ones it covered (or failed), not everyone; a waiter that goes away (its future
-    /// dropped) takes its entry out.
-    waiters: Mutex<Vec<(u64, Waker)>>,
+    /// Appends waiting for a flush: their seq, how to wake them, and their thread's relay
+    /// if it has one. A flush wakes exactly the ones it covered (or failed), not everyone; a
+    /// waiter that goes away (its future dropped) takes its entry out.
+    waiters: Mutex<Vec<Waiter>>,
     /// Every record up to this seq is on disk.
     durable_seq: AtomicU64,
     /// The last failed flush: the tip it was asked to cover and why. A waiter whose seq it
@@ -651,9 +654,9 @@ impl Writer {
             self.test_registering.pass();
             {
                 let mut waiters = lock(&self.waiters);
-                match waiters.iter_mut().find(|(s, _)| *s == seq) {
-                    Some((_, w)) => w.clone_from(cx.waker()),
-                    None => waiters.push((seq, cx.waker().clone())),
+                match waiters.iter_mut().find(|(s, _, _)| *s == seq) {
+                    Some((_, w, _)) => w.clone_from(cx.waker()),
+                    None => waiters.push((seq, cx.waker().clone(), Relay::here())),
                 }
                 *listed = true;
             }
@@ -687,7 +690,7 @@ impl Writer {
     fn leave(&self, seq: u64) {
         let (_gone, next) = {
             let mut w = lock(&self.waiters);
-            let Some(i) = w.iter().position(|(s, _)| *s == seq) else {
+            let Some(i) = w.iter().position(|(s, _, _)| *s == seq) else {
                 // Settled (and removed) by a flush, which handed on the lead itself.
                 return;
             };
@@ -698,7 +701,7 @@ impl Writer {
             let no_leader = self.maintainer_busy.load(Ordering::SeqCst)
                 || !self.maintainer_alive.load(Ordering::Acquire);
             let next = match w.first() {
-                Some((_, next)) if i == 0 && no_leader => Some(next.clone()),
+                Some((_, next, _)) if i == 0 && no_leader => Some(next.clone()),
                 _ => None,
             };
             (gone, next)
@@ -772,27 +775,36 @@ impl Writer {
             Ok(()) => self.durable_seq.load(Ordering::Acquire),
             Err(_) => tip.seq,
         };
-        let woken: Vec<Waker> = {
+        // Waiters on a thread with a relay are handed to it, one wake-up per thread.
+        let mut woken: Vec<Waker> = Vec::new();
+        let mut relayed: Vec<(Arc<Relay>, Vec<Waker>)> = Vec::new();
+        {
             let mut w = lock(&self.waiters);
-            let mut woken = Vec::new();
-            w.retain(|(seq, waker)| {
-                if *seq <= settled {
-                    woken.push(waker.clone());
-                    false
-                } else {
-                    true
+            w.retain(|(seq, waker, relay)| {
+                if *seq > settled {
+                    return true;
                 }
+                match relay {
+                    None => woken.push(waker.clone()),
+                    Some(relay) => match relayed.iter_mut().find(|(r, _)| Arc::ptr_eq(r, relay)) {
+                        Some((_, list)) => list.push(waker.clone()),
+                        None => relayed.push((relay.clone(), vec![waker.clone()])),
+                    },
+                }
+                false
             });
             // Nobody will flush for the rest soon: wake one of them to lead the next flush.
             let no_leader = self.maintainer_busy.load(Ordering::SeqCst)
                 || !self.maintainer_alive.load(Ordering::Acquire);
             if no_leader {
-                if let Some((_, next)) = w.first() {
+                if let Some((_, next, _)) = w.first() {
                     woken.push(next.clone());
                 }
             }
-            woken
-        };
+        }
+        for (relay, list) in relayed {
+            relay.hand(list, &mut woken);
+        }
         for w in woken {
             w.wake();
         }
@@ -896,7 +908,8 @@ impl Writer {
             fn drop(&mut self) {
                 self.0.maintainer_alive.store(false, Ordering::Release);
                 // Waiters that asked it to flush flush for themselves now.
-                let woken: Vec<Waker> = lock(&self.0.waiters).drain(..).map(|(_, w)| w).collect();
+                let woken: Vec<Waker> =
+                    lock(&self.0.waiters).drain(..).map(|(_, w, _)| w).collect();
                 for w in woken {
                     w.wake();
                 }
@@ -1028,6 +1041,137 @@ impl Drop for DurableWait<'_> {
     fn drop(&mut self) {
         if self.listed {
             self.writer.leave(self.seq);
+        }
+    }
+}
+
+/// Wakes the durable waiters of one thread for the flushes that settle them.
+///
+/// A flush that settled ~30 waiters used to wake each from the maintenance thread: a
+/// cross-thread wake each (a syscall, and often the maintenance thread preempted by the
+/// worker it woke), ~300 µs per flush at 64 connections. On a thread that runs a relay (an
+/// HTTP worker, [`start_relay`]), a flush instead hands the relay all of that thread's
+/// wakers and wakes the relay once; the relay, a task on that thread, wakes them there,
+/// where a wake is a push onto the thread's own run queue. Waiters on other threads (the
+/// CLI's `append_blocking`, the tests' runtimes) are woken directly, as before.
+#[derive(Default)]
+pub(crate) struct Relay(Mutex<RelayState>);
+
+#[derive(Default)]
+struct RelayState {
+    /// Handed over and not yet woken.
+    wakers: Vec<Waker>,
+    /// The relay task, once it has run.
+    task: Option<Waker>,
+    /// The relay task is gone (its runtime stopped): flushes wake this thread's waiters
+    /// directly.
+    ended: bool,
+    /// Tests: wakers handed over so far.
+    #[cfg(test)]
+    handed: usize,
+}
+
+thread_local! {
+    static RELAY: std::cell::RefCell<Option<Arc<Relay>>> = const { std::cell::RefCell::new(None) };
+}
+
+impl Relay {
+    /// This thread's relay, if it runs one.
+    fn here() -> Option<Arc<Relay>> {
+        RELAY.with(|r| r.borrow().clone())
+    }
+
+    /// Take `wakers` to wake on the relay's thread, waking the relay if it had nothing to
+    /// do; once the relay has ended they go to `direct` instead.
+    fn hand(&self, wakers: Vec<Waker>, direct: &mut Vec<Waker>) {
+        let kick = {
+            let mut s = lock(&self.0);
+            if s.ended {
+                direct.extend(wakers);
+                return;
+            }
+            #[cfg(test)]
+            {
+                s.handed += wakers.len();
+            }
+            // Not empty: the relay was woken when it last became non-empty, and has not run
+            // since.
+            let idle = s.wakers.is_empty();
+            if idle {
+                s.wakers = wakers;
+                s.task.clone()
+            } else {
+                s.wakers.extend(wakers);
+                None
+            }
+        };
+        if let Some(task) = kick {
+            task.wake();
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn handed_here_for_test() -> usize {
+        Relay::here().map_or(0, |r| lock(&r.0).handed)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn here_for_test() -> Option<Arc<Relay>> {
+        Relay::here()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn hand_for_test(&self, wakers: Vec<Waker>, direct: &mut Vec<Waker>) {
+        self.hand(wakers, direct)
+    }
+}
+
+/// Run a [`Relay`] for this thread's durable waiters. Call it on a thread that runs a tokio
+/// `LocalSet`, such as an actix worker; it is a no-op on a thread whose relay runs.
+pub fn start_relay() {
+    RELAY.with(|here| {
+        let mut here = here.borrow_mut();
+        if here.as_ref().is_some_and(|r| !lock(&r.0).ended) {
+            return;
+        }
+        let relay = Arc::new(Relay::default());
+        *here = Some(relay.clone());
+        tokio::task::spawn_local(RelayTask(relay));
+    });
+}
+
+/// The task of a [`Relay`]: each time it is woken, it wakes what was handed to it.
+struct RelayTask(Arc<Relay>);
+
+impl Future for RelayTask {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let woken = {
+            let mut s = lock(&self.0 .0);
+            match &mut s.task {
+                Some(task) => task.clone_from(cx.waker()),
+                None => s.task = Some(cx.waker().clone()),
+            }
+            std::mem::take(&mut s.wakers)
+        };
+        for w in woken {
+            w.wake();
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for RelayTask {
+    fn drop(&mut self) {
+        let woken = {
+            let mut s = lock(&self.0 .0);
+            s.ended = true;
+            s.task = None;
+            std::mem::take(&mut s.wakers)
+        };
+        for w in woken {
+            w.wake();
         }
     }
 }
