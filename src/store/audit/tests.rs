@@ -1298,6 +1298,15 @@ fn a_durable_waiter_polled_twice_is_registered_once() {
     assert_eq!(writer.waiters_for_test(), 0);
 }
 
+/// A runtime like an actix worker's: one thread, tasks spawned with `spawn_local`.
+fn worker_thread() -> (tokio::runtime::Runtime, tokio::task::LocalSet) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (rt, tokio::task::LocalSet::new())
+}
+
 #[test]
 // Deliberate: the maintenance thread blocks in its flush on this lock while the tasks
 // register; nothing on this thread takes it.
@@ -1306,11 +1315,7 @@ fn a_flush_wakes_the_waiters_of_a_thread_with_a_relay_through_the_relay() {
     let (_dir, db) = temp_db();
     let log = open(&db);
     let writer = log.inner.writer.clone();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let local = tokio::task::LocalSet::new();
+    let (rt, local) = worker_thread();
     local.block_on(&rt, async {
         writer::start_relay();
         // The maintenance thread flushes for them, and blocks in that flush until released.
@@ -1344,11 +1349,7 @@ fn a_flush_wakes_the_waiters_of_a_thread_with_a_relay_through_the_relay() {
 
 #[test]
 fn waiters_of_a_thread_whose_relay_ended_are_woken_directly() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let local = tokio::task::LocalSet::new();
+    let (rt, local) = worker_thread();
     local.block_on(&rt, async {
         writer::start_relay();
         tokio::task::yield_now().await;
