@@ -1336,7 +1336,10 @@ fn a_flush_wakes_the_waiters_of_a_thread_with_a_relay_through_the_relay() {
         drop(hold);
         let mut seqs = BTreeSet::new();
         for t in tasks {
-            seqs.insert(t.await.unwrap().unwrap().seq);
+            let answered = tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .expect("a waiter handed to the relay was never woken");
+            seqs.insert(answered.unwrap().unwrap().seq);
         }
         assert_eq!(seqs, (1..=20).collect::<BTreeSet<u64>>());
         // All twenty were handed to this thread's relay, none woken across threads.
@@ -1345,6 +1348,65 @@ fn a_flush_wakes_the_waiters_of_a_thread_with_a_relay_through_the_relay() {
     assert_eq!(writer.waiters_for_test(), 0);
     assert!(log.head().seq >= 20);
     assert!(log.verify().unwrap().is_ok());
+}
+
+#[test]
+fn a_waiter_registered_with_a_relay_that_has_ended_is_woken_by_its_flush() {
+    use std::future::Future;
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    let writer = log.inner.writer.clone();
+    let (rt, local) = worker_thread();
+    local.block_on(&rt, async { writer::start_relay() });
+    // The runtime stops: the relay ends, and stays this thread's (ended) relay.
+    drop(local);
+    let seq = insert_only(&writer, decision(1, 1, "t", "c", true, false));
+    let hold = log.hold_flushes();
+    let _others = not_alone(&log);
+    let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+    let waker = std::task::Waker::from(flag.clone());
+    let mut wait = std::pin::pin!(writer.wait_durable(seq));
+    assert!(wait
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(&waker))
+        .is_pending());
+    assert_eq!(writer.waiters_for_test(), 1);
+    // The maintenance thread's flush settles it; the ended relay hands the waker back.
+    drop(hold);
+    eventually("the flush wakes the waiter", || {
+        flag.0.load(std::sync::atomic::Ordering::SeqCst)
+    });
+    let noop = std::task::Waker::noop();
+    assert!(wait
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(noop))
+        .is_ready());
+}
+
+#[test]
+fn a_blocking_append_on_a_thread_with_a_relay_is_still_answered() {
+    let (_dir, db) = temp_db();
+    let log = open(&db);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let appender = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            // A relay on this thread, whose runtime is not running while the thread blocks.
+            let (rt, local) = worker_thread();
+            local.block_on(&rt, async { writer::start_relay() });
+            // Others wait too, so the maintenance thread flushes and wakes this one.
+            let _others = not_alone(&log);
+            tx.send(log.append_blocking(decision(1, 1, "t", "c", true, false)))
+                .unwrap();
+            drop(local);
+        })
+    };
+    let a = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a blocking append waited for a relay that cannot run")
+        .unwrap();
+    assert_eq!(a.seq, 1);
+    appender.join().unwrap();
 }
 
 #[test]

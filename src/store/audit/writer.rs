@@ -653,10 +653,16 @@ impl Writer {
             #[cfg(test)]
             self.test_registering.pass();
             {
+                // Where the waiter is polled now: a future that moved threads is woken on
+                // the new one.
+                let relay = Relay::here();
                 let mut waiters = lock(&self.waiters);
                 match waiters.iter_mut().find(|(s, _, _)| *s == seq) {
-                    Some((_, w, _)) => w.clone_from(cx.waker()),
-                    None => waiters.push((seq, cx.waker().clone(), Relay::here())),
+                    Some((_, w, r)) => {
+                        w.clone_from(cx.waker());
+                        *r = relay;
+                    }
+                    None => waiters.push((seq, cx.waker().clone(), relay)),
                 }
                 *listed = true;
             }
@@ -1052,8 +1058,9 @@ impl Drop for DurableWait<'_> {
 /// worker it woke), ~300 µs per flush at 64 connections. On a thread that runs a relay (an
 /// HTTP worker, [`start_relay`]), a flush instead hands the relay all of that thread's
 /// wakers and wakes the relay once; the relay, a task on that thread, wakes them there,
-/// where a wake is a push onto the thread's own run queue. Waiters on other threads (the
-/// CLI's `append_blocking`, the tests' runtimes) are woken directly, as before.
+/// where a wake is a push onto the thread's own run queue. Waiters on threads without a
+/// relay, and `append_blocking` on any thread (`block_on` sets the relay aside), are woken
+/// directly, as before.
 #[derive(Default)]
 pub(crate) struct Relay(Mutex<RelayState>);
 
@@ -1135,8 +1142,8 @@ pub fn start_relay() {
             return;
         }
         let relay = Arc::new(Relay::default());
-        *here = Some(relay.clone());
-        tokio::task::spawn_local(RelayTask(relay));
+        tokio::task::spawn_local(RelayTask(relay.clone()));
+        *here = Some(relay);
     });
 }
 
@@ -1178,7 +1185,18 @@ impl Drop for RelayTask {
 
 /// Run a future to completion on this thread (for `append_blocking`; what it waits for is
 /// a flush's wake, which needs no runtime).
+///
+/// The thread's relay, if it has one, is set aside meanwhile: it is a task on this thread,
+/// which is parked here and runs no task, so a wake handed to it would never come.
 pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
+    struct SetAside(Option<Arc<Relay>>);
+    impl Drop for SetAside {
+        fn drop(&mut self) {
+            let relay = self.0.take();
+            RELAY.with(|r| *r.borrow_mut() = relay);
+        }
+    }
+    let _aside = SetAside(RELAY.with(|r| r.borrow_mut().take()));
     struct Unpark(Thread);
     impl Wake for Unpark {
         fn wake(self: Arc<Self>) {
