@@ -24,6 +24,10 @@
 #     its record to one syncing thread that writes and syncs everything pending at once
 #     (`floor --sync FILE --group`): the shape of Hall's durable design without Hall or sled,
 #     what durability costs at many connections on this disk;
+#   - floor + sled flush per request, floor + sled group commit (with durable in --modes): the
+#     same two, with the record stored in a sled database opened as the daemon opens its own
+#     (`floor --sled DIR [--group]`): what durability costs with the audit log's store and
+#     nothing of Hall above it;
 #   - Hall, per audit durability mode (--modes), on the shipped ./registry and ./policies, a
 #     fresh state dir each time, the admin token it creates;
 #   - cerbos: Cerbos PDP 0.51.0 (npm package `cerbos`), the example rule as a resource policy
@@ -439,6 +443,14 @@ peer_start() {
 		start "$log" "$FLOOR" --sync "$WORK/floor-group-$round.log" --group
 		URL=http://$ADDR/api/route
 		;;
+	floor-sled)
+		start "$log" "$FLOOR" --sled "$WORK/floor-sled-$round"
+		URL=http://$ADDR/api/route
+		;;
+	floor-sled-group)
+		start "$log" "$FLOOR" --sled "$WORK/floor-sled-group-$round" --group
+		URL=http://$ADDR/api/route
+		;;
 	durable | batched)
 		start_daemon "$sys" "$WORK/peer-state-$sys-$round" "$ROOT/registry" "$ROOT/policies"
 		URL=http://$ADDR/api/route
@@ -480,7 +492,7 @@ peer_allowed() {
 	[ -z "$TOKEN" ] || auth=(-H "Authorization: Bearer $TOKEN")
 	answer=$(curl -sS -w '\n%{http_code}' "${auth[@]}" -H 'Content-Type: application/json' --data-binary "@$BODY" "$URL" 2>&1) || true
 	case $1 in
-	floor | floor-sync | floor-group) filter='.allowed == true' ;;
+	floor | floor-*) filter='.allowed == true' ;;
 	durable | batched) filter='.allowed == true and .rule_id == "docs-quickstart" and .worker_id == "worker.doc.summarize"' ;;
 	cerbos) filter='.results[0].actions.route == "EFFECT_ALLOW" and .results[0].outputs[0].val.worker_id == "worker.doc.summarize"' ;;
 	pyhall) filter='.denied == false and .matched_rule_id == "docs-quickstart" and .selected_worker_species_id == "wrk.doc.summarize"' ;;
@@ -514,7 +526,7 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print (NR % 2) 
 peer_section() {
 	local systems=(floor) mode p
 	# A durable answer cannot cost less than an append and a sync: those floors join durable.
-	case " $MODES " in *" durable "*) systems+=(floor-sync floor-group) ;; esac
+	case " $MODES " in *" durable "*) systems+=(floor-sync floor-group floor-sled floor-sled-group) ;; esac
 	for mode in $MODES; do systems+=("$mode"); done
 	for p in $PEERS; do
 		case $p in
@@ -578,6 +590,8 @@ peer_section() {
 		floor) name="floor (bare actix)" ;;
 		floor-sync) name="floor + append & sync per request" ;;
 		floor-group) name="floor + group-committed sync" ;;
+		floor-sled) name="floor + sled insert & flush per request" ;;
+		floor-sled-group) name="floor + sled group commit" ;;
 		durable | batched) name="Hall, $sys audit" ;;
 		cerbos) name="Cerbos $("$CERBOS" --version | head -n1), local audit" ;;
 		pyhall) name="PyHall $("$PYTHON" -c 'import pyhall; print(pyhall.__version__)') (Flask $("$PYTHON" -c 'from importlib.metadata import version; print(version("flask"))'))" ;;

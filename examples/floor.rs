@@ -19,11 +19,22 @@
 //! durability costs at many connections on this disk (docs/performance.md, "Durable at 64
 //! connections").
 //!
-//! `cargo run --release --example floor -- [ADDR] [--sync FILE [--sync-call fdatasync]
-//! [--group]]` (default 127.0.0.1:0); logs `listening on http://ADDR` on stderr like the
-//! daemon.
+//! With `--sled DIR` instead of `--sync FILE`, the records go into a sled database opened in
+//! DIR exactly as the daemon opens its own (`hall::store::open_db`): one tree entry per write
+//! (per request, or per group with `--group`), then sled's `flush`, which hands the write to
+//! sled's I/O thread pool and waits for it. That is what durability costs *with sled*, the
+//! audit log's store, and nothing of Hall's above it (docs/performance.md, "Durability with
+//! and without sled").
+//!
+//! The floor keeps the system allocator (the daemon uses mimalloc): built both ways, the bare
+//! and the sled floors measured the same (docs/performance.md).
+//!
+//! `cargo run --release --example floor -- [ADDR] [--sync FILE [--sync-call fdatasync] |
+//! --sled DIR] [--group]` (default 127.0.0.1:0); logs `listening on http://ADDR` on stderr
+//! like the daemon.
 
 use std::fs::File;
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::watch;
@@ -42,10 +53,17 @@ enum SyncCall {
     Fdatasync,
 }
 
-struct Log {
-    file: File,
-    offset: u64,
-    call: SyncCall,
+/// Where a durable floor makes its records stable.
+enum Log {
+    /// A plain file: write, then `call`.
+    File {
+        file: File,
+        offset: u64,
+        call: SyncCall,
+    },
+    /// A sled tree in a database opened as the daemon opens its own: one entry per write,
+    /// then sled's `flush`.
+    Sled { tree: sled::Tree, key: u64 },
 }
 
 impl Log {
@@ -54,32 +72,48 @@ impl Log {
     }
 
     fn write_stable(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        use std::os::unix::io::AsRawFd;
-        self.file.write_all_at(bytes, self.offset)?;
-        let fd = self.file.as_raw_fd();
-        let rc = match self.call {
-            #[cfg(target_os = "linux")]
-            SyncCall::SyncFileRange => unsafe {
-                // SAFETY: fd is open for the lifetime of `self.file`.
-                libc::sync_file_range(
-                    fd,
-                    self.offset as libc::off64_t,
-                    bytes.len() as libc::off64_t,
-                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                        | libc::SYNC_FILE_RANGE_WRITE
-                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-                )
-            },
-            // SAFETY: as above.
-            _ => unsafe { libc::fdatasync(fd) },
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
+        match self {
+            Log::File { file, offset, call } => {
+                sync_file(file, *offset, bytes, *call)?;
+                *offset += bytes.len() as u64;
+                Ok(())
+            }
+            Log::Sled { tree, key } => {
+                tree.insert(key.to_be_bytes(), bytes)
+                    .map_err(std::io::Error::other)?;
+                *key += 1;
+                tree.flush().map_err(std::io::Error::other)?;
+                Ok(())
+            }
         }
-        self.offset += bytes.len() as u64;
-        Ok(())
     }
+}
+
+fn sync_file(file: &File, offset: u64, bytes: &[u8], call: SyncCall) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    file.write_all_at(bytes, offset)?;
+    let fd = file.as_raw_fd();
+    let rc = match call {
+        #[cfg(target_os = "linux")]
+        SyncCall::SyncFileRange => unsafe {
+            // SAFETY: fd is open for the lifetime of `file`.
+            libc::sync_file_range(
+                fd,
+                offset as libc::off64_t,
+                bytes.len() as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )
+        },
+        // SAFETY: as above.
+        _ => unsafe { libc::fdatasync(fd) },
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Group commit: `pending` holds the bytes handed over since the last sync and how many
@@ -164,12 +198,14 @@ async fn answer(_body: web::Bytes, durable: web::Data<Durable>) -> HttpResponse 
 fn main() -> std::io::Result<()> {
     let mut addr = "127.0.0.1:0".to_string();
     let mut sync_file = None;
+    let mut sled_dir = None;
     let mut call = SyncCall::SyncFileRange;
     let mut group = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--sync" => sync_file = args.next(),
+            "--sled" => sled_dir = args.next(),
             "--group" => group = true,
             "--sync-call" => match args.next().as_deref() {
                 Some("fdatasync") => call = SyncCall::Fdatasync,
@@ -182,26 +218,34 @@ fn main() -> std::io::Result<()> {
             _ => addr = a,
         }
     }
-    let log = match sync_file {
-        Some(path) => {
-            let file = File::options()
+    let log = match (sync_file, sled_dir) {
+        (Some(_), Some(_)) => {
+            eprintln!("--sync and --sled: give one");
+            std::process::exit(2);
+        }
+        (Some(path), None) => Some(Log::File {
+            file: File::options()
                 .create(true)
                 .truncate(true)
                 .write(true)
-                .open(path)?;
-            let log = Log {
-                file,
-                offset: 0,
-                call,
-            };
-            if group {
-                Durable::Group(Group::start(log))
-            } else {
-                Durable::Inline(Mutex::new(log))
-            }
+                .open(path)?,
+            offset: 0,
+            call,
+        }),
+        (None, Some(dir)) => {
+            let db = hall::store::open_db(Path::new(&dir)).map_err(std::io::Error::other)?;
+            Some(Log::Sled {
+                tree: db.open_tree("floor").map_err(std::io::Error::other)?,
+                key: 0,
+            })
         }
+        (None, None) => None,
+    };
+    let log = match log {
+        Some(log) if group => Durable::Group(Group::start(log)),
+        Some(log) => Durable::Inline(Mutex::new(log)),
         None if group => {
-            eprintln!("--group needs --sync FILE");
+            eprintln!("--group needs --sync FILE or --sled DIR");
             std::process::exit(2);
         }
         None => Durable::None,
